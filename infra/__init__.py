@@ -1,0 +1,1 @@
+"""Storage, Ray and cluster plumbing."""

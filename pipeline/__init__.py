@@ -1,0 +1,1 @@
+"""Configuration, orchestration, cache registry and cost ledger."""

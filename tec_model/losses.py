@@ -1,0 +1,90 @@
+"""TEC target transforms and losses (DESIGN §2), as pure functions."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+FeatureNorm = Literal["patch", "channel", "none"]
+NORM_EPS = 1e-6
+
+
+def patch_norm(y: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """Patch-dimension normalisation: per image and channel, over the token axis.
+
+    ``Ŷ = (Y - mean_L) / sqrt(var_L + eps)`` with the unbiased variance.
+
+    Args:
+        y: (N, L, C) base-model features.
+
+    Returns:
+        (N, L, C) float32.
+    """
+    y = y.float()
+    mean = y.mean(dim=-2, keepdim=True)
+    var = y.var(dim=-2, keepdim=True, unbiased=True)
+    return (y - mean) / torch.sqrt(var + eps)
+
+
+def channel_norm(y: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """Channel-dimension normalisation (MAE's norm_pix style): per token, over the channel axis.
+
+    Args:
+        y: (N, L, C).
+
+    Returns:
+        (N, L, C) float32.
+    """
+    y = y.float()
+    mean = y.mean(dim=-1, keepdim=True)
+    var = y.var(dim=-1, keepdim=True, unbiased=True)
+    return (y - mean) / torch.sqrt(var + eps)
+
+
+def normalize_features(y: torch.Tensor, mode: FeatureNorm) -> torch.Tensor:
+    """Apply the configured feature-target normalisation (``patch`` | ``channel`` | ``none``)."""
+    if mode == "patch":
+        return patch_norm(y)
+    if mode == "channel":
+        return channel_norm(y)
+    if mode == "none":
+        return y.float()
+    raise ValueError(f"feature_norm must be 'patch', 'channel' or 'none', got {mode!r}")
+
+
+def feature_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked-only feature MSE: mean over channels, then over masked patches.
+
+    Args:
+        pred: (N, L, C) predictions for every patch.
+        target: (N, L, C) (already normalised) targets.
+        mask: (N, L), 1 = masked (counted), 0 = visible (ignored).
+
+    Returns:
+        scalar loss.
+    """
+    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    mask = mask.float()
+    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def attention_loss(pred_logits: torch.Tensor, target_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Soft cross-entropy between attention rows; the temperature applies to the target only.
+
+    ``-Σ_keys softmax(A_s / τ) · log_softmax(Z_a)`` averaged over batch, rows and heads.
+
+    Args:
+        pred_logits: (N, R, H, L) predicted logits (R = 1 + topk rows).
+        target_logits: (N, R, H, L) base-model pre-softmax logits.
+        tau: target temperature (> 0).
+
+    Returns:
+        scalar loss.
+    """
+    if tau <= 0:
+        raise ValueError(f"att_tau must be > 0, got {tau}")
+    target = F.softmax(target_logits.float() / tau, dim=-1)
+    log_pred = F.log_softmax(pred_logits.float(), dim=-1)
+    return -(target * log_pred).sum(dim=-1).mean()

@@ -1,0 +1,14 @@
+"""Shared test set-up: fixtures live in tests/fixtures/ (one module per concern) and are loaded here."""
+
+import os
+
+import torch
+
+pytest_plugins = [
+    "tests.fixtures.models",
+    "tests.fixtures.s3",
+    "tests.fixtures.data",
+]
+
+# Two cores: keep each test process to one intra-op thread so parallel Ray workers do not thrash.
+torch.set_num_threads(int(os.environ.get("TEC_TEST_THREADS", "1")))
