@@ -1,0 +1,104 @@
+"""Named ViT sizes, from tiny test models to the paper's ViT-B/L, as kwargs for timm's VisionTransformer.
+
+Names follow timm's ``vit_<size>_patch<p>_<img>`` convention. The paper sizes are the ones timm ships; the small
+sizes (32×32 input, patch 4) are registered with timm's model registry on import, so
+``timm.create_model("vit_pico_patch4_32", num_classes=0)`` works wherever :mod:`tec_model` was imported.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import timm
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+# (embed_dim, depth, num_heads, patch_size, img_size)
+_SIZES: dict[str, tuple[int, int, int, int, int]] = {
+    # tests and demos (32×32 input, patch 4 → 64 patches)
+    "vit_pico_patch4_32": (48, 3, 3, 4, 32),  # S-like: head dim 16
+    "vit_nano_patch4_32": (96, 3, 6, 4, 32),  # B-like relative to pico: twice the width and heads
+    "vit_micro_patch4_32": (128, 6, 4, 4, 32),  # demo new model / base model
+    "vit_mini_patch4_32": (192, 6, 6, 4, 32),  # demo base model, larger
+    # the paper's sizes, exactly as timm defines them
+    "vit_tiny_patch16_224": (192, 12, 3, 16, 224),
+    "vit_small_patch16_224": (384, 12, 6, 16, 224),
+    "vit_base_patch16_224": (768, 12, 12, 16, 224),
+    "vit_large_patch16_224": (1024, 24, 16, 16, 224),
+}
+_SMALL = [name for name, s in _SIZES.items() if s[4] == 32]
+
+ARCHS: tuple[str, ...] = tuple(_SIZES)
+
+
+def vit_kwargs(arch: str, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for :class:`timm.models.vision_transformer.VisionTransformer` of a named size.
+
+    Args:
+        arch: one of :data:`ARCHS`.
+        **overrides: replace any kwarg (e.g. ``img_size=28``, ``in_chans=1``).
+
+    Returns:
+        A plain, JSON-serialisable dict (the cache stores it as ``base_model.timm_kwargs``).
+    """
+    if arch not in _SIZES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+    embed_dim, depth, num_heads, patch_size, img_size = _SIZES[arch]
+    kwargs: dict[str, Any] = {
+        "img_size": img_size,
+        "patch_size": patch_size,
+        "in_chans": 3,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
+        "mlp_ratio": 4.0,
+        "qkv_bias": True,
+        "num_classes": 0,
+        "global_pool": "token",
+    }
+    unknown = set(overrides) - _ALLOWED_OVERRIDES
+    if unknown:
+        raise ValueError(f"unsupported ViT override(s) {sorted(unknown)}; allowed: {sorted(_ALLOWED_OVERRIDES)}")
+    kwargs.update(overrides)
+    return kwargs
+
+
+_ALLOWED_OVERRIDES = {
+    "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+    "qk_norm", "num_classes", "global_pool", "class_token", "reg_tokens", "init_values", "drop_path_rate",
+}
+
+
+def build_vit(timm_kwargs: dict[str, Any]) -> VisionTransformer:
+    """Build a timm ViT from plain kwargs (as returned by :func:`vit_kwargs` or stored in a cache)."""
+    return VisionTransformer(**timm_kwargs)
+
+
+def num_patches(timm_kwargs: dict[str, Any]) -> int:
+    """L, the number of patch tokens for these kwargs (square images)."""
+    img, patch = timm_kwargs["img_size"], timm_kwargs["patch_size"]
+    if img % patch:
+        raise ValueError(f"img_size {img} is not a multiple of patch_size {patch}")
+    return (img // patch) ** 2
+
+
+def _small_entrypoint(name: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    if pretrained:
+        raise ValueError(f"{name} has no pretrained weights; load a checkpoint instead")
+    for factory_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(factory_only, None)
+    return build_vit(vit_kwargs(name, **kwargs))
+
+
+def _register_small() -> None:
+    for name in _SMALL:
+        if name in timm.list_models(name):
+            continue
+        fn = partial(_small_entrypoint, name)
+        fn.__name__ = name  # type: ignore[attr-defined]
+        fn.__module__ = __name__  # type: ignore[attr-defined]
+        register_model(fn)
+
+
+_register_small()

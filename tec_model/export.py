@@ -1,0 +1,44 @@
+"""Export a trained TEC encoder as a plain timm ViT state dict (adapters folded, decoder dropped)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from tec_model.tec import TECModel
+
+
+def fold_cls_token(cls_token: torch.Tensor, adapter: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Apply the input adapter MLP (fc1 → GELU → fc2) to the cls token, as the model's forward does.
+
+    Exact because the cls position embedding is zero: ``adapter(cls) + 0`` is what every forward adds.
+
+    Args:
+        cls_token: (1, 1, C).
+        adapter: ``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ``fc2.bias``.
+
+    Returns:
+        (1, 1, C).
+    """
+    h = F.gelu(F.linear(cls_token, adapter["fc1.weight"], adapter["fc1.bias"]))
+    return F.linear(h, adapter["fc2.weight"], adapter["fc2.bias"])
+
+
+def fold_tec_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Turn a :class:`TECModel` state dict into a timm ViT state dict.
+
+    Keeps ``encoder.*`` (prefix removed), folds ``input_adapter.*`` into ``cls_token``, drops everything else.
+    """
+    out = {k[len("encoder."):]: v.detach().clone() for k, v in state_dict.items() if k.startswith("encoder.")}
+    adapter = {k[len("input_adapter."):]: v for k, v in state_dict.items() if k.startswith("input_adapter.")}
+    if adapter:
+        with torch.no_grad():
+            out["cls_token"] = fold_cls_token(out["cls_token"].float(), {k: v.float() for k, v in adapter.items()})
+    return out
+
+
+def export_encoder(model: TECModel) -> dict[str, torch.Tensor]:
+    """The trained encoder as a state dict that ``timm.create_model(arch, num_classes=0)`` loads with strict=True."""
+    return fold_tec_state_dict(model.state_dict())
