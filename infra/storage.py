@@ -1,0 +1,335 @@
+"""fsspec plumbing shared by every stage: URLs in, bytes and zarr stores out.
+
+Any fsspec URL works (``s3://``, ``gs://``, ``file://``, a plain local path, ``memory://``). Storage options come from
+the environment only, never from arguments that could end up stored in a cache or a log:
+
+* ``TEC_S3_ENDPOINT_URL`` (then ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``): S3 endpoint, e.g. a MinIO or moto
+  server. Credentials are resolved by botocore itself (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+  ``AWS_PROFILE``, ``~/.aws/credentials``, instance roles); this module never reads, stores or logs them.
+* ``TEC_S3_REGION`` (then ``AWS_DEFAULT_REGION``): region name, optional.
+
+Filesystem objects are not fork-safe (s3fs owns an event loop and an HTTP session). They are created with
+``skip_instance_cache=True`` and memoised here per process id, so a forked child never reuses its parent's instance;
+:func:`clear_filesystem_cache` drops them (tests call it between cases).
+
+Writes are whole objects: locally through a temporary file and ``os.replace`` (atomic, fsync'd); on object stores a
+PUT is atomic per object. Every helper retries transient failures (HTTP 5xx, throttling, connection resets, timeouts)
+with bounded exponential back-off and then raises :class:`StorageError` naming the operation and the URL.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from zarr.abc.store import Store
+from zarr.storage import FsspecStore, LocalStore
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_ENDPOINT_VARS = ("TEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_REGION_VARS = ("TEC_S3_REGION", "AWS_DEFAULT_REGION")
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az"})
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.EREMOTEIO, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+     errno.EAGAIN, errno.EPIPE}
+)
+_PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_TRANSIENT_NAMES = frozenset(
+    {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+     "ClientConnectionError", "ServerDisconnectedError", "ClientPayloadError", "ServerTimeoutError"}
+)
+
+_FS_CACHE: dict[tuple[int, str, tuple[tuple[str, str], ...]], fsspec.AbstractFileSystem] = {}
+
+
+class StorageError(OSError):
+    """An operation on a URL failed for good (after retries, or at once for a permanent error)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential back-off: waits ``base_delay_s * 2**attempt`` capped at ``max_delay_s``.
+
+    Attributes:
+        attempts: total tries, including the first.
+        base_delay_s: delay after the first failure.
+        max_delay_s: cap on one delay.
+    """
+
+    attempts: int = 5
+    base_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (0-based)."""
+        return min(self.max_delay_s, self.base_delay_s * (2**attempt))
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def protocol_of(url: str) -> str:
+    """The fsspec protocol of ``url`` (``"file"`` for plain paths)."""
+    scheme, sep, _ = str(url).partition("://")
+    return scheme.lower() if sep else "file"
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and ``file://`` URLs."""
+    return protocol_of(url) in ("file", "local")
+
+
+def storage_options(protocol: str) -> dict[str, str]:
+    """Storage options for ``protocol`` read from the environment (endpoint and region only, no secrets).
+
+    Args:
+        protocol: an fsspec protocol, e.g. ``"s3"``.
+
+    Returns:
+        Keyword arguments for the fsspec filesystem constructor.
+    """
+    if protocol not in ("s3", "s3a"):
+        return {}
+    opts: dict[str, Any] = {}
+    endpoint = _first_env(_ENDPOINT_VARS)
+    region = _first_env(_REGION_VARS)
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    if region:
+        opts["client_kwargs"] = {"region_name": region}
+    return opts
+
+
+def _first_env(names: tuple[str, ...]) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def _cache_key(protocol: str, opts: dict[str, Any]) -> tuple[int, str, tuple[tuple[str, str], ...]]:
+    return os.getpid(), protocol, tuple(sorted((k, repr(v)) for k, v in opts.items()))
+
+
+def filesystem(url: str) -> fsspec.AbstractFileSystem:
+    """A synchronous fsspec filesystem for ``url``, memoised per process (never shared across fork)."""
+    protocol = protocol_of(url)
+    opts = storage_options(protocol)
+    key = _cache_key(protocol, opts)
+    fs = _FS_CACHE.get(key)
+    if fs is None:
+        # Listings must never be served from a cache: other processes write to the same prefixes.
+        no_listing_cache = {"use_listings_cache": False} if protocol in _OBJECT_STORES else {}
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **no_listing_cache, **opts)
+        _FS_CACHE[key] = fs
+    return fs
+
+
+def clear_filesystem_cache() -> None:
+    """Forget every memoised filesystem, here and in fsspec's own instance cache."""
+    _FS_CACHE.clear()
+    for cls in {*fsspec.registry.values(), LocalFileSystem}:
+        cls.clear_instance_cache()
+
+
+def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Split ``url`` into (filesystem, path inside it), with options from the environment."""
+    fs = filesystem(url)
+    return fs, fs._strip_protocol(str(url))
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path components onto a URL with ``/`` (works for local paths and every fsspec scheme)."""
+    out = str(url).rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception in its cause chain) looks like a transient storage failure.
+
+    Transient: HTTP 5xx / throttling, connection errors, timeouts. Permanent: missing objects, permissions, bad
+    arguments, everything else.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if _is_transient_one(cur):
+            return True
+        if isinstance(cur, _PERMANENT_ERRORS):
+            return False
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _is_transient_one(exc: BaseException) -> bool:
+    if isinstance(exc, _PERMANENT_ERRORS):
+        return False
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    if type(exc).__name__ in _TRANSIENT_NAMES:
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = response.get("Error", {}).get("Code")
+        return (isinstance(status, int) and status >= 500) or code in ("SlowDown", "Throttling")
+    return False
+
+
+def with_retries(
+    op: str, url: str, func: Callable[[], T], policy: RetryPolicy = DEFAULT_RETRY
+) -> T:
+    """Call ``func()``; retry transient failures with back-off, then raise :class:`StorageError`.
+
+    Args:
+        op: short verb for messages, e.g. ``"read"``.
+        url: the URL the operation concerns (named in the final error).
+        func: the operation; must be idempotent.
+        policy: attempts and delays.
+
+    Returns:
+        ``func()``'s result.
+
+    Raises:
+        StorageError: a permanent failure, or a transient one that outlived every attempt. Missing objects are
+            re-raised as :class:`FileNotFoundError` so callers can test for absence.
+    """
+    for attempt in range(policy.attempts):
+        try:
+            return func()
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            if not is_transient(exc):
+                raise StorageError(f"{op} {url} failed: {type(exc).__name__}: {exc}") from exc
+            if attempt + 1 >= policy.attempts:
+                raise StorageError(
+                    f"{op} {url} failed after {policy.attempts} attempts: {type(exc).__name__}: {exc}"
+                ) from exc
+            wait = policy.delay(attempt)
+            logger.warning("%s %s: transient %s (%s), retry %d/%d in %.2fs", op, url, type(exc).__name__, exc,
+                           attempt + 1, policy.attempts - 1, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> bytes:
+    """The whole object at ``url``. Raises FileNotFoundError if absent, StorageError on failure."""
+    fs, path = resolve(url)
+    return with_retries("read", url, lambda: fs.cat_file(path), policy)
+
+
+def write_bytes(url: str, data: bytes, policy: RetryPolicy = DEFAULT_RETRY) -> None:
+    """Write ``data`` as the whole object at ``url``, atomically (readers see the old or the new object).
+
+    Local paths: temporary file in the same directory, fsync, ``os.replace``, fsync of the directory.
+    Object stores: one PUT (atomic per object).
+    """
+    if is_local(url):
+        _, path = resolve(url)
+        with_retries("write", url, lambda: _atomic_local_write(Path(path), data), policy)
+        return
+    fs, path = resolve(url)
+    with_retries("write", url, lambda: fs.pipe_file(path, data), policy)
+
+
+def _atomic_local_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_local(path.parent)
+
+
+def fsync_local(path: str | Path) -> None:
+    """fsync a local file or directory so that a completed write survives a crash (no-op where unsupported)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        logger.debug("fsync not supported for %s", path)
+    finally:
+        os.close(fd)
+
+
+def exists(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> bool:
+    """Whether an object (or directory/prefix) exists at ``url``."""
+    fs, path = resolve(url)
+    return with_retries("stat", url, lambda: fs.exists(path), policy)
+
+
+def size(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> int:
+    """Size in bytes of the object at ``url``."""
+    fs, path = resolve(url)
+    return int(with_retries("stat", url, lambda: fs.size(path), policy))
+
+
+def list_objects(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> dict[str, int]:
+    """Every object under the prefix ``url``, recursively, as ``{path relative to url: size}``.
+
+    Returns an empty dict when nothing exists under ``url``.
+    """
+    fs, path = resolve(url)
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache(path)
+    try:
+        found = with_retries("list", url, lambda: fs.find(path, detail=True), policy)
+    except FileNotFoundError:
+        return {}
+    root = path.rstrip("/") + "/"
+    return {
+        p[len(root):]: int(info.get("size") or 0)
+        for p, info in found.items()
+        if p.startswith(root) and info.get("type", "file") == "file"
+    }
+
+
+def delete(url: str, recursive: bool = False, policy: RetryPolicy = DEFAULT_RETRY) -> None:
+    """Delete the object (or, with ``recursive``, the prefix) at ``url``; absent is not an error."""
+    fs, path = resolve(url)
+    try:
+        with_retries("delete", url, lambda: fs.rm(path, recursive=recursive), policy)
+    except FileNotFoundError:
+        return
+
+
+def zarr_store(url: str, read_only: bool = False) -> Store:
+    """A zarr v3 store rooted at ``url``: LocalStore for local paths, FsspecStore (async fs) otherwise.
+
+    The store owns a fresh filesystem instance (``skip_instance_cache``), so create it inside the process that uses
+    it (each DataLoader worker / Ray actor), never before a fork.
+    """
+    if is_local(url):
+        _, path = resolve(url)
+        return LocalStore(path, read_only=read_only)
+    opts = {"skip_instance_cache": True, **storage_options(protocol_of(url))}
+    return FsspecStore.from_url(str(url), storage_options=opts, read_only=read_only)

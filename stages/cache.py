@@ -1,0 +1,517 @@
+"""The target cache (format_version 1): a Zarr v3 group of base-model targets, written unit by unit.
+
+Arrays (DESIGN §3), with N images, V views, L patches, C channels, H heads, K = k_max:
+
+    features     (N, V, L, C)        float16  mean of the last blocks' patch tokens, before the final norm
+    attn_logits  (N, V, K+1, H, L)   float16  pre-softmax logits, rows [cls, top-K patches] x patch keys
+    topk_index   (N, V, K)           int16    patch index of each selected row, descending head-mean cls logit
+    views        (N, V, 5)           int32    crop top, left, height, width (source pixels), flip
+    valid        (N,)                bool     False for images that could not be read (see the failures table)
+
+Bookkeeping objects: ``units/<u>.done`` (JSON marker, written last) and ``failures/<u>.parquet`` (columns
+index, uri, reason, message).
+
+Layout. A work unit is images ``[u*U, min((u+1)*U, N))``. Every array is chunked along N at U, so unit u owns
+exactly one object per array (``features/c/<u>/0/0/0`` ...) and no two units share an object. The two big arrays
+use the sharding codec: the shard is the unit (U, V, ...); its inner chunks hold ``inner`` images of ONE view,
+(inner, 1, L, C), with ``inner`` the largest divisor of U whose chunk stays <= 4 MiB raw. A writer sends one PUT per
+shard; a reader taking one view per image fetches whole inner chunks of several MB (zarr 3.1 issues one range
+request per inner chunk plus one per shard index), not one 300 KB sample per request.
+
+Measured (2 shared cores, local store, ViT-B shapes L=196, C=768, H=12, K=15, U=64, V=2, Gaussian float16 = the
+incompressible worst case; real targets are benchmarked in the README):
+  * reading view 1 of 128 images: inner=1 (0.3 MB) 130 requests, 17 MB/s; inner=4 (1.2 MB) 34 requests, 23 MB/s;
+    inner=16 (4.8 MB) 10 requests, 37 MB/s; inner=64 (19 MB) 4 requests, 37 MB/s. 16 gets the whole-shard rate with
+    4x smaller requests, so a reader that needs few images wastes little.
+  * Blosc zstd-3 stored/raw: byte-shuffle 0.848 for features and attention at any block size (encode ~750 MB/s,
+    decode ~1.7 GB/s); bit-shuffle 0.90-1.00 and 3x slower (blosc's default block 0.92); Blosc's automatic block
+    size 0.92. Hence byte-shuffle with 256 KiB blocks by default; ``compressor="bitshuffle"`` remains selectable
+    for data where it wins.
+
+Completion. :meth:`TargetCache.write_unit` assigns each array's unit range in one call (whole objects), makes the
+objects durable (fsync locally; an S3 PUT is durable when it returns), writes the failures table, then the marker.
+A unit without a marker is incomplete: readers refuse it and a re-run rewrites it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import BloscCodec
+
+from infra import storage
+from stages.cache_spec import (
+    ATTR_NAME,
+    FORMAT_VERSION,
+    CacheFormatError,
+    CacheMismatchError,
+    CacheSpec,
+    diff_specs,
+)
+
+logger = logging.getLogger(__name__)
+
+ARRAYS = ("features", "attn_logits", "topk_index", "views", "valid")
+SHARDED = ("features", "attn_logits")
+TARGET_INNER_CHUNK_BYTES = 4 * 1024 * 1024
+FAILURE_SCHEMA = pa.schema(
+    [("index", pa.int64()), ("uri", pa.string()), ("reason", pa.string()), ("message", pa.string())]
+)
+_WRITE_CONFIG = {"write_empty_chunks": True}
+_DESCRIPTIONS = {
+    "features": "mean of the last `last_layers` blocks' patch tokens before the final norm, (image, view, patch, "
+    "channel)",
+    "attn_logits": "last-block pre-softmax q.k/sqrt(d) logits, rows [cls, top-k_max patches], patch keys only",
+    "topk_index": "patch index of attn_logits rows 1..k_max, descending by head-mean cls logit",
+    "views": "crop top, left, height, width in source pixels, flip (0/1)",
+    "valid": "False where the source image could not be read; see failures/*.parquet",
+}
+
+
+class UnitIncompleteError(RuntimeError):
+    """A read touched a unit that has no completion marker."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One image that could not be processed."""
+
+    index: int
+    uri: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class TargetBatch:
+    """Targets for a set of samples (leading axes: n images, then V views unless a view was picked).
+
+    Attributes:
+        indices: (n,) int64 image indices.
+        features: (n, [V,] L, C) float16.
+        attn_logits: (n, [V,] K+1, H, L) float16.
+        topk_index: (n, [V,] K) int16.
+        views: (n, [V,] 5) int32.
+        valid: (n,) bool.
+    """
+
+    indices: np.ndarray
+    features: np.ndarray
+    attn_logits: np.ndarray
+    topk_index: np.ndarray
+    views: np.ndarray
+    valid: np.ndarray
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """Sizes of the completed part of a cache (bytes are stored object bytes vs decoded array bytes)."""
+
+    n_units: int
+    units_complete: int
+    images_complete: int
+    raw_bytes: int
+    stored_bytes: int
+    raw_bytes_per_view: int
+    stored_bytes_per_view: float
+    compression_ratio: float
+
+
+def array_shapes(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of every cache array for ``spec``."""
+    n, v, k, h, p, c = (spec.n_images, spec.views_per_image, spec.k_max, spec.num_heads, spec.num_patches,
+                        spec.embed_dim)
+    return {
+        "features": ((n, v, p, c), "float16"),
+        "attn_logits": ((n, v, k + 1, h, p), "float16"),
+        "topk_index": ((n, v, k), "int16"),
+        "views": ((n, v, 5), "int32"),
+        "valid": ((n,), "bool"),
+    }
+
+
+def raw_bytes_per_view(spec: CacheSpec) -> int:
+    """Decoded bytes of one (image, view) sample across all per-view arrays."""
+    shapes = array_shapes(spec)
+    return sum(int(np.prod(shape[2:])) * np.dtype(dt).itemsize for name, (shape, dt) in shapes.items()
+               if name != "valid")
+
+
+def inner_images(unit_size: int, bytes_per_image_view: int, target: int = TARGET_INNER_CHUNK_BYTES) -> int:
+    """Largest divisor of ``unit_size`` whose (d, 1, ...) inner chunk stays within ``target`` bytes (at least 1)."""
+    best = 1
+    for d in range(1, unit_size + 1):
+        if unit_size % d == 0 and d * bytes_per_image_view <= target:
+            best = d
+    return best
+
+
+COMPRESSORS = ("shuffle", "bitshuffle", "none")
+
+
+def make_compressor(name: str = "shuffle") -> BloscCodec | None:
+    """Lossless codec for every array: Blosc zstd-3 with byte- or bit-shuffle and 256 KiB blocks, or none."""
+    if name not in COMPRESSORS:
+        raise ValueError(f"compressor must be one of {COMPRESSORS}, got {name!r}")
+    if name == "none":
+        return None
+    return BloscCodec(cname="zstd", clevel=3, shuffle=name, blocksize=1 << 18)
+
+
+def _chunking(name: str, shape: tuple[int, ...], dtype: str, unit: int) -> dict[str, Any]:
+    unit_block = (unit, *shape[1:])
+    if name not in SHARDED:
+        return {"chunks": unit_block, "shards": None}
+    per_image_view = int(np.prod(shape[2:])) * np.dtype(dtype).itemsize
+    return {"shards": unit_block, "chunks": (inner_images(unit, per_image_view), 1, *shape[2:])}
+
+
+_DIMS = {
+    "features": ("image", "view", "patch", "channel"),
+    "attn_logits": ("image", "view", "row", "head", "key"),
+    "topk_index": ("image", "view", "rank"),
+    "views": ("image", "view", "field"),
+    "valid": ("image",),
+}
+
+
+def _create(url: str, spec: CacheSpec, compressor: str) -> None:
+    """Write the arrays' metadata, then the group attribute (its presence means "created")."""
+    group = zarr.open_group(storage.zarr_store(url), mode="a", zarr_format=3)
+    for name, (shape, dtype) in array_shapes(spec).items():
+        group.create_array(
+            name, shape=shape, dtype=dtype, fill_value=False if dtype == "bool" else 0,
+            compressors=make_compressor(compressor), dimension_names=_DIMS[name],
+            attributes={"description": _DESCRIPTIONS[name]}, overwrite=True,
+            **_chunking(name, shape, dtype, spec.unit_size),
+        )
+    group.update_attributes({ATTR_NAME: spec.to_attrs()})
+    logger.info("created target cache %s (key %s, %d images, unit %d)", url, spec.key[:12], spec.n_images,
+                spec.unit_size)
+
+
+def _read_spec(url: str) -> CacheSpec | None:
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(url, "zarr.json")))
+    except FileNotFoundError:
+        return None
+    attrs = meta.get("attributes", {}).get(ATTR_NAME)
+    if attrs is None:
+        return None
+    spec = CacheSpec.from_attrs(attrs)
+    if attrs.get("key") != spec.key:
+        raise CacheFormatError(f"{url}: stored key {attrs.get('key')} does not match its own fields ({spec.key})")
+    return spec
+
+
+def create_or_open(url: str, spec: CacheSpec, compressor: str = "shuffle") -> TargetCache:
+    """Create the cache at ``url`` for ``spec``, or open it if it exists with the same key.
+
+    ``compressor`` (one of :data:`COMPRESSORS`) applies only when creating; it is lossless and not in the key.
+
+    Call it once from the coordinator before fanning out writers (creation writes shared metadata objects);
+    writers then call :func:`open_cache` with ``read_only=False``. An existing cache keeps its own layout
+    (``unit_size``) and location fields; differences there are logged, not refused.
+
+    Raises:
+        CacheMismatchError: the cache exists with a different key; the message names every differing field.
+    """
+    existing = _read_spec(url)
+    if existing is None:
+        _create(url, spec, compressor)
+        return TargetCache(url, spec, read_only=False)
+    _check(url, existing, spec)
+    return TargetCache(url, existing, read_only=False)
+
+
+def open_cache(url: str, expected: CacheSpec | None = None, read_only: bool = True) -> TargetCache:
+    """Open an existing cache; with ``expected``, refuse it unless the keys agree.
+
+    Raises:
+        FileNotFoundError: no cache at ``url``.
+        CacheMismatchError: ``expected`` given and different.
+    """
+    existing = _read_spec(url)
+    if existing is None:
+        raise FileNotFoundError(f"no target cache at {url}")
+    if expected is not None:
+        _check(url, existing, expected)
+    return TargetCache(url, existing, read_only=read_only)
+
+
+def _check(url: str, existing: CacheSpec, wanted: CacheSpec) -> None:
+    if existing.key != wanted.key:
+        raise CacheMismatchError(url, diff_specs(existing, wanted) or [f"key: cache has {existing.key}, "
+                                                                        f"config asks {wanted.key}"])
+    if existing.unit_size != wanted.unit_size:
+        logger.warning("%s: cache has unit_size %d, config asks %d: using the cache's layout", url,
+                       existing.unit_size, wanted.unit_size)
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def failures_table(failures: Iterable[Failure]) -> pa.Table:
+    """Failures as a table with columns index (int64), uri, reason, message (strings)."""
+    rows = list(failures)
+    return pa.table(
+        {"index": [f.index for f in rows], "uri": [f.uri for f in rows], "reason": [f.reason for f in rows],
+         "message": [f.message for f in rows]},
+        schema=FAILURE_SCHEMA,
+    )
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+class TargetCache:
+    """An open target cache. Cheap to construct; open one per process (stores are not fork-safe).
+
+    Attributes:
+        url: root URL of the cache.
+        spec: the spec stored in the cache.
+        read_only: whether writes are refused.
+    """
+
+    def __init__(self, url: str, spec: CacheSpec, read_only: bool = True) -> None:
+        self.url = str(url).rstrip("/")
+        self.spec = spec
+        self.read_only = read_only
+        self._group = zarr.open_group(storage.zarr_store(self.url, read_only=read_only), mode="r" if read_only
+                                      else "r+", zarr_format=3)
+        self._arrays = {name: self._group[name].with_config(_WRITE_CONFIG) for name in ARRAYS}
+
+    @property
+    def unit_size(self) -> int:
+        """U: images per work unit (and per shard)."""
+        return self.spec.unit_size
+
+    @property
+    def n_units(self) -> int:
+        """Number of work units, ceil(N / U)."""
+        return -(-self.spec.n_images // self.unit_size)
+
+    def unit_range(self, unit_id: int) -> range:
+        """Image indices of unit ``unit_id``."""
+        if not 0 <= unit_id < self.n_units:
+            raise IndexError(f"unit {unit_id} out of range [0, {self.n_units})")
+        return range(unit_id * self.unit_size, min((unit_id + 1) * self.unit_size, self.spec.n_images))
+
+    def unit_objects(self, unit_id: int) -> list[str]:
+        """Keys (relative to the cache root) of every object unit ``unit_id`` writes, marker last."""
+        keys = []
+        for name in ARRAYS:
+            arr = self._arrays[name]
+            keys.append(f"{name}/{arr.metadata.encode_chunk_key((unit_id,) + (0,) * (arr.ndim - 1))}")
+        return [*keys, f"failures/{unit_id}.parquet", f"units/{unit_id}.done"]
+
+    def _marker_url(self, unit_id: int) -> str:
+        return storage.join(self.url, "units", f"{unit_id}.done")
+
+    def complete_units(self) -> list[int]:
+        """Sorted ids of units whose marker exists (their data is durable)."""
+        names = storage.list_objects(storage.join(self.url, "units"))
+        return sorted(int(n[: -len(".done")]) for n in names if n.endswith(".done") and "/" not in n)
+
+    def is_complete(self, unit_id: int) -> bool:
+        """Whether unit ``unit_id`` has its completion marker."""
+        return storage.exists(self._marker_url(unit_id))
+
+    def marker(self, unit_id: int) -> dict[str, Any]:
+        """The JSON marker of a complete unit (counts, bytes, seconds, checksums)."""
+        try:
+            return json.loads(storage.read_bytes(self._marker_url(unit_id)))
+        except FileNotFoundError as exc:
+            raise UnitIncompleteError(f"{self.url}: unit {unit_id} is not complete") from exc
+
+    def write_unit(
+        self,
+        unit_id: int,
+        features: np.ndarray,
+        attn_logits: np.ndarray,
+        topk_index: np.ndarray,
+        views: np.ndarray,
+        valid: np.ndarray,
+        failures: Sequence[Failure] = (),
+        *,
+        overwrite: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Write unit ``unit_id`` (n = its image count) as whole objects, then mark it complete.
+
+        Args:
+            unit_id: the unit; its images are :meth:`unit_range`.
+            features: (n, V, L, C), cast to float16.
+            attn_logits: (n, V, K+1, H, L), cast to float16.
+            topk_index: (n, V, K) integer patch indices.
+            views: (n, V, 5) integer crop boxes and flips.
+            valid: (n,) bool.
+            failures: the unit's unreadable images (their rows hold zeros and ``valid`` False).
+            overwrite: rewrite a unit that is already complete (its marker is removed first).
+            extra: JSON-able fields added to the marker (e.g. the extract stage's timings).
+
+        Returns:
+            The marker written (or, for a complete unit without ``overwrite``, the existing one).
+        """
+        if self.read_only:
+            raise PermissionError(f"{self.url} is open read-only")
+        rows = self.unit_range(unit_id)
+        if self.is_complete(unit_id):
+            if not overwrite:
+                logger.info("%s: unit %d already complete, skipped", self.url, unit_id)
+                return self.marker(unit_id)
+            storage.delete(self._marker_url(unit_id))
+        data = self._coerce(len(rows), features, attn_logits, topk_index, views, valid)
+        start = time.perf_counter()
+        for name in ARRAYS:
+            arr = self._arrays[name]
+            storage.with_retries("write", f"{self.url}/{name}[{rows.start}:{rows.stop}]",
+                                 lambda arr=arr, value=data[name]: arr.__setitem__(slice(rows.start, rows.stop),
+                                                                                  value))
+        objects = self.unit_objects(unit_id)
+        storage.write_bytes(storage.join(self.url, objects[-2]), _parquet_bytes(failures_table(failures)))
+        self._make_durable(objects[:-1])
+        marker = {
+            "format_version": FORMAT_VERSION,
+            "cache_key": self.spec.key,
+            "unit": unit_id,
+            "start": rows.start,
+            "stop": rows.stop,
+            "n_images": len(rows),
+            "n_valid": int(data["valid"].sum()),
+            "n_failures": len(failures),
+            "raw_bytes": len(rows) * self.spec.views_per_image * raw_bytes_per_view(self.spec) + len(rows),
+            "stored_bytes": {key: storage.size(storage.join(self.url, key)) for key in objects[:-1]},
+            "seconds": round(time.perf_counter() - start, 6),
+            "sha256": {name: _sha256(data[name]) for name in ARRAYS},
+            **(extra or {}),
+        }
+        storage.write_bytes(self._marker_url(unit_id), json.dumps(marker, sort_keys=True).encode())
+        logger.debug("%s: unit %d complete (%d images, %d bytes)", self.url, unit_id, len(rows),
+                     sum(marker["stored_bytes"].values()))
+        return marker
+
+    def _coerce(self, n: int, *arrays: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        for name, value in zip(ARRAYS, arrays, strict=True):
+            shape, dtype = array_shapes(self.spec)[name]
+            value = np.asarray(value)
+            expected = (n, *shape[1:])
+            if value.shape != expected:
+                raise ValueError(f"{name}: expected shape {expected}, got {value.shape}")
+            out[name] = np.ascontiguousarray(value.astype(dtype, copy=False))
+        return out
+
+    def _make_durable(self, keys: list[str]) -> None:
+        if not storage.is_local(self.url):
+            return
+        _, root = storage.resolve(self.url)
+        for key in keys:
+            storage.fsync_local(f"{root}/{key}")
+        for parent in sorted({key.rsplit("/", 1)[0] for key in keys}):
+            storage.fsync_local(f"{root}/{parent}")
+
+    def _require_complete(self, units: Iterable[int]) -> None:
+        missing = sorted(set(units) - set(self.complete_units()))
+        if missing:
+            raise UnitIncompleteError(f"{self.url}: units {missing[:10]} are not complete")
+
+    def read_unit(self, unit_id: int, check_complete: bool = True) -> TargetBatch:
+        """All targets of unit ``unit_id``: one whole-object read per array, all V views."""
+        rows = self.unit_range(unit_id)
+        if check_complete:
+            self._require_complete([unit_id])
+        sel = slice(rows.start, rows.stop)
+        got = {name: self._arrays[name][sel] for name in ARRAYS}
+        return TargetBatch(indices=np.arange(rows.start, rows.stop, dtype=np.int64), **got)
+
+    def read_samples(
+        self, indices: Sequence[int] | np.ndarray, views: Sequence[int] | np.ndarray | None = None,
+        check_complete: bool = True,
+    ) -> TargetBatch:
+        """Targets of chosen images, in the order given; zarr fetches each needed (inner) chunk once, whole.
+
+        Args:
+            indices: (n,) image indices.
+            views: (n,) one view per image, or None for all V views.
+            check_complete: refuse indices in units without a marker (one listing request).
+
+        Returns:
+            A :class:`TargetBatch`; with ``views`` the view axis is dropped.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.spec.n_images):
+            raise IndexError(f"image indices must lie in [0, {self.spec.n_images})")
+        if check_complete:
+            self._require_complete(np.unique(idx // self.unit_size).tolist())
+        if views is None:
+            got = {name: self._arrays[name].oindex[idx] for name in ARRAYS}
+        else:
+            vid = np.asarray(views, dtype=np.int64).reshape(-1)
+            if vid.shape != idx.shape:
+                raise ValueError(f"views has shape {vid.shape}, indices {idx.shape}")
+            got = {name: self._pick_views(name, idx, vid) for name in ARRAYS if name != "valid"}
+            got["valid"] = self._arrays["valid"].oindex[idx]
+        return TargetBatch(indices=idx, **got)
+
+    def _pick_views(self, name: str, idx: np.ndarray, vid: np.ndarray) -> np.ndarray:
+        """``array[idx[j], vid[j]]`` for every j, one orthogonal read per distinct view (only its chunks)."""
+        arr = self._arrays[name]
+        out = np.empty((idx.size, *arr.shape[2:]), dtype=arr.dtype)
+        for v in np.unique(vid):
+            if not 0 <= v < self.spec.views_per_image:
+                raise IndexError(f"view {v} out of range [0, {self.spec.views_per_image})")
+            at = np.flatnonzero(vid == v)
+            out[at] = arr.oindex[idx[at], int(v)]
+        return out
+
+    def failures(self) -> pa.Table:
+        """The failures of every complete unit, one table (columns index, uri, reason, message)."""
+        return gather_failures(self.url, self.complete_units())
+
+    def summary(self) -> CacheSummary:
+        """Stored vs raw bytes of the complete units (one listing of the cache)."""
+        done = self.complete_units()
+        sizes = storage.list_objects(self.url)
+        stored = sum(sizes.get(key, 0) for u in done for key in self.unit_objects(u)[:-2])
+        images = sum(len(self.unit_range(u)) for u in done)
+        per_view = raw_bytes_per_view(self.spec)
+        raw = images * (self.spec.views_per_image * per_view + 1)
+        views = images * self.spec.views_per_image
+        return CacheSummary(
+            n_units=self.n_units, units_complete=len(done), images_complete=images, raw_bytes=raw,
+            stored_bytes=stored, raw_bytes_per_view=per_view,
+            stored_bytes_per_view=stored / views if views else 0.0,
+            compression_ratio=raw / stored if stored else 0.0,
+        )
+
+
+def gather_failures(url: str, units: Iterable[int] | None = None) -> pa.Table:
+    """Concatenate ``failures/<u>.parquet`` of the given units (default: every unit that wrote one)."""
+    root = storage.join(url, "failures")
+    if units is None:
+        units = sorted(int(n[: -len(".parquet")]) for n in storage.list_objects(root) if n.endswith(".parquet"))
+    tables = []
+    for u in units:
+        try:
+            tables.append(pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, f"{u}.parquet")))))
+        except FileNotFoundError:
+            continue
+    if not tables:
+        return FAILURE_SCHEMA.empty_table()
+    return pa.concat_tables([t.cast(FAILURE_SCHEMA) for t in tables])

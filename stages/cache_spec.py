@@ -1,0 +1,258 @@
+"""What a target cache contains, as a typed spec: its ``tec_cache`` group attribute, its key, and spec diffs.
+
+The extract stage builds a :class:`CacheSpec` from its config and writes it into the cache; the train stage builds
+one from its own config and refuses a cache whose :func:`diff_specs` is not empty. The attribute layout is DESIGN §3:
+
+    {format_version, key,
+     base_model: {checkpoint, checkpoint_sha256, timm_kwargs},
+     targets: {last_layers, k_max},
+     preprocess: {output_size, crop_scale, crop_ratio, interpolation, mean, std},
+     views: {seed, per_image},
+     manifest: {uri, sha256},
+     flops: {base_forward_macs_per_view},
+     shapes: {n_images, views_per_image, num_patches, embed_dim, num_heads, unit_size}}
+
+The key is the SHA-256 of a canonical JSON of every field that changes the stored bytes. It leaves out where things
+live (the checkpoint URL, the manifest URI: their SHA-256 stand for them), the FLOPs bookkeeping and the layout
+(``unit_size``: chunking changes the objects, not the values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+ATTR_NAME = "tec_cache"
+
+
+class CacheFormatError(ValueError):
+    """The stored attribute is not a ``tec_cache`` this code can read."""
+
+
+class CacheMismatchError(ValueError):
+    """A cache's spec differs from the one a config asks for.
+
+    Attributes:
+        differences: one line per differing field, ``"<dotted.path>: cache has X, config asks Y"``.
+    """
+
+    def __init__(self, url: str, differences: list[str]) -> None:
+        self.differences = differences
+        super().__init__(f"target cache {url} does not match the config:\n  " + "\n  ".join(differences))
+
+
+# (dotted attribute path, dataclass field, part of the key?)
+_LAYOUT: tuple[tuple[str, str, bool], ...] = (
+    ("base_model.checkpoint", "checkpoint", False),
+    ("base_model.checkpoint_sha256", "checkpoint_sha256", True),
+    ("base_model.timm_kwargs", "timm_kwargs", True),
+    ("targets.last_layers", "last_layers", True),
+    ("targets.k_max", "k_max", True),
+    ("preprocess.output_size", "output_size", True),
+    ("preprocess.crop_scale", "crop_scale", True),
+    ("preprocess.crop_ratio", "crop_ratio", True),
+    ("preprocess.interpolation", "interpolation", True),
+    ("preprocess.mean", "mean", True),
+    ("preprocess.std", "std", True),
+    ("views.seed", "view_seed", True),
+    ("views.per_image", "views_per_image", True),
+    ("manifest.uri", "manifest_uri", False),
+    ("manifest.sha256", "manifest_sha256", True),
+    ("flops.base_forward_macs_per_view", "base_forward_macs_per_view", False),
+    ("shapes.n_images", "n_images", True),
+    ("shapes.num_patches", "num_patches", True),
+    ("shapes.embed_dim", "embed_dim", True),
+    ("shapes.num_heads", "num_heads", True),
+    ("shapes.unit_size", "unit_size", False),
+)
+_KEY_PATHS = tuple(path for path, _, in_key in _LAYOUT if in_key)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything a target cache records about how its targets were made (DESIGN §3).
+
+    Shapes of the arrays it implies: ``features`` (n_images, views_per_image, num_patches, embed_dim),
+    ``attn_logits`` (n_images, views_per_image, k_max + 1, num_heads, num_patches), ``topk_index``
+    (n_images, views_per_image, k_max), ``views`` (n_images, views_per_image, 5), ``valid`` (n_images,).
+
+    Attributes:
+        checkpoint: fsspec URL of the base-model checkpoint (not part of the key).
+        checkpoint_sha256: SHA-256 hex of the checkpoint file.
+        timm_kwargs: keyword arguments for ``timm.models.vision_transformer.VisionTransformer`` (JSON values).
+        last_layers: number of final blocks averaged into the feature target.
+        k_max: number of top-ranked patch rows stored in ``attn_logits`` (besides the cls row).
+        output_size: side S of the square view fed to the base model.
+        crop_scale: RandomResizedCrop area range.
+        crop_ratio: RandomResizedCrop aspect-ratio range.
+        interpolation: resize interpolation name, e.g. ``"bicubic"``.
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation std.
+        view_seed: seed of the counter-based view plan.
+        views_per_image: V, views stored per image.
+        manifest_uri: fsspec URL of the Parquet manifest (not part of the key).
+        manifest_sha256: SHA-256 hex of the manifest file.
+        n_images: N, rows of the manifest.
+        num_patches: L, patch tokens per view.
+        embed_dim: C_base, width of the base model.
+        num_heads: H, attention heads of the base model's last block.
+        base_forward_macs_per_view: multiply-accumulates of one base forward (bookkeeping, not part of the key).
+        unit_size: U, images per work unit and per shard (layout, not part of the key).
+    """
+
+    checkpoint: str
+    checkpoint_sha256: str
+    timm_kwargs: dict[str, Any]
+    k_max: int
+    output_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    view_seed: int
+    views_per_image: int
+    manifest_uri: str
+    manifest_sha256: str
+    n_images: int
+    num_patches: int
+    embed_dim: int
+    num_heads: int
+    last_layers: int = 2
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    interpolation: str = "bicubic"
+    base_forward_macs_per_view: int = 0
+    unit_size: int = field(default=64)
+
+    def __post_init__(self) -> None:
+        for name in ("crop_scale", "crop_ratio", "mean", "std"):
+            object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
+        object.__setattr__(self, "timm_kwargs", _json_normal(dict(self.timm_kwargs)))
+        _validate(self)
+
+    @property
+    def key(self) -> str:
+        """The cache key: SHA-256 hex of the canonical JSON of the byte-changing fields."""
+        return cache_key(self)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The ``tec_cache`` group attribute (a JSON object) for this spec, key included."""
+        out: dict[str, Any] = {"format_version": FORMAT_VERSION, "key": self.key}
+        for path, name, _ in _LAYOUT:
+            _set_dotted(out, path, _json_normal(getattr(self, name)))
+        out["shapes"]["views_per_image"] = self.views_per_image
+        return out
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> CacheSpec:
+        """Rebuild a spec from a ``tec_cache`` attribute.
+
+        Raises:
+            CacheFormatError: unknown format version or missing fields.
+        """
+        version = attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheFormatError(f"tec_cache format_version {version!r}: this code reads {FORMAT_VERSION}")
+        try:
+            values = {name: _get_dotted(attrs, path) for path, name, _ in _LAYOUT}
+        except KeyError as exc:
+            raise CacheFormatError(f"tec_cache attribute lacks {exc.args[0]}") from exc
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> CacheSpec:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _validate(spec: CacheSpec) -> None:
+    positive = ("k_max", "output_size", "views_per_image", "n_images", "num_patches", "embed_dim", "num_heads",
+                "last_layers", "unit_size")
+    for name in positive:
+        value = getattr(spec, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"CacheSpec.{name} must be a positive int, got {value!r}")
+    if spec.k_max > spec.num_patches:
+        raise ValueError(f"CacheSpec.k_max {spec.k_max} exceeds num_patches {spec.num_patches}")
+    if spec.num_patches > 32767:
+        raise ValueError(f"num_patches {spec.num_patches} does not fit topk_index's int16")
+    if len(spec.mean) != len(spec.std):
+        raise ValueError(f"mean has {len(spec.mean)} channels, std has {len(spec.std)}")
+
+
+def _json_normal(value: Any) -> Any:
+    """``value`` as plain JSON types (tuples become lists), as it reads back from a JSON attribute."""
+    return json.loads(json.dumps(value))
+
+
+def _set_dotted(out: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = out
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _get_dotted(attrs: Mapping[str, Any], path: str) -> Any:
+    node: Any = attrs
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise KeyError(path)
+        node = node[part]
+    return node
+
+
+def _key_fields(spec: CacheSpec) -> dict[str, Any]:
+    by_path = {path: name for path, name, _ in _LAYOUT}
+    fields = {path: _json_normal(getattr(spec, by_path[path])) for path in _KEY_PATHS}
+    fields["format_version"] = FORMAT_VERSION
+    return fields
+
+
+def canonical_json(value: Any) -> str:
+    """Deterministic JSON: sorted keys, no whitespace, ASCII only."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def cache_key(spec: CacheSpec) -> str:
+    """SHA-256 hex of the canonical JSON of every field of ``spec`` that changes the stored bytes."""
+    return hashlib.sha256(canonical_json(_key_fields(spec)).encode()).hexdigest()
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k in sorted(value):
+            out.update(_flatten(value[k], f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    return "<absent>" if value is _ABSENT else json.dumps(value)
+
+
+def diff_specs(cache: CacheSpec, config: CacheSpec) -> list[str]:
+    """Every byte-changing field where two specs differ, by dotted attribute path.
+
+    Args:
+        cache: the spec stored in a cache.
+        config: the spec a config asks for.
+
+    Returns:
+        Lines like ``"targets.k_max: cache has 15, config asks 9"``; empty when the keys agree. ``timm_kwargs``
+        entries are compared one by one (``base_model.timm_kwargs.depth``).
+    """
+    a = _flatten(_key_fields(cache), "")
+    b = _flatten(_key_fields(config), "")
+    lines = []
+    for path in sorted(set(a) | set(b)):
+        va, vb = a.get(path, _ABSENT), b.get(path, _ABSENT)
+        if va != vb:
+            lines.append(f"{path[1:]}: cache has {_show(va)}, config asks {_show(vb)}")
+    return lines

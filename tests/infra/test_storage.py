@@ -1,0 +1,145 @@
+"""infra.storage: round trips on a local path and on S3 (moto), atomic writes, retries, zarr stores."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+import zarr
+from botocore.exceptions import ClientError
+from zarr.storage import FsspecStore, LocalStore
+
+from infra import storage
+
+NO_WAIT = storage.RetryPolicy(attempts=3, base_delay_s=0.0)
+
+
+@pytest.fixture(params=["local", "s3"])
+def root_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("s3_url")
+
+
+def test_bytes_round_trip_list_delete(root_url: str) -> None:
+    a, b = storage.join(root_url, "x", "a.bin"), storage.join(root_url, "x/y", "b.json")
+    assert not storage.exists(a)
+    storage.write_bytes(a, b"\x00\x01payload")
+    storage.write_bytes(b, b"{}")
+    storage.write_bytes(a, b"replaced")
+    assert storage.read_bytes(a) == b"replaced"
+    assert storage.exists(a) and storage.size(a) == len(b"replaced")
+    assert storage.list_objects(storage.join(root_url, "x")) == {"a.bin": 8, "y/b.json": 2}
+    storage.delete(a)
+    storage.delete(a)
+    assert storage.list_objects(storage.join(root_url, "x")) == {"y/b.json": 2}
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(a)
+    assert storage.list_objects(storage.join(root_url, "nothing")) == {}
+
+
+def test_local_write_leaves_no_temporary_files(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/d/obj"
+    storage.write_bytes(url, b"abc")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["obj"]
+    assert storage.read_bytes(str(tmp_path / "d" / "obj")) == b"abc"
+
+
+def test_s3_options_come_from_environment(moto_endpoint: str) -> None:
+    opts = storage.storage_options("s3")
+    assert opts["endpoint_url"] == moto_endpoint
+    assert not any("key" in k or "secret" in k or "token" in k for k in opts)
+    assert storage.storage_options("file") == {}
+
+
+def test_zarr_store_kinds(tmp_path: Path, s3_url: str) -> None:
+    assert isinstance(storage.zarr_store(str(tmp_path)), LocalStore)
+    assert isinstance(storage.zarr_store(f"file://{tmp_path}"), LocalStore)
+    store = storage.zarr_store(s3_url)
+    assert isinstance(store, FsspecStore)
+    zarr.create_array(store, name="a", shape=(4,), dtype="int32")[:] = [1, 2, 3, 4]
+    assert zarr.open_array(storage.zarr_store(s3_url, read_only=True), path="a")[:].tolist() == [1, 2, 3, 4]
+
+
+def test_filesystems_are_per_process() -> None:
+    fs = storage.filesystem("file:///tmp")
+    assert storage.filesystem("/tmp") is fs
+    storage.clear_filesystem_cache()
+    assert storage.filesystem("/tmp") is not fs
+
+
+def _client_error(status: int, code: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "boom"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "PutObject")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [OSError(errno.EBUSY, "SlowDown"), ConnectionResetError("reset"), TimeoutError("slow"), _client_error(503, "X")],
+)
+def test_retry_recovers_from_transient_errors(exc: Exception) -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise exc
+        return "ok"
+
+    assert storage.with_retries("write", "s3://b/k", flaky, NO_WAIT) == "ok"
+    assert len(calls) == 3
+
+
+def test_retry_gives_up_with_clear_error() -> None:
+    calls = []
+
+    def down() -> None:
+        calls.append(1)
+        raise OSError(errno.EBUSY, "503 Service Unavailable")
+
+    with pytest.raises(storage.StorageError, match=r"write s3://b/key failed after 3 attempts.*Unavailable"):
+        storage.with_retries("write", "s3://b/key", down, NO_WAIT)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("exc", [PermissionError("denied"), ValueError("bad"), _client_error(400, "Invalid")])
+def test_permanent_errors_are_not_retried(exc: Exception) -> None:
+    calls = []
+
+    def bad() -> None:
+        calls.append(1)
+        raise exc
+
+    with pytest.raises(storage.StorageError, match="read s3://b/key failed"):
+        storage.with_retries("read", "s3://b/key", bad, NO_WAIT)
+    assert len(calls) == 1
+
+
+def test_missing_object_is_not_retried() -> None:
+    calls = []
+
+    def missing() -> None:
+        calls.append(1)
+        raise FileNotFoundError("s3://b/key")
+
+    with pytest.raises(FileNotFoundError):
+        storage.with_retries("read", "s3://b/key", missing, NO_WAIT)
+    assert len(calls) == 1
+
+
+def test_read_bytes_retries_a_failing_backend(s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = storage.join(s3_url, "obj")
+    storage.write_bytes(url, b"data")
+    fs, _ = storage.resolve(url)
+    real, failures = fs.cat_file, []
+
+    def once_down(path: str, *args: object, **kwargs: object) -> bytes:
+        if not failures:
+            failures.append(path)
+            raise OSError(errno.EREMOTEIO, "500 InternalError")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "cat_file", once_down)
+    assert storage.read_bytes(url, NO_WAIT) == b"data"
+    assert len(failures) == 1
