@@ -1,0 +1,363 @@
+"""The image manifest: which images a target cache covers, in which order (DESIGN §3).
+
+A manifest is a Parquet table with one row per sample:
+
+* ``index`` (int64): 0..N-1, the sample's position in the cache.
+* ``uri`` (string): an fsspec URL of an encoded image, or ``idx://<absolute path>#<record>`` for record
+  ``record`` of an IDX images file (Fashion-MNIST); see :func:`idx_uri`.
+* ``label`` (int64, nullable): the class index, null when unknown.
+* ``size`` (int64, nullable): bytes of the source file, or of one record for IDX; null when not known.
+
+Three sources are supported: IDX files (:func:`manifest_from_idx`), ImageFolder trees
+(:func:`manifest_from_image_folder`) and Parquet/CSV lists of URIs (:func:`manifest_from_uri_list`).
+:func:`write_manifest` serialises with fixed writer options so that the same table always gives the same
+bytes; their SHA-256 (:func:`manifest_sha256`) is part of the cache key.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import os
+import posixpath
+from collections.abc import Sequence
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("index", pa.int64(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("label", pa.int64()),
+        pa.field("size", pa.int64()),
+    ]
+)
+IDX_SCHEME = "idx://"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+_IDX_UBYTE = 0x08
+
+
+# ----------------------------------------------------------------------------------------------- IDX files
+def read_idx(path: str | os.PathLike, expected_ndim: int | None = None) -> np.ndarray:
+    """Read a whole IDX file (raw or gzip-compressed, detected from the content) into memory.
+
+    Only the unsigned-byte element type (0x08) is supported: it is the one MNIST-style data sets use.
+
+    Args:
+        path: Local path (or fsspec URL) of the IDX file.
+        expected_ndim: If given, the number of dimensions the file must declare (3 for images, 1 for labels).
+
+    Returns:
+        uint8 array shaped as the header says, e.g. (N, 28, 28) for images or (N,) for labels.
+
+    Raises:
+        ValueError: On a bad magic number, an unexpected element type or rank, or a size mismatch; the message
+            names the file.
+    """
+    with fsspec.open(os.fspath(path), "rb") as f:
+        data = f.read()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    if len(data) < 4 or data[:2] != b"\x00\x00":
+        raise ValueError(f"{path}: not an IDX file (magic number {data[:4].hex()!r} must start with 0000)")
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code != _IDX_UBYTE:
+        raise ValueError(f"{path}: IDX element type 0x{dtype_code:02x} is not supported (only 0x08, uint8)")
+    if expected_ndim is not None and ndim != expected_ndim:
+        raise ValueError(f"{path}: IDX magic declares {ndim} dimensions, expected {expected_ndim}")
+    header = 4 + 4 * ndim
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    if len(data) != header + int(np.prod(shape)):
+        raise ValueError(f"{path}: IDX header says shape {shape} but the file has {len(data) - header} bytes")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def idx_uri(images_path: str | os.PathLike, record: int) -> str:
+    """Return the manifest URI ``idx://<absolute path>#<record>`` of one IDX record."""
+    return f"{IDX_SCHEME}{os.path.abspath(images_path)}#{int(record)}"
+
+
+def parse_idx_uri(uri: str) -> tuple[str, int]:
+    """Split ``idx://<path>#<record>`` into (path, record).
+
+    Raises:
+        ValueError: If ``uri`` is not of that form.
+    """
+    if not uri.startswith(IDX_SCHEME) or "#" not in uri:
+        raise ValueError(f"not an IDX record URI (expected idx://<path>#<record>): {uri!r}")
+    path, _, record = uri[len(IDX_SCHEME) :].rpartition("#")
+    if not path or not record.isdigit():
+        raise ValueError(f"not an IDX record URI (expected idx://<path>#<record>): {uri!r}")
+    return path, int(record)
+
+
+def default_labels_path(images_path: str | os.PathLike) -> Path | None:
+    """Return the labels file that pairs with an images IDX file (``*-images-idx3-*`` → ``*-labels-idx1-*``).
+
+    Returns:
+        The path if the name follows the MNIST convention and the file exists, else None.
+    """
+    images_path = Path(images_path)
+    name = images_path.name.replace("images-idx3", "labels-idx1")
+    candidate = images_path.with_name(name)
+    return candidate if name != images_path.name and candidate.exists() else None
+
+
+def manifest_from_idx(
+    images_path: str | os.PathLike,
+    labels_path: str | os.PathLike | None = None,
+    limit: int | None = None,
+) -> pa.Table:
+    """Build a manifest over the records of an IDX images file.
+
+    Args:
+        images_path: The images IDX file (raw or .gz), e.g. ``train-images-idx3-ubyte.gz``.
+        labels_path: The labels IDX file; by default the MNIST-named sibling of ``images_path`` if present,
+            otherwise labels are null.
+        limit: Keep only the first ``limit`` records (tests and demos use a few hundred).
+
+    Returns:
+        A manifest table (:data:`MANIFEST_SCHEMA`) with N = min(limit, records) rows; ``size`` is the record
+        size in bytes (e.g. 784 for 28×28).
+
+    Raises:
+        ValueError: On a malformed IDX file, or when the labels count differs from the images count.
+    """
+    images = read_idx(images_path, expected_ndim=3)
+    n_total = images.shape[0]
+    labels_path = labels_path if labels_path is not None else default_labels_path(images_path)
+    labels = None
+    if labels_path is not None:
+        labels = read_idx(labels_path, expected_ndim=1)
+        if labels.shape[0] != n_total:
+            raise ValueError(
+                f"{labels_path}: holds {labels.shape[0]} labels but {images_path} holds {n_total} images"
+            )
+    else:
+        log.warning("no labels file found for %s: labels are null", images_path)
+    n = n_total if limit is None else min(int(limit), n_total)
+    record_bytes = int(np.prod(images.shape[1:]))
+    uris = [idx_uri(images_path, i) for i in range(n)]
+    label_col = None if labels is None else labels[:n].astype(np.int64)
+    return _make_table(uris, label_col, np.full(n, record_bytes, dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------------- ImageFolder trees
+def manifest_from_image_folder(
+    root: str,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    storage_options: dict | None = None,
+) -> pa.Table:
+    """Build a manifest over an ImageFolder tree ``root/<class>/**/<image>`` (the ImageNet layout).
+
+    Classes are the sub-directories of ``root`` sorted by name, label = position in that order (as
+    torchvision's ImageFolder). Images are found recursively, filtered by extension (case-insensitive), and
+    ordered by (label, path), so the order is deterministic.
+
+    Args:
+        root: fsspec URL or local path of the tree.
+        extensions: Accepted file extensions (lower case, with dot).
+        storage_options: Passed to the fsspec filesystem (e.g. S3 endpoint and credentials).
+
+    Returns:
+        A manifest table; ``uri`` values are full fsspec URLs (``file:///...`` for local files).
+
+    Raises:
+        FileNotFoundError: If ``root`` has no class directory, or a class directory holds no image.
+    """
+    fs, root_path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    entries = fs.ls(root_path, detail=True)
+    classes = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+    if not classes:
+        raise FileNotFoundError(f"{root}: no class directories found (expected root/<class>/<image>)")
+    suffixes = tuple(e.lower() for e in extensions)
+    uris: list[str] = []
+    labels: list[int] = []
+    sizes: list[int] = []
+    empty = []
+    for label, name in enumerate(classes):
+        found = fs.find(posixpath.join(root_path.rstrip("/"), name), detail=True)
+        files = sorted(
+            (p, info) for p, info in found.items() if info["type"] == "file" and p.lower().endswith(suffixes)
+        )
+        if not files:
+            empty.append(name)
+        for path, info in files:
+            uris.append(fs.unstrip_protocol(path))
+            labels.append(label)
+            sizes.append(int(info["size"]))
+    if empty:
+        raise FileNotFoundError(f"{root}: no image files ({', '.join(suffixes)}) in class dirs {empty}")
+    return _make_table(uris, np.asarray(labels, dtype=np.int64), np.asarray(sizes, dtype=np.int64))
+
+
+# -------------------------------------------------------------------------------------------- URI lists
+def manifest_from_uri_list(
+    list_url: str,
+    stat: bool = True,
+    storage_options: dict | None = None,
+) -> pa.Table:
+    """Build a manifest from a Parquet or CSV list of image URIs (column ``uri``, optional ``label``).
+
+    The format is chosen by extension (``.parquet``/``.pq`` else CSV). URIs may use any fsspec scheme.
+    Relative local paths are resolved against the directory of a local list file. Rows keep the list's order.
+
+    Args:
+        list_url: fsspec URL or local path of the list.
+        stat: Fill ``size`` by asking the filesystem for each URI's size (one request per URI); when False,
+            ``size`` comes from a ``size`` column of the list if any, else null.
+        storage_options: Passed to fsspec for the list and for the stat calls.
+
+    Returns:
+        A manifest table.
+
+    Raises:
+        ValueError: If the list has no ``uri`` column, an empty/null URI, or a non-integer ``label`` column.
+    """
+    opts = storage_options or {}
+    with fsspec.open(list_url, "rb", **opts) as f:
+        data = f.read()
+    if list_url.lower().endswith((".parquet", ".pq")):
+        table = pq.read_table(io.BytesIO(data))
+    else:
+        table = pacsv.read_csv(io.BytesIO(data))
+    if "uri" not in table.column_names:
+        raise ValueError(f"{list_url}: no 'uri' column (columns: {table.column_names})")
+    uri_col = table.column("uri")
+    if not pa.types.is_string(uri_col.type) and not pa.types.is_large_string(uri_col.type):
+        raise ValueError(f"{list_url}: column 'uri' must hold strings, found {uri_col.type}")
+    if uri_col.null_count or pc.any(pc.equal(uri_col, "")).as_py():
+        raise ValueError(f"{list_url}: column 'uri' has empty or null entries")
+    base = _local_dir(list_url)
+    uris = [_resolve(u, base) for u in uri_col.to_pylist()]
+    labels = _label_column(table, list_url)
+    if stat:
+        sizes = _stat_sizes(uris, opts)
+    elif "size" in table.column_names:
+        sizes = table.column("size").cast(pa.int64())
+    else:
+        sizes = None
+    return _make_table(uris, labels, sizes)
+
+
+def _label_column(table: pa.Table, list_url: str) -> pa.Array | None:
+    """The ``label`` column cast to int64, None if absent; ValueError naming the file if not integers."""
+    if "label" not in table.column_names:
+        return None
+    col = table.column("label")
+    if pa.types.is_null(col.type):
+        return None
+    if not pa.types.is_integer(col.type):
+        raise ValueError(f"{list_url}: column 'label' must hold integers (class indices), found {col.type}")
+    return col.cast(pa.int64())
+
+
+def _local_dir(url: str) -> str | None:
+    """Directory of a local list file (for resolving relative paths), None for remote lists."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return os.path.dirname(path) if isinstance(fs, LocalFileSystem) else None
+
+
+def _resolve(uri: str, base: str | None) -> str:
+    """Make a relative local path absolute against ``base``; leave URLs and absolute paths unchanged."""
+    if "://" in uri or os.path.isabs(uri) or base is None:
+        return uri
+    return os.path.normpath(os.path.join(base, uri))
+
+
+def _stat_sizes(uris: Sequence[str], storage_options: dict) -> np.ndarray:
+    """Byte size of each URI (one filesystem info call per URI).
+
+    Raises:
+        FileNotFoundError: Naming the first URI that does not exist.
+    """
+    sizes = np.empty(len(uris), dtype=np.int64)
+    for i, uri in enumerate(uris):
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        sizes[i] = int(fs.info(path)["size"])
+    return sizes
+
+
+# ------------------------------------------------------------------------------------------ table and bytes
+def _make_table(uris: Sequence[str], labels, sizes) -> pa.Table:
+    """Assemble a manifest table; ``labels``/``sizes`` may be None (all null)."""
+    n = len(uris)
+    label_arr = pa.nulls(n, pa.int64()) if labels is None else pa.array(labels, type=pa.int64())
+    size_arr = pa.nulls(n, pa.int64()) if sizes is None else pa.array(sizes, type=pa.int64())
+    index = pa.array(np.arange(n, dtype=np.int64))
+    return pa.Table.from_arrays([index, pa.array(uris, type=pa.string()), label_arr, size_arr],
+                                schema=MANIFEST_SCHEMA)
+
+
+def validate_manifest(table: pa.Table, source: str = "manifest") -> pa.Table:
+    """Check a manifest's columns and ``index`` = 0..N-1; return it with the canonical schema.
+
+    Raises:
+        ValueError: Naming ``source`` and the offending column.
+    """
+    for name in ("index", "uri"):
+        if name not in table.column_names:
+            raise ValueError(f"{source}: missing column {name!r} (columns: {table.column_names})")
+    n = table.num_rows
+    index = table.column("index").to_numpy()
+    if not np.array_equal(index, np.arange(n)):
+        raise ValueError(f"{source}: column 'index' must be 0..{n - 1} in order")
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type)
+            for f in MANIFEST_SCHEMA]
+    return pa.Table.from_arrays(cols, schema=MANIFEST_SCHEMA)
+
+
+def manifest_to_bytes(table: pa.Table) -> bytes:
+    """Serialise a manifest to Parquet with fixed options (zstd, one row group): same table → same bytes."""
+    buf = io.BytesIO()
+    pq.write_table(
+        validate_manifest(table).replace_schema_metadata(None),
+        buf,
+        compression="zstd",
+        compression_level=3,
+        row_group_size=max(table.num_rows, 1),
+        use_dictionary=False,
+        write_statistics=True,
+    )
+    return buf.getvalue()
+
+
+def manifest_sha256(data: bytes) -> str:
+    """Hex SHA-256 of serialised manifest bytes (the ``manifest.sha256`` field of the cache attribute)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_manifest(table: pa.Table, url: str, storage_options: dict | None = None) -> str:
+    """Write a manifest as Parquet to any fsspec URL.
+
+    Returns:
+        The hex SHA-256 of the bytes written.
+    """
+    data = manifest_to_bytes(table)
+    with fsspec.open(url, "wb", **(storage_options or {})) as f:
+        f.write(data)
+    digest = manifest_sha256(data)
+    log.info("wrote manifest %s: %d rows, %d bytes, sha256 %s", url, table.num_rows, len(data), digest)
+    return digest
+
+
+def read_manifest(url: str, storage_options: dict | None = None) -> tuple[pa.Table, str]:
+    """Read and validate a Parquet manifest.
+
+    Returns:
+        (table, hex SHA-256 of the file's bytes).
+    """
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        data = f.read()
+    return validate_manifest(pq.read_table(io.BytesIO(data)), source=url), manifest_sha256(data)
