@@ -14,7 +14,8 @@ index, uri, reason, message).
 Layout. A work unit is images ``[u*U, min((u+1)*U, N))``. Every array is chunked along N at U, so unit u owns
 exactly one object per array (``features/c/<u>/0/0/0`` ...) and no two units share an object. The two big arrays
 use the sharding codec: the shard is the unit (U, V, ...); its inner chunks hold ``inner`` images of ONE view,
-(inner, 1, L, C), with ``inner`` the largest divisor of U whose chunk stays <= 4 MiB raw. A writer sends one PUT per
+(inner, 1, L, C), with ``inner`` the largest divisor of U whose chunk stays <= 8 MiB raw (ViT-B, U=64:
+16 images = 4.8 MB for features, 64 images = 4.8 MB for attn_logits). A writer sends one PUT per
 shard; a reader taking one view per image fetches whole inner chunks of several MB (zarr 3.1 issues one range
 request per inner chunk plus one per shard index), not one 300 KB sample per request.
 
@@ -23,10 +24,10 @@ incompressible worst case; real targets are benchmarked in the README):
   * reading view 1 of 128 images: inner=1 (0.3 MB) 130 requests, 17 MB/s; inner=4 (1.2 MB) 34 requests, 23 MB/s;
     inner=16 (4.8 MB) 10 requests, 37 MB/s; inner=64 (19 MB) 4 requests, 37 MB/s. 16 gets the whole-shard rate with
     4x smaller requests, so a reader that needs few images wastes little.
-  * Blosc zstd-3 stored/raw: byte-shuffle 0.848 for features and attention at any block size (encode ~750 MB/s,
-    decode ~1.7 GB/s); bit-shuffle 0.90-1.00 and 3x slower (blosc's default block 0.92); Blosc's automatic block
-    size 0.92. Hence byte-shuffle with 256 KiB blocks by default; ``compressor="bitshuffle"`` remains selectable
-    for data where it wins.
+  * Blosc zstd-3 stored/raw, for Gaussian and for a low-rank-plus-noise proxy of token features alike:
+    byte-shuffle 0.848 with 256 KiB blocks (encode ~750 MB/s, decode ~1.7 GB/s), 0.92 with Blosc's automatic
+    block size; bit-shuffle 0.90-1.00 and up to 3x slower to encode. Hence byte-shuffle with 256 KiB blocks by
+    default; ``compressor="bitshuffle"`` stays selectable for data where it wins.
 
 Completion. :meth:`TargetCache.write_unit` assigns each array's unit range in one call (whole objects), makes the
 objects durable (fsync locally; an S3 PUT is durable when it returns), writes the failures table, then the marker.
@@ -64,7 +65,7 @@ logger = logging.getLogger(__name__)
 
 ARRAYS = ("features", "attn_logits", "topk_index", "views", "valid")
 SHARDED = ("features", "attn_logits")
-TARGET_INNER_CHUNK_BYTES = 4 * 1024 * 1024
+TARGET_INNER_CHUNK_BYTES = 8 * 1024 * 1024
 FAILURE_SCHEMA = pa.schema(
     [("index", pa.int64()), ("uri", pa.string()), ("reason", pa.string()), ("message", pa.string())]
 )
