@@ -60,15 +60,13 @@ from stages.cache_spec import (
     CacheSpec,
     diff_specs,
 )
+from stages.images import FAILURES_SCHEMA, FailureRecord, failures_table
 
 logger = logging.getLogger(__name__)
 
 ARRAYS = ("features", "attn_logits", "topk_index", "views", "valid")
 SHARDED = ("features", "attn_logits")
 TARGET_INNER_CHUNK_BYTES = 8 * 1024 * 1024
-FAILURE_SCHEMA = pa.schema(
-    [("index", pa.int64()), ("uri", pa.string()), ("reason", pa.string()), ("message", pa.string())]
-)
 _WRITE_CONFIG = {"write_empty_chunks": True}
 _DESCRIPTIONS = {
     "features": "mean of the last `last_layers` blocks' patch tokens before the final norm, (image, view, patch, "
@@ -82,16 +80,6 @@ _DESCRIPTIONS = {
 
 class UnitIncompleteError(RuntimeError):
     """A read touched a unit that has no completion marker."""
-
-
-@dataclass(frozen=True)
-class Failure:
-    """One image that could not be processed."""
-
-    index: int
-    uri: str
-    reason: str
-    message: str
 
 
 @dataclass(frozen=True)
@@ -264,16 +252,6 @@ def _sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def failures_table(failures: Iterable[Failure]) -> pa.Table:
-    """Failures as a table with columns index (int64), uri, reason, message (strings)."""
-    rows = list(failures)
-    return pa.table(
-        {"index": [f.index for f in rows], "uri": [f.uri for f in rows], "reason": [f.reason for f in rows],
-         "message": [f.message for f in rows]},
-        schema=FAILURE_SCHEMA,
-    )
-
-
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink)
@@ -348,7 +326,7 @@ class TargetCache:
         topk_index: np.ndarray,
         views: np.ndarray,
         valid: np.ndarray,
-        failures: Sequence[Failure] = (),
+        failures: Sequence[FailureRecord] = (),
         *,
         overwrite: bool = False,
         extra: dict[str, Any] | None = None,
@@ -385,7 +363,7 @@ class TargetCache:
                                  lambda arr=arr, value=data[name]: arr.__setitem__(slice(rows.start, rows.stop),
                                                                                   value))
         objects = self.unit_objects(unit_id)
-        storage.write_bytes(storage.join(self.url, objects[-2]), _parquet_bytes(failures_table(failures)))
+        storage.write_bytes(storage.join(self.url, objects[-2]), _parquet_bytes(failures_table(list(failures))))
         self._make_durable(objects[:-1])
         marker = {
             "format_version": FORMAT_VERSION,
@@ -514,5 +492,5 @@ def gather_failures(url: str, units: Iterable[int] | None = None) -> pa.Table:
         except FileNotFoundError:
             continue
     if not tables:
-        return FAILURE_SCHEMA.empty_table()
-    return pa.concat_tables([t.cast(FAILURE_SCHEMA) for t in tables])
+        return FAILURES_SCHEMA.empty_table()
+    return pa.concat_tables([t.cast(FAILURES_SCHEMA) for t in tables])

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from infra import storage
-from stages.cache import Failure, TargetCache, create_or_open, open_cache
+from stages.cache import TargetCache, create_or_open, open_cache
 from stages.cache_spec import CacheSpec
-from stages.images import BadImageError, ImageSource
+from stages.images import BadImageError, FailureRecord, ImageSource
 from stages.manifest import read_manifest
 from stages.views import Preprocess
 from tec_model import BaseModel, num_patches
@@ -140,7 +140,7 @@ class UnitExtractor:
         """Returns the device once the model is loaded (the driver waits on it before timing)."""
         return self.device.type
 
-    def load_unit(self, unit_id: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[Failure]]:
+    def load_unit(self, unit_id: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[FailureRecord]]:
         """Read a unit's images and build all their views.
 
         Returns:
@@ -154,7 +154,7 @@ class UnitExtractor:
             try:
                 image = self.source.read(self.uris[index])
             except BadImageError as err:
-                failures.append(Failure(index, err.uri, err.reason, err.message))
+                failures.append(FailureRecord(index, err.uri, err.reason, err.message))
                 log.warning("image %d skipped: %s", index, err)
                 continue
             valid[j] = True

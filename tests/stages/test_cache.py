@@ -12,8 +12,9 @@ import zarr
 
 from infra import storage
 from stages import cache as cache_mod
-from stages.cache import Failure, UnitIncompleteError, create_or_open, gather_failures, open_cache
+from stages.cache import UnitIncompleteError, create_or_open, gather_failures, open_cache
 from stages.cache_spec import CacheMismatchError, CacheSpec, cache_key, diff_specs
+from stages.images import FailureRecord
 
 N, V, L, C, H, K, U = 10, 2, 16, 8, 2, 3, 4
 META = {"zarr.json", *(f"{a}/zarr.json" for a in cache_mod.ARRAYS)}
@@ -45,7 +46,7 @@ def unit_data(unit: int, n: int) -> dict[str, np.ndarray]:
 
 def write(cache: cache_mod.TargetCache, unit: int, **kw: object) -> dict:
     n = len(cache.unit_range(unit))
-    fails = [Failure(cache.unit_range(unit)[0], f"idx://x#{unit}", "decode", "truncated")] if unit % 2 else []
+    fails = [FailureRecord(cache.unit_range(unit)[0], f"idx://x#{unit}", "truncated", "cut short")] if unit % 2 else []
     return cache.write_unit(unit, **unit_data(unit, n), failures=fails, **kw)
 
 
