@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.s3",
     "tests.fixtures.data",
+    "tests.fixtures.extract",
 ]
 
 # Two cores: keep each test process to one intra-op thread so parallel Ray workers do not thrash.

@@ -1,0 +1,168 @@
+"""Stage 1 (extract) end to end on real Ray, real Fashion-MNIST images and real Zarr stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import zarr
+
+from infra import storage
+from stages.cache import ARRAYS, open_cache
+from stages.cache_spec import CacheMismatchError
+from stages.extract import prepare, run_extract
+from stages.images import ImageSource
+from stages.manifest import manifest_from_uri_list, write_manifest
+from tec_model import BaseModel
+from tests.fixtures.extract import BASE_ARCH, EXTRACT_DEFAULTS, base_kwargs, make_job
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def read_arrays(url: str) -> dict[str, np.ndarray]:
+    group = zarr.open_group(storage.zarr_store(url, read_only=True), mode="r")
+    return {name: group[name][...] for name in ARRAYS}
+
+
+def assert_identical(a_url: str, b_url: str) -> None:
+    a, b = read_arrays(a_url), read_arrays(b_url)
+    for name in ARRAYS:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert a[name].tobytes() == b[name].tobytes(), f"{name} differs"
+
+
+@pytest.fixture(scope="module")
+def extracted(fmnist_manifest, base_checkpoint, tmp_path_factory) -> tuple[str, object]:
+    """A 40-image cache extracted with one actor (units of 16: the last unit is partial)."""
+    url = str(tmp_path_factory.mktemp("extracted") / "cache")
+    job = make_job(url, fmnist_manifest(40), base_checkpoint)
+    result = run_extract(job, num_actors=1)
+    return url, job, result
+
+
+def test_cached_targets_equal_a_fresh_forward_on_the_rebuilt_view(extracted, base_checkpoint):
+    url, job, result = extracted
+    assert sorted(result.units_written) == [0, 1, 2] and result.views_written == 80
+    cache = open_cache(url)
+    base = BaseModel.from_checkpoint(base_checkpoint, base_kwargs(), k_max=EXTRACT_DEFAULTS["k_max"])
+    source = ImageSource(in_chans=1)
+    uris = pq.read_table(job.manifest_url).column("uri").to_pylist()
+    rng = np.random.default_rng(0)
+    picks = [(int(i), int(v)) for i, v in zip(rng.integers(0, 40, 12), rng.integers(0, 2, 12), strict=True)]
+    batch = cache.read_samples(np.array([i for i, _ in picks]))
+    for row, (i, v) in enumerate(picks):
+        image = source.read(uris[i])
+        box = batch.views[row, v]
+        assert np.array_equal(box, job.preprocess.plan(job.view_seed, i, v, *image.shape[:2]))
+        fresh = base(job.preprocess.build(image, box)[None])
+        cached_f = torch.from_numpy(batch.features[row, v].astype(np.float32))
+        cached_a = torch.from_numpy(batch.attn_logits[row, v].astype(np.float32))
+        # fp16 rounding: relative error ≤ 2^-11, plus subnormal slack near zero
+        torch.testing.assert_close(cached_f, fresh.features[0], rtol=2**-10, atol=1e-4)
+        torch.testing.assert_close(cached_a, fresh.attn_logits[0], rtol=2**-10, atol=1e-4)
+        assert np.array_equal(batch.topk_index[row, v], fresh.topk_index[0].numpy())
+
+
+def test_one_and_two_actors_in_any_unit_order_give_identical_bytes(extracted, tmp_path):
+    url, job, _ = extracted
+    other = str(tmp_path / "cache")
+    result = run_extract(make_job(other, job.manifest_url, job.checkpoint_url), num_actors=2, unit_order=[2, 0, 1])
+    assert sorted(result.units_written) == [0, 1, 2]
+    assert_identical(url, other)
+
+
+def test_rerun_skips_complete_units_and_other_config_is_refused(extracted):
+    url, job, _ = extracted
+    again = run_extract(job, num_actors=1)
+    assert again.units_written == [] and again.units_skipped == [0, 1, 2]
+    with pytest.raises(CacheMismatchError, match=r"targets\.k_max: cache has 6, config asks 4"):
+        prepare(make_job(url, job.manifest_url, job.checkpoint_url, k_max=4))
+    with pytest.raises(CacheMismatchError, match=r"views\.seed"):
+        prepare(make_job(url, job.manifest_url, job.checkpoint_url, view_seed=8))
+
+
+def test_sigkill_mid_run_then_resume_is_byte_identical(fmnist_manifest, base_checkpoint, tmp_path):
+    manifest, n_images, unit = fmnist_manifest(640), 640, 8
+    cache = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "run_pipeline.py"), "--log-level", "WARNING", "extract",
+           "--manifest", manifest, "--checkpoint", str(base_checkpoint), "--arch", BASE_ARCH, "--in-chans", "1",
+           "--norm", "fashion_mnist", "--cache", str(cache), "--views", "2", "--seed", "7", "--k-max", "6",
+           "--unit-size", str(unit), "--batch-size", "16", "--num-actors", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
+    markers = cache / "units"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if markers.is_dir() and len(list(markers.glob("*.done"))) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "extraction finished (or failed) before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)  # let orphaned Ray workers notice their raylet is gone
+    complete_before = {p.name: p.read_bytes() for p in markers.glob("*.done")}
+    n_units = n_images // unit
+    assert 3 <= len(complete_before) < n_units
+
+    job = make_job(str(cache), manifest, base_checkpoint, unit_size=unit)
+    resumed = run_extract(job, num_actors=1)
+    recomputed = {f"{u}.done" for u in resumed.units_written} & set(complete_before)
+    assert not recomputed, f"completed units were recomputed: {sorted(recomputed)}"
+    assert len(resumed.units_written) + len(resumed.units_skipped) == n_units
+    for name, content in complete_before.items():
+        assert (markers / name).read_bytes() == content, f"marker {name} was rewritten"
+
+    reference = tmp_path / "reference"
+    run_extract(make_job(str(reference), manifest, base_checkpoint, unit_size=unit), num_actors=1)
+    assert_identical(str(cache), str(reference))
+
+
+def test_whole_extraction_on_s3_read_back_with_plain_zarr(s3_url, extracted):
+    import s3fs
+
+    _, job, _ = extracted
+    result = run_extract(make_job(s3_url, job.manifest_url, job.checkpoint_url), num_actors=1)
+    assert sorted(result.units_written) == [0, 1, 2]
+    fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"], asynchronous=True)
+    store = zarr.storage.FsspecStore(fs, path=s3_url.removeprefix("s3://"), read_only=True)
+    group = zarr.open_group(store, mode="r")
+    attrs = group.attrs["tec_cache"]
+    assert attrs["format_version"] == 1 and attrs["targets"] == {"last_layers": 2, "k_max": 6}
+    assert attrs["views"] == {"seed": 7, "per_image": 2}
+    assert group["features"].shape == (40, 2, 64, 48) and group["features"].dtype == np.float16
+    assert group["attn_logits"].shape == (40, 2, 7, 3, 64)
+    local = read_arrays(extracted[0])
+    for name in ARRAYS:
+        assert group[name][...].tobytes() == local[name].tobytes(), name
+
+
+def test_bad_images_are_recorded_and_skipped(bad_images, image_folder, base_checkpoint, tmp_path):
+    good = sorted(str(p) for p in image_folder.rglob("*.png"))[:3]
+    bad = {key: str(path) for key, path in bad_images.items()}
+    uris = [good[0], *bad.values(), good[1], good[2]]
+    listing = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"uri": uris}), listing)
+    manifest = str(tmp_path / "manifest.parquet")
+    write_manifest(manifest_from_uri_list(str(listing), stat=False), manifest)
+    url = str(tmp_path / "cache")
+    result = run_extract(make_job(url, manifest, base_checkpoint, unit_size=4), num_actors=1)
+    assert result.failures == len(bad)
+    cache = open_cache(url)
+    valid = read_arrays(url)["valid"]
+    assert valid.tolist() == [True] + [False] * len(bad) + [True, True]
+    failures = cache.failures().to_pylist()
+    assert [f["index"] for f in failures] == list(range(1, 1 + len(bad)))
+    assert [f["reason"] for f in failures] == [key.split("-")[0] for key in bad]
+    markers = [json.loads(storage.read_bytes(f"{url}/units/{u}.done")) for u in range(cache.n_units)]
+    assert sum(m["n_failures"] for m in markers) == len(bad)
