@@ -1,0 +1,402 @@
+"""The train stage's data side: which sample each rank sees when (:class:`SamplePlan`) and the batches themselves.
+
+**Epoch order** (DESIGN §3 "Sample order and resume"): a pure function of ``(seed, epoch)``, identical on every
+rank and machine. Images are grouped in blocks of ``block_size`` consecutive indices (block b = images
+``[b·bs, (b+1)·bs)``, aligned with the cache's inner chunks along N, see :func:`cache_block_size`). Random numbers
+come from a Philox4x64 bit generator whose key is derived by ``SeedSequence((domain, seed, epoch))``; only its raw
+64-bit outputs are used (permutations are ``argsort`` of random keys, stable), so no numpy ``Generator`` algorithm and
+no global RNG state is involved. Then:
+
+1. permute the blocks (the first ``n_blocks`` raw outputs are the blocks' sort keys);
+2. concatenate the blocks' valid indices in that order (ascending within a block);
+3. shuffle the samples within each window of ``shuffle_window`` consecutive permuted blocks (the next ``n_valid``
+   raw outputs are the samples' sort keys within their window);
+4. truncate to ``steps_per_epoch · global_batch`` (drop_last, as MAE): the last incomplete global batch of an epoch
+   is skipped, fewer than ``global_batch`` samples, different ones every epoch.
+
+Global batch ``s`` is ``order[s·GB:(s+1)·GB]``; rank r takes the contiguous slice ``[r·B:(r+1)·B]``, B = GB / world.
+Resume = rebuild the order and start at the checkpoint's step; keep the global batch fixed across a resume.
+
+**Views.** Image i uses view ``(epoch + offset(block of i)) mod V`` in an epoch, ``offset`` a pure function of
+``(seed, block)``: every image sees each of its V views once in V consecutive epochs, and an epoch reads one view
+chunk per block.
+
+**Reading** (cached mode). Each batch issues at most ONE :meth:`TargetCache.read_samples` call, for the whole
+blocks it needs that are not already held; a small per-process LRU of decoded blocks (2·``shuffle_window`` blocks)
+serves the rest. Read amplification, honestly: zarr fetches and decodes whole inner chunks. When a rank's batch
+B is at least a window (``shuffle_window·block_size`` samples), a window lies inside one rank's batch and every
+chunk is fetched about once. When B is smaller, a window's samples are spread over several ranks (and DataLoader
+workers), each of which fetches every chunk it touches: with the LRU, decoded bytes fetched are about
+``world_size × num_workers`` times the bytes delivered (without it, up to ``min(block_size, window/B)``×), plus
+the invalid and epoch-skipped rows of fetched blocks. Examples (:func:`fetch_amplification`, one worker per rank):
+N = 1.28 M, block 16, GB 4096 on 8 ranks: 1.006; N = 20 k, block 16, GB 64 on 2 ranks: 2.0.
+:func:`fetch_amplification` computes the exact factor for a plan, and batches report ``bytes_read`` (delivered)
+and ``bytes_fetched`` (whole blocks read) so the trainer can log both. ``attn_logits`` inner chunks may hold more
+images than a block (e.g. 64 vs 16 for ViT-B): blocks of one chunk can use different views, so that smaller array
+(≈20 % of the bytes) can be fetched up to V times per epoch.
+
+Measured (2 shared cores, local store, ViT-B shapes L=196 C=768 H=12 K=15, U=64, Gaussian float16 targets, 224²
+grey views, one process): a 64-image batch takes ≈0.5 s on average at world 1 (one 8-block read of 48 MB every
+other batch, the next batch from the LRU) and ≈1.1 s at world 2 (every batch reads its window); rebuilding the
+pixels is 30 ms of it. The read is bound by zarr 3.1's integer-array ``oindex`` inside ``read_samples`` (64 images:
+0.5-0.9 s against 37 ms for the same chunks read as slices), not by bytes or Blosc.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from infra import storage
+from stages.cache import TargetCache, UnitIncompleteError, open_cache, raw_bytes_per_view
+from stages.cache_spec import CacheMismatchError, CacheSpec
+from stages.images import ImageSource
+from stages.manifest import read_manifest
+from stages.views import Preprocess
+
+logger = logging.getLogger(__name__)
+
+_ORDER_DOMAIN = 0x7EC0_0001  # separates the order stream from the view-offset stream
+_VIEW_DOMAIN = 0x7EC0_0002
+_TARGETS = ("features", "attn_logits", "topk_index", "views", "valid")
+
+
+def _philox(*words: int) -> np.random.Philox:
+    """A Philox4x64 bit generator keyed by ``SeedSequence(words)`` (stable across numpy versions)."""
+    return np.random.Philox(key=np.random.SeedSequence(list(words)).generate_state(2, np.uint64))
+
+
+@dataclass(frozen=True, eq=False)
+class SamplePlan:
+    """Which sample each rank sees at each step of each epoch: a pure function of its fields.
+
+    Attributes:
+        valid: (N,) bool; invalid samples are never served.
+        block_size: images per read block (the cache's inner chunk size along N; any size in online mode).
+        views_per_image: V.
+        seed: order seed (≥ 0).
+        global_batch: samples per optimiser step over all ranks (before any gradient-accumulation split).
+        world_size: number of ranks.
+        shuffle_window: blocks whose samples are shuffled together.
+    """
+
+    valid: np.ndarray
+    block_size: int
+    views_per_image: int
+    seed: int
+    global_batch: int
+    world_size: int
+    shuffle_window: int = 8
+    _orders: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        valid = np.asarray(self.valid)
+        if valid.ndim != 1 or valid.dtype != np.bool_:
+            raise ValueError(f"valid must be a 1-D bool array, got {valid.dtype} {valid.shape}")
+        valid = valid.copy()
+        valid.flags.writeable = False
+        object.__setattr__(self, "valid", valid)
+        for name in ("block_size", "views_per_image", "global_batch", "world_size", "shuffle_window"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.global_batch % self.world_size:
+            raise ValueError(f"global_batch {self.global_batch} is not a multiple of world_size {self.world_size}")
+        if self.steps_per_epoch() < 1:
+            raise ValueError(f"n_valid = {self.n_valid} samples give no complete global batch of "
+                             f"global_batch = {self.global_batch}: lower global_batch or add data")
+
+    def __getstate__(self) -> dict:
+        """Pickle without the per-epoch order cache (rebuilt on demand by the receiver)."""
+        return {**self.__dict__, "_orders": {}}
+
+    @property
+    def n_valid(self) -> int:
+        """Number of valid samples."""
+        return int(self.valid.sum())
+
+    @property
+    def n_blocks(self) -> int:
+        """ceil(N / block_size)."""
+        return -(-self.valid.size // self.block_size)
+
+    @property
+    def batch_per_rank(self) -> int:
+        """B = global_batch // world_size."""
+        return self.global_batch // self.world_size
+
+    def steps_per_epoch(self) -> int:
+        """floor(n_valid / global_batch): the last incomplete global batch of an epoch is skipped (drop_last)."""
+        return self.n_valid // self.global_batch
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The served image indices of ``epoch``, in order (algorithm in the module docstring).
+
+        Returns:
+            int64 (steps_per_epoch·global_batch,), read-only, valid indices only, each at most once.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch not in self._orders:
+            self._orders.clear()  # one epoch at a time: the order can be large
+            self._orders[epoch] = self._build_order(epoch)
+        return self._orders[epoch]
+
+    def _build_order(self, epoch: int) -> np.ndarray:
+        bits = _philox(_ORDER_DOMAIN, self.seed, epoch)
+        block_rank = np.empty(self.n_blocks, np.int64)
+        block_rank[np.argsort(bits.random_raw(self.n_blocks), kind="stable")] = np.arange(self.n_blocks)
+        idx = np.flatnonzero(self.valid).astype(np.int64)
+        pos = block_rank[idx // self.block_size]
+        concat = idx[np.argsort(pos, kind="stable")]
+        window = np.sort(pos) // self.shuffle_window
+        keys = bits.random_raw(concat.size)
+        order = concat[np.lexsort((keys, window))][: self.steps_per_epoch() * self.global_batch]
+        order.flags.writeable = False
+        return order
+
+    @functools.cached_property
+    def _view_offsets(self) -> np.ndarray:
+        raw = _philox(_VIEW_DOMAIN, self.seed).random_raw(self.n_blocks)
+        return (raw % np.uint64(self.views_per_image)).astype(np.int64)
+
+    def views_for(self, epoch: int, indices: np.ndarray) -> np.ndarray:
+        """View of each image in ``epoch``: ``(epoch + offset(block)) mod V``; int64 (n,) for (n,) indices."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return (epoch + self._view_offsets[idx // self.block_size]) % self.views_per_image
+
+    def rank_batch(self, epoch: int, step: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rank ``rank``'s share of global batch ``step`` of ``epoch``.
+
+        Returns:
+            (indices, views): int64 (B,) each, B = global_batch // world_size.
+        """
+        if not 0 <= step < self.steps_per_epoch():
+            raise IndexError(f"step {step} out of range [0, {self.steps_per_epoch()})")
+        if not 0 <= rank < self.world_size:
+            raise IndexError(f"rank {rank} out of range [0, {self.world_size})")
+        start = step * self.global_batch + rank * self.batch_per_rank
+        idx = self.epoch_order(epoch)[start : start + self.batch_per_rank].copy()
+        return idx, self.views_for(epoch, idx)
+
+
+class _BlockLRU:
+    """Which blocks a batch must fetch, given the ``capacity`` most recently used ones are held."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held: OrderedDict[int, dict[str, np.ndarray] | None] = OrderedDict()
+
+    def missing(self, blocks: np.ndarray) -> list[int]:
+        return [int(b) for b in np.unique(blocks) if int(b) not in self.held]
+
+    def admit(self, blocks: np.ndarray, data: dict[int, dict[str, np.ndarray] | None]) -> None:
+        for b in np.unique(blocks).tolist():
+            self.held[b] = data[b] if b in data else self.held[b]
+            self.held.move_to_end(b)
+        while len(self.held) > self.capacity:
+            self.held.popitem(last=False)
+
+
+def fetch_amplification(plan: SamplePlan, epoch: int = 0, num_workers: int = 1) -> float:
+    """Images fetched (whole blocks) / images delivered over one epoch and all ranks, as :class:`TrainBatches` reads.
+
+    1.0 means every block is read once; expect up to about ``world_size·num_workers`` (module docstring).
+    """
+    fetched = 0
+    for rank in range(plan.world_size):
+        for worker in range(num_workers):
+            lru = _BlockLRU(2 * plan.shuffle_window)
+            for step in range(worker, plan.steps_per_epoch(), num_workers):
+                blocks = plan.rank_batch(epoch, step, rank)[0] // plan.block_size
+                missing = lru.missing(blocks)
+                fetched += sum(len(_block_rows(plan, b)) for b in missing)
+                lru.admit(blocks, dict.fromkeys(missing))
+    return fetched / (plan.steps_per_epoch() * plan.global_batch)
+
+
+def _block_rows(plan: SamplePlan, block: int) -> range:
+    return range(block * plan.block_size, min((block + 1) * plan.block_size, plan.valid.size))
+
+
+def cache_block_size(cache: TargetCache) -> int:
+    """Images per inner chunk of ``features`` along N: the block size that aligns reads with chunks."""
+    group = zarr.open_group(storage.zarr_store(cache.url, read_only=True), mode="r", zarr_format=3)
+    return int(group["features"].chunks[0])
+
+
+def cache_valid(cache: TargetCache) -> np.ndarray:
+    """The cache's (N,) bool ``valid`` array, for building a :class:`SamplePlan`.
+
+    Raises:
+        UnitIncompleteError: some unit has no completion marker (its rows would read as invalid).
+    """
+    missing = sorted(set(range(cache.n_units)) - set(cache.complete_units()))
+    if missing:
+        raise UnitIncompleteError(f"{cache.url}: units {missing[:10]} are not complete; finish the extraction")
+    group = zarr.open_group(storage.zarr_store(cache.url, read_only=True), mode="r", zarr_format=3)
+    return np.asarray(group["valid"][:], dtype=bool)
+
+
+def check_cache(url: str, spec: CacheSpec, plan: SamplePlan, preprocess: Preprocess, in_chans: int,
+                view_seed: int | None) -> None:
+    """Refuse a cache whose shapes, views or preprocessing differ from the train config (names every field)."""
+    wanted = {"shapes.n_images": plan.valid.size, "views.per_image": plan.views_per_image,
+              "base_model.timm_kwargs.in_chans": in_chans, **{f"preprocess.{k}": v for k, v in
+                                                              preprocess.to_dict().items()}}
+    if view_seed is not None:
+        wanted["views.seed"] = view_seed
+    have = {"shapes.n_images": spec.n_images, "views.per_image": spec.views_per_image, "views.seed": spec.view_seed,
+            "base_model.timm_kwargs.in_chans": spec.timm_kwargs.get("in_chans", 3),
+            **{f"preprocess.{k}": getattr(spec, k) for k in preprocess.to_dict()}}
+    norm = {k: list(v) if isinstance(v, tuple | list) else v for k, v in have.items()}
+    diffs = [f"{k}: cache has {norm[k]}, config asks {v}" for k, v in wanted.items() if norm[k] != v]
+    if diffs:
+        raise CacheMismatchError(url, diffs)
+
+
+class TrainBatches(IterableDataset):
+    """Yields this rank's batches of one epoch, from ``start_step`` on, as dicts of tensors.
+
+    Every batch has ``step`` (int), ``indices`` int64 (B,), ``views`` int64 (B,), ``boxes`` int32 (B, 5) (crop top,
+    left, height, width, flip) and ``pixels`` float32 (B, C, S, S). Cached mode (``cache_url``) adds the stored
+    targets ``features`` float16 (B, L, C_base), ``attn_logits`` float16 (B, K_max+1, H, L), ``topk_index`` int64
+    (B, K_max), ``bytes_read`` (decoded target bytes delivered) and ``bytes_fetched`` (decoded bytes of the whole
+    blocks read for this batch; 0 when all were held); pixels are rebuilt from the STORED boxes. Online mode plans
+    the boxes with ``preprocess.plan(view_seed, ...)`` (identical to the cache's rows by construction).
+
+    Stores and filesystems are opened inside the iterating process. With several DataLoader workers, worker w
+    yields steps ``start_step + w, start_step + w + nw, ...`` and the DataLoader interleaves them back in order.
+
+    Args:
+        plan: the sample plan.
+        epoch: the epoch to serve.
+        rank: this rank.
+        start_step: first global step to serve (resume position; 0 for a fresh epoch).
+        manifest_url: the Parquet manifest (image URIs).
+        preprocess: view preprocessing; must match the cache's.
+        in_chans: model input channels (1 or 3).
+        cache_url: the target cache (cached mode), or None (online mode).
+        view_seed: the view-plan seed; required online, checked against the cache if given.
+    """
+
+    def __init__(self, plan: SamplePlan, epoch: int, rank: int, start_step: int, *, manifest_url: str,
+                 preprocess: Preprocess, in_chans: int, cache_url: str | None = None,
+                 view_seed: int | None = None) -> None:
+        super().__init__()
+        if not 0 <= rank < plan.world_size:
+            raise ValueError(f"rank {rank} out of range [0, {plan.world_size})")
+        if not 0 <= start_step <= plan.steps_per_epoch() or epoch < 0:
+            raise ValueError(f"start_step {start_step} / epoch {epoch} out of range "
+                             f"(steps_per_epoch {plan.steps_per_epoch()})")
+        if cache_url is None and view_seed is None:
+            raise ValueError("online mode (no cache_url) needs view_seed")
+        if cache_url is not None:
+            cache = open_cache(cache_url)
+            check_cache(cache_url, cache.spec, plan, preprocess, in_chans, view_seed)
+            if plan.block_size % cache_block_size(cache):
+                logger.warning("block_size %d is not a multiple of the cache's inner chunk (%d images): reads "
+                               "fetch more than they deliver", plan.block_size, cache_block_size(cache))
+        self.plan, self.epoch, self.rank, self.start_step = plan, epoch, rank, start_step
+        self.manifest_url, self.preprocess, self.in_chans = manifest_url, preprocess, in_chans
+        self.cache_url, self.view_seed = cache_url, view_seed
+
+    def __len__(self) -> int:
+        """Batches this dataset yields over all DataLoader workers."""
+        return self.plan.steps_per_epoch() - self.start_step
+
+    def __iter__(self):
+        """Yield batch dicts (see the class docstring) for this worker's steps, in increasing order."""
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)
+        reader = _Reader(self)
+        for step in range(self.start_step + worker, self.plan.steps_per_epoch(), n_workers):
+            yield reader.batch(step)
+
+
+class _Reader:
+    """Per-process resources of a :class:`TrainBatches` iteration: manifest URIs, image source, cache, block LRU."""
+
+    def __init__(self, ds: TrainBatches) -> None:
+        self.ds, self.plan = ds, ds.plan
+        table, _ = read_manifest(ds.manifest_url, storage.storage_options(storage.protocol_of(ds.manifest_url)))
+        self.uris: list[str] = table.column("uri").to_pylist()
+        first = self.uris[0] if self.uris else ""
+        self.source = ImageSource(ds.in_chans, storage.storage_options(storage.protocol_of(first)))
+        self.cache = open_cache(ds.cache_url) if ds.cache_url is not None else None
+        self.lru = _BlockLRU(2 * self.plan.shuffle_window)
+        if self.cache is not None:
+            units = set((np.flatnonzero(self.plan.valid) // self.cache.unit_size).tolist())
+            missing = sorted(units - set(self.cache.complete_units()))
+            if missing:
+                raise UnitIncompleteError(f"{self.cache.url}: units {missing[:10]} are not complete")
+            self.bytes_per_view = raw_bytes_per_view(self.cache.spec)
+
+    def batch(self, step: int) -> dict[str, object]:
+        idx, views = self.plan.rank_batch(self.ds.epoch, step, self.ds.rank)
+        images = [self.source.read(self.uris[i]) for i in idx.tolist()]
+        out: dict[str, object] = {"step": step, "indices": torch.from_numpy(idx), "views": torch.from_numpy(views)}
+        if self.cache is None:
+            boxes = np.stack([self.ds.preprocess.plan(self.ds.view_seed, i, v, *img.shape[:2]) for i, v, img
+                              in zip(idx.tolist(), views.tolist(), images, strict=True)])
+        else:
+            targets, fetched = self._targets(idx)
+            boxes = targets["views"]
+            out.update(features=torch.from_numpy(targets["features"]),
+                       attn_logits=torch.from_numpy(targets["attn_logits"]),
+                       topk_index=torch.from_numpy(targets["topk_index"].astype(np.int64)),
+                       bytes_read=idx.size * self.bytes_per_view, bytes_fetched=fetched)
+        out["boxes"] = torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.int32))
+        out["pixels"] = self.ds.preprocess.build_batch(images, boxes)
+        return out
+
+    def _targets(self, idx: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        """Rows of ``idx`` (their epoch views) from held blocks plus ONE read of the missing whole blocks."""
+        blocks = idx // self.plan.block_size
+        missing = self.lru.missing(blocks)
+        data: dict[int, dict[str, np.ndarray] | None] = {}
+        fetched = 0
+        if missing:
+            rows = np.concatenate([np.arange(r.start, r.stop) for r in (_block_rows(self.plan, b) for b in missing)])
+            got = self.cache.read_samples(rows, views=self.plan.views_for(self.ds.epoch, rows), check_complete=False)
+            fetched = rows.size * self.bytes_per_view
+            at = 0
+            for b in missing:
+                n = len(_block_rows(self.plan, b))
+                data[b] = {name: getattr(got, name)[at : at + n] for name in _TARGETS}
+                at += n
+        held = {b: data[b] if b in data else self.lru.held[b] for b in np.unique(blocks).tolist()}
+        first = held[int(blocks[0])]
+        out = {name: np.empty((idx.size, *first[name].shape[1:]), first[name].dtype) for name in _TARGETS}
+        for b, block in held.items():
+            at = np.flatnonzero(blocks == b)
+            for name in _TARGETS:
+                out[name][at] = block[name][idx[at] - b * self.plan.block_size]
+        if not out["valid"].all():
+            raise ValueError(f"samples {idx[~out['valid']].tolist()} are invalid in the cache but valid in the plan")
+        self.lru.admit(blocks, data)
+        return out, fetched
+
+
+def make_loader(dataset: TrainBatches, num_workers: int = 1, prefetch: int = 2) -> DataLoader:
+    """A DataLoader over ``dataset``'s ready-made batches; workers use ``spawn`` and read ahead.
+
+    Args:
+        dataset: the epoch's batches.
+        num_workers: reader processes (0: read in this process, for tests and debugging).
+        prefetch: batches each worker reads ahead (``prefetch_factor``), so reading overlaps compute.
+    """
+    if num_workers == 0:
+        return DataLoader(dataset, batch_size=None, num_workers=0)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, multiprocessing_context="spawn",
+                      prefetch_factor=prefetch)
