@@ -237,3 +237,15 @@ def test_bad_shapes_are_refused(tmp_path: Path) -> None:
         cache.unit_range(3)
     with pytest.raises(PermissionError):
         open_cache(str(tmp_path / "c")).write_unit(0, **unit_data(0, 4))
+
+
+def test_gather_equals_numpy_indexing_for_any_index_pattern(tmp_path):
+    """Chunk-run slice reads give exactly ``data[idx]`` for unsorted, repeated and gapped indices."""
+    data = np.arange(37 * 3 * 4, dtype=np.float16).reshape(37, 3, 4)
+    arr = zarr.create_array(str(tmp_path / "a"), shape=data.shape, dtype=data.dtype, chunks=(4, 1, 4),
+                            shards=(8, 3, 4))
+    arr[...] = data
+    rng = np.random.default_rng(0)
+    for idx in (np.array([36, 0, 5, 5, 17]), rng.integers(0, 37, 50), np.arange(37)[::-1], np.array([], np.int64)):
+        assert np.array_equal(cache_mod._gather(arr, idx), data[idx])
+        assert np.array_equal(cache_mod._gather(arr, idx, 2), data[idx, 2])
