@@ -69,7 +69,11 @@ class ExtractJob:
 
 @dataclass
 class ExtractResult:
-    """What a run did: units written now vs found complete, and totals over the whole cache."""
+    """What a run did: units written now vs found complete, and totals over the whole cache.
+
+    ``wall_seconds`` covers the whole call (Ray start-up and model loading included); ``work_seconds`` runs from
+    the moment every actor is ready to the last unit's return (the extraction rate is ``views_written`` over it).
+    """
 
     cache_url: str
     cache_key: str
@@ -80,6 +84,7 @@ class ExtractResult:
     views_written: int = 0
     failures: int = 0
     wall_seconds: float = 0.0
+    work_seconds: float = 0.0
     device_seconds: dict[str, float] = field(default_factory=dict)
     stored_bytes: int = 0
     raw_bytes: int = 0
@@ -299,6 +304,7 @@ def run_extract(
                 log.info("extract: %s", _progress(len(result.units_written), len(pending), result.images_written,
                                                   work_started))
                 submit(actor)
+            result.work_seconds = time.perf_counter() - work_started
         finally:
             for actor in actors:
                 ray.kill(actor)
