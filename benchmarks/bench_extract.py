@@ -133,9 +133,11 @@ def moto_server() -> Iterator[str]:
     ready, stop = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=_serve_moto, args=(port, ready, stop), daemon=True)
     proc.start()
-    if not ready.wait(60):
-        proc.kill()
-        raise RuntimeError("the moto S3 server did not start within 60 s")
+    deadline = time.monotonic() + 60
+    while not ready.wait(0.2):
+        if not proc.is_alive() or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the moto S3 server did not start (exit code {proc.exitcode})")
     endpoint = f"http://{LOOPBACK}:{port}"
     env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": endpoint, "TEC_S3_ENDPOINT_URL": endpoint}
