@@ -89,6 +89,17 @@ def cmd_extract(args: argparse.Namespace) -> None:
         storage.write_bytes(args.summary_json, json.dumps(result.__dict__, indent=2, default=list).encode())
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from infra import storage
+    from stages.train import run_train
+    from stages.train_job import TrainJob
+
+    job = TrainJob.from_dict(json.loads(storage.read_bytes(args.job)))
+    result = run_train(job, address=args.address)
+    print(json.dumps({"run_dir": result.run_dir, "export": result.export_path, "metrics": result.metrics}, indent=2,
+                     default=str))
+
+
 def cmd_smoke(args: argparse.Namespace) -> None:
     from pipeline.smoke import run_smoke
 
@@ -103,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_manifest(sub)
     _add_extract(sub)
+    p = sub.add_parser("train", help="train TEC from a target cache (or online) on Ray Train",
+                       description="Stage 2: train the new encoder. Starting the same run (name and storage) "
+                                   "again resumes it from its latest checkpoint.")
+    p.add_argument("--job", required=True, help="JSON file with the TrainJob fields (see stages/train_job.py)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or local)")
     p = sub.add_parser("smoke", help="smoke-run the TEC model on real Fashion-MNIST images",
                        description="Build a tiny base and TEC model, train a few steps on Fashion-MNIST views, "
                                    "export the encoder and check timm loads it.")
@@ -111,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"manifest": cmd_manifest, "extract": cmd_extract, "smoke": cmd_smoke}
+COMMANDS = {"manifest": cmd_manifest, "extract": cmd_extract, "train": cmd_train, "smoke": cmd_smoke}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -333,3 +333,18 @@ def zarr_store(url: str, read_only: bool = False) -> Store:
         return LocalStore(path, read_only=read_only)
     opts = {"skip_instance_cache": True, **storage_options(protocol_of(url))}
     return FsspecStore.from_url(str(url), storage_options=opts, read_only=read_only)
+
+
+def ray_storage(url: str) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig`` from a local path or fsspec URL.
+
+    Local paths are made absolute and need no filesystem. Remote URLs get a pyarrow filesystem wrapping this
+    module's fsspec filesystem (so the same endpoint/region environment applies) and a bucket-relative path.
+    """
+    if is_local(url):
+        return os.path.abspath(url.removeprefix("file://")), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    protocol = protocol_of(url)
+    fs = fsspec.filesystem(protocol, skip_instance_cache=True, use_listings_cache=False, **storage_options(protocol))
+    return url.split("://", 1)[1].rstrip("/"), PyFileSystem(FSSpecHandler(fs))

@@ -1,0 +1,174 @@
+"""What a training run is: :class:`TrainJob`, and the check that a target cache fits it (issue 4 items 2-3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from stages.cache import open_cache
+from stages.cache_spec import CacheSpec, diff_specs
+from stages.views import Preprocess
+from tec_model import TECModel, num_patches
+
+TargetSource = Literal["cache", "online"]
+
+
+class CacheIncompatibleError(ValueError):
+    """The target cache does not fit the training configuration; the message names every differing field."""
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """A training run. Plain values only, so it travels to Ray workers as a dict and into the run directory.
+
+    Attributes:
+        run_name: the run's name; starting a run with the same name and storage resumes it.
+        storage_path: local path or ``s3://…`` where checkpoints, metrics and the export go.
+        target_source: ``cache`` (read the target cache) or ``online`` (run the base model every step).
+        cache_url: the target cache (cache mode; also the view plan and manifest source when given in online mode).
+        manifest_url / checkpoint_url / base_timm_kwargs / preprocess / views_per_image / view_seed / last_layers /
+        k_max: the base model and view plan; in cache mode they are checked against the cache.
+        timm_kwargs: the new encoder's ViT kwargs.
+        adapters / feature_norm / attention_target / topk / att_tau / mask_ratio / decoder_*: TEC switches.
+        epochs / global_batch / accum_steps / blr / weight_decay / warmup_epochs / min_lr: MAE's recipe;
+            ``global_batch`` counts samples per optimiser step over all ranks and accumulation micro-steps.
+        seed: model init, sample order and masks.
+        num_workers / use_gpu / threads_per_worker / loader_workers: resources.
+        checkpoint_every / keep_checkpoints / max_failures / log_every: checkpointing and reporting (in steps).
+        max_steps: stop after this many optimiser steps (the schedule still spans ``epochs``).
+        amp_dtype: autocast dtype on GPU.
+        log_indices: each rank writes the sample indices it trained on to ``<run>/indices/`` at every report.
+    """
+
+    run_name: str
+    storage_path: str
+    timm_kwargs: dict[str, Any]
+    base_timm_kwargs: dict[str, Any]
+    preprocess: dict[str, Any]
+    target_source: TargetSource = "cache"
+    cache_url: str | None = None
+    manifest_url: str | None = None
+    checkpoint_url: str | None = None
+    views_per_image: int = 2
+    view_seed: int = 0
+    last_layers: int = 2
+    k_max: int = 15
+    adapters: str = "both"
+    feature_norm: str = "patch"
+    attention_target: bool = True
+    topk: int = 15
+    att_tau: float = 1.8
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 2
+    decoder_heads: int = 16
+    epochs: int = 1
+    global_batch: int = 256
+    accum_steps: int = 1
+    blr: float = 1.5e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    seed: int = 0
+    shuffle_window: int = 8
+    num_workers: int = 2
+    use_gpu: bool = False
+    threads_per_worker: int = 1
+    loader_workers: int = 1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    log_every: int = 10
+    max_steps: int | None = None
+    amp_dtype: str = "bfloat16"
+    log_indices: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.target_source not in ("cache", "online"):
+            problems.append(f"target_source must be 'cache' or 'online', got {self.target_source!r}")
+        if self.target_source == "cache" and not self.cache_url:
+            problems.append("cache_url is required when target_source is 'cache'")
+        if self.target_source == "online" and not (self.checkpoint_url and (self.manifest_url or self.cache_url)):
+            problems.append("online mode needs checkpoint_url and a manifest_url (or a cache_url to take it from)")
+        if self.global_batch % (self.num_workers * self.accum_steps):
+            problems.append(f"global_batch {self.global_batch} must be divisible by num_workers × accum_steps "
+                            f"({self.num_workers} × {self.accum_steps})")
+        if self.topk > self.k_max:
+            problems.append(f"topk {self.topk} exceeds k_max {self.k_max}")
+        if problems:
+            raise ValueError("invalid training job: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainJob:
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainJob:
+        return dataclasses.replace(self, **changes)
+
+    def fingerprint(self) -> str:
+        """Hash of what must not change across a resume (everything but resources and stopping point)."""
+        mutable = {"num_workers", "use_gpu", "threads_per_worker", "loader_workers", "max_failures", "log_every",
+                   "max_steps", "keep_checkpoints", "log_indices", "storage_path", "cache_url", "manifest_url",
+                   "checkpoint_url"}
+        fixed = {k: v for k, v in self.to_dict().items() if k not in mutable}
+        return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
+
+    def preprocess_obj(self) -> Preprocess:
+        return Preprocess.from_dict(self.preprocess)
+
+    def build_model(self) -> TECModel:
+        """The new model, sized against the base model described by the job."""
+        base = self.base_timm_kwargs
+        return TECModel(
+            self.timm_kwargs, base["embed_dim"], base["num_heads"], num_patches(base), adapters=self.adapters,
+            feature_norm=self.feature_norm, attention_target=self.attention_target, topk=self.topk,
+            att_tau=self.att_tau, mask_ratio=self.mask_ratio, decoder_dim=self.decoder_dim,
+            decoder_depth=self.decoder_depth, decoder_heads=self.decoder_heads,
+        )
+
+
+def expected_spec(job: TrainJob, cache: CacheSpec) -> CacheSpec:
+    """The cache spec the job expects: the cache's own spec with the job's base model, targets and views."""
+    pre = job.preprocess_obj()
+    return cache.replace(
+        timm_kwargs=job.base_timm_kwargs, last_layers=job.last_layers, output_size=pre.output_size,
+        crop_scale=pre.crop_scale, crop_ratio=pre.crop_ratio, interpolation=pre.interpolation, mean=pre.mean,
+        std=pre.std, view_seed=job.view_seed, views_per_image=job.views_per_image,
+    )
+
+
+def check_cache(job: TrainJob) -> CacheSpec:
+    """Refuse a cache that does not fit the job, naming every field that differs.
+
+    Checks the base architecture (hence L, C_base, H_base), target settings, preprocessing and view plan against
+    the cache's ``tec_cache`` attribute, ``topk <= k_max``, and that the new model takes the cache's views.
+
+    Returns:
+        The cache's spec.
+    """
+    spec = open_cache(job.cache_url).spec
+    problems = diff_specs(spec, expected_spec(job, spec))
+    if job.topk > spec.k_max:
+        problems.append(f"targets.k_max: cache has {spec.k_max}, config's topk {job.topk} needs at least that many")
+    new = job.timm_kwargs
+    if new["img_size"] != spec.output_size:
+        problems.append(f"model.img_size: the new model takes {new['img_size']} px, cache views are "
+                        f"{spec.output_size} px")
+    if new.get("in_chans", 3) != spec.timm_kwargs.get("in_chans", 3):
+        problems.append(f"model.in_chans: the new model takes {new.get('in_chans', 3)} channels, cache views have "
+                        f"{spec.timm_kwargs.get('in_chans', 3)}")
+    if num_patches(new) != spec.num_patches:
+        problems.append(f"model.num_patches: the new model has L={num_patches(new)}, cache targets have "
+                        f"L={spec.num_patches}")
+    if problems:
+        raise CacheIncompatibleError(f"target cache {job.cache_url} does not fit this run:\n  " +
+                                     "\n  ".join(problems))
+    return spec
