@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -140,6 +141,9 @@ class UnitExtractor:
         self.uris: list[str] = table.column("uri").to_pylist()
         self.source = ImageSource(in_chans=job.timm_kwargs.get("in_chans", 3))
         self.cache: TargetCache = open_cache(job.cache_url, expected=spec, read_only=False)
+        # Several units may be in flight (reading and writing overlap the forward), but one forward at a time:
+        # two concurrent forwards would oversubscribe the actor's threads (or its GPU's memory).
+        self._forward_lock = threading.Lock()
 
     def ready(self) -> str:
         """Returns the device once the model is loaded (the driver waits on it before timing)."""
@@ -192,8 +196,10 @@ class UnitExtractor:
         t0 = time.perf_counter()
         pixels, boxes, valid, failures = self.load_unit(unit_id)
         t1 = time.perf_counter()
-        features, attn, topk = self.forward(pixels)
-        t2 = time.perf_counter()
+        with self._forward_lock:
+            t_fwd = time.perf_counter()
+            features, attn, topk = self.forward(pixels)
+            t2 = time.perf_counter()
         n, v = len(valid), self.job.views_per_image
         full = {
             "features": np.zeros((n, v, *features.shape[1:]), np.float16),
@@ -202,7 +208,7 @@ class UnitExtractor:
         }
         for name, value in zip(full, (features, attn, topk), strict=True):
             full[name][valid] = value.reshape(int(valid.sum()), v, *value.shape[1:])
-        timings = {"load_s": t1 - t0, "forward_s": t2 - t1, "device": self.device.type}
+        timings = {"load_s": t1 - t0, "wait_s": t_fwd - t1, "forward_s": t2 - t_fwd, "device": self.device.type}
         marker = self.cache.write_unit(unit_id, full["features"], full["attn_logits"], full["topk_index"],
                                        boxes, valid, failures, extra={"timings": timings})
         return {**marker, "write_s": time.perf_counter() - t2, "wall_s": time.perf_counter() - t0}
