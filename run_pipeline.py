@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_smoke(args: argparse.Namespace) -> None:
     from pipeline.smoke import run_smoke
 
-    run_smoke(out_dir=args.out, steps=args.steps)
+    run_smoke(out_dir=args.out, epochs=args.epochs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,11 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "again resumes it from its latest checkpoint.")
     p.add_argument("--job", required=True, help="JSON file with the TrainJob fields (see stages/train_job.py)")
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or local)")
-    p = sub.add_parser("smoke", help="smoke-run the TEC model on real Fashion-MNIST images",
-                       description="Build a tiny base and TEC model, train a few steps on Fashion-MNIST views, "
-                                   "export the encoder and check timm loads it.")
+    p = sub.add_parser("smoke", help="smoke-run both stages on 512 Fashion-MNIST images",
+                       description="Manifest, a random tiny base model, extraction on Ray, TEC training on Ray "
+                                   "Train from the cache, export, and a strict timm load of the export.")
     p.add_argument("--out", default="outputs/smoke", help="where to write the exported encoder")
-    p.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    p.add_argument("--epochs", type=int, default=4, help="training epochs over the 512 images (default 4)")
     return parser
 
 

@@ -256,3 +256,12 @@ def diff_specs(cache: CacheSpec, config: CacheSpec) -> list[str]:
         if va != vb:
             lines.append(f"{path[1:]}: cache has {_show(va)}, config asks {_show(vb)}")
     return lines
+
+
+def expected_differences(cache: CacheSpec, **expected: Any) -> list[str]:
+    """What a consumer expects of some spec fields (e.g. ``k_max=9``, ``mean=(0.5,)``) vs what the cache holds.
+
+    Returns:
+        :func:`diff_specs` lines for the fields that differ (``"preprocess.mean: cache has [...], config asks [...]"``).
+    """
+    return diff_specs(cache, cache.replace(**expected))

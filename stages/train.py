@@ -248,6 +248,8 @@ def _report(job: TrainJob, model: nn.Module, opt: torch.optim.Optimizer, scaler:
             _save_checkpoint(job, model, opt, scaler, progress, history, d)
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
     if rank == 0:
+        lines = "".join(json.dumps(r) + "\n" for r in history).encode()
+        storage.write_bytes(storage.join(run_dir(job), "metrics.jsonl"), lines)
         log.info("step %d: loss %.4f (fea %.4f, att %.4f), %.1f samples/s, checkpoint saved", row["step"],
                  row["loss"], row["loss_fea"], row["loss_att"], row["samples_per_s"])
 

@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from infra import storage
 from stages.cache import TargetCache, UnitIncompleteError, open_cache, raw_bytes_per_view
-from stages.cache_spec import CacheMismatchError, CacheSpec
+from stages.cache_spec import CacheMismatchError, CacheSpec, expected_differences
 from stages.images import ImageSource
 from stages.manifest import read_manifest
 from stages.views import Preprocess
@@ -249,17 +249,11 @@ def cache_valid(cache: TargetCache) -> np.ndarray:
 def check_cache(url: str, spec: CacheSpec, plan: SamplePlan, preprocess: Preprocess, in_chans: int,
                 view_seed: int | None) -> None:
     """Refuse a cache whose shapes, views or preprocessing differ from the train config (names every field)."""
-    wanted = {"shapes.n_images": plan.valid.size, "views.per_image": plan.views_per_image,
-              "base_model.timm_kwargs.in_chans": in_chans, **{f"preprocess.{k}": v for k, v in
-                                                              preprocess.to_dict().items()}}
+    expected = {"n_images": plan.valid.size, "views_per_image": plan.views_per_image,
+                "timm_kwargs": {**spec.timm_kwargs, "in_chans": in_chans}, **preprocess.to_dict()}
     if view_seed is not None:
-        wanted["views.seed"] = view_seed
-    have = {"shapes.n_images": spec.n_images, "views.per_image": spec.views_per_image, "views.seed": spec.view_seed,
-            "base_model.timm_kwargs.in_chans": spec.timm_kwargs.get("in_chans", 3),
-            **{f"preprocess.{k}": getattr(spec, k) for k in preprocess.to_dict()}}
-    norm = {k: list(v) if isinstance(v, tuple | list) else v for k, v in have.items()}
-    diffs = [f"{k}: cache has {norm[k]}, config asks {v}" for k, v in wanted.items() if norm[k] != v]
-    if diffs:
+        expected["view_seed"] = view_seed
+    if diffs := expected_differences(spec, **expected):
         raise CacheMismatchError(url, diffs)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from stages.cache import open_cache
-from stages.cache_spec import CacheSpec, diff_specs
+from stages.cache_spec import CacheSpec, expected_differences
 from stages.views import Preprocess
 from tec_model import TECModel, num_patches
 
@@ -135,16 +135,6 @@ class TrainJob:
         )
 
 
-def expected_spec(job: TrainJob, cache: CacheSpec) -> CacheSpec:
-    """The cache spec the job expects: the cache's own spec with the job's base model, targets and views."""
-    pre = job.preprocess_obj()
-    return cache.replace(
-        timm_kwargs=job.base_timm_kwargs, last_layers=job.last_layers, output_size=pre.output_size,
-        crop_scale=pre.crop_scale, crop_ratio=pre.crop_ratio, interpolation=pre.interpolation, mean=pre.mean,
-        std=pre.std, view_seed=job.view_seed, views_per_image=job.views_per_image,
-    )
-
-
 def check_cache(job: TrainJob) -> CacheSpec:
     """Refuse a cache that does not fit the job, naming every field that differs.
 
@@ -155,7 +145,9 @@ def check_cache(job: TrainJob) -> CacheSpec:
         The cache's spec.
     """
     spec = open_cache(job.cache_url).spec
-    problems = diff_specs(spec, expected_spec(job, spec))
+    problems = expected_differences(
+        spec, timm_kwargs=job.base_timm_kwargs, last_layers=job.last_layers, view_seed=job.view_seed,
+        views_per_image=job.views_per_image, **job.preprocess_obj().to_dict())
     if job.topk > spec.k_max:
         problems.append(f"targets.k_max: cache has {spec.k_max}, config's topk {job.topk} needs at least that many")
     new = job.timm_kwargs

@@ -56,9 +56,9 @@ def final_state(result_run_dir: str) -> dict[str, torch.Tensor]:
 
 
 def losses(run_dir: str) -> list[float]:
-    """Per-step losses from the run's latest checkpoint's metrics history."""
-    ckpts = sorted(k for k in storage.list_objects(run_dir) if k.endswith("metrics.jsonl"))
-    rows = [json.loads(line) for line in storage.read_bytes(storage.join(run_dir, ckpts[-1])).decode().splitlines()]
+    """Per-step losses from the run directory's metrics history (rank 0 rewrites it at every checkpoint)."""
+    text = storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).decode()
+    rows = [json.loads(line) for line in text.splitlines()]
     return [r["loss"] for r in sorted(rows, key=lambda r: r["step"])]
 
 
