@@ -348,3 +348,10 @@ def ray_storage(url: str) -> tuple[str, Any]:
     protocol = protocol_of(url)
     fs = fsspec.filesystem(protocol, skip_instance_cache=True, use_listings_cache=False, **storage_options(protocol))
     return url.split("://", 1)[1].rstrip("/"), PyFileSystem(FSSpecHandler(fs))
+
+
+def absolute(url: str | None) -> str | None:
+    """Local paths made absolute (Ray workers run in other directories); remote URLs unchanged."""
+    if url is None or not is_local(url):
+        return url
+    return os.path.abspath(url.removeprefix("file://"))

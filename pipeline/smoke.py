@@ -77,5 +77,6 @@ def run_smoke(out_dir: str = "outputs/smoke", epochs: int = 4, n_images: int = 5
         "last loss": round(history[-1]["loss"], 4), "train seconds (incl. Ray Train start)":
         round(time.perf_counter() - started, 1), "export (timm, strict load checked)": result.export_path,
     }
-    log.info("smoke summary:\n%s", "\n".join(f"  {k:<20} {v}" for k, v in summary.items()))
+    width = max(map(len, summary))
+    log.info("smoke summary:\n%s", "\n".join(f"  {k:<{width}}  {v}" for k, v in summary.items()))
     return summary

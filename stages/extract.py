@@ -9,6 +9,7 @@ marks the unit complete only after its data is durable, so a re-run skips exactl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -268,6 +269,9 @@ def run_extract(
     from infra.ray_cluster import ensure_ray, gpus_available
 
     started = time.perf_counter()
+    job = dataclasses.replace(job, cache_url=storage.absolute(job.cache_url),
+                              manifest_url=storage.absolute(job.manifest_url),
+                              checkpoint_url=storage.absolute(job.checkpoint_url))
     spec, cache = prepare(job)
     done = set(cache.complete_units())
     order = list(unit_order) if unit_order is not None else list(range(cache.n_units))

@@ -124,6 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     job = TrainJob.from_dict(config)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per report otherwise
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(job.threads_per_worker)
@@ -290,6 +291,8 @@ def run_train(job: TrainJob, address: str | None = None) -> TrainResult:
 
     from infra.ray_cluster import ensure_ray
 
+    job = job.replace(**{k: storage.absolute(getattr(job, k)) for k in
+                         ("storage_path", "cache_url", "manifest_url", "checkpoint_url")})
     if job.target_source == "cache":
         check_cache(job)
     ensure_ray(address)
