@@ -11,6 +11,14 @@ FeatureNorm = Literal["patch", "channel", "none"]
 NORM_EPS = 1e-6
 
 
+def standardize(y: torch.Tensor, dim: int, eps: float = NORM_EPS) -> torch.Tensor:
+    """``(y - mean) / sqrt(var + eps)`` along ``dim`` with the unbiased variance, in float32."""
+    y = y.float()
+    mean = y.mean(dim=dim, keepdim=True)
+    var = y.var(dim=dim, keepdim=True, unbiased=True)
+    return (y - mean) / torch.sqrt(var + eps)
+
+
 def patch_norm(y: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     """Patch-dimension normalisation: per image and channel, over the token axis.
 
@@ -22,10 +30,7 @@ def patch_norm(y: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     Returns:
         (N, L, C) float32.
     """
-    y = y.float()
-    mean = y.mean(dim=-2, keepdim=True)
-    var = y.var(dim=-2, keepdim=True, unbiased=True)
-    return (y - mean) / torch.sqrt(var + eps)
+    return standardize(y, dim=-2, eps=eps)
 
 
 def channel_norm(y: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
@@ -37,10 +42,7 @@ def channel_norm(y: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     Returns:
         (N, L, C) float32.
     """
-    y = y.float()
-    mean = y.mean(dim=-1, keepdim=True)
-    var = y.var(dim=-1, keepdim=True, unbiased=True)
-    return (y - mean) / torch.sqrt(var + eps)
+    return standardize(y, dim=-1, eps=eps)
 
 
 def normalize_features(y: torch.Tensor, mode: FeatureNorm) -> torch.Tensor:

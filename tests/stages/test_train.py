@@ -165,3 +165,44 @@ def test_incompatible_cache_is_refused_naming_the_field(cache_url, tmp_path):
         check_cache(job.replace(topk=7, k_max=7))
     with pytest.raises(CacheIncompatibleError, match=r"model\.num_patches"):
         check_cache(job.replace(timm_kwargs=vit_kwargs("vit_pico_patch4_32", in_chans=1, patch_size=8)))
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (Ray titles them ``ray::RayTrainWorker…``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_killed_worker_is_restarted_by_ray_and_the_run_ends_identical(reference, tmp_path):
+    """FailureConfig(max_failures=1): SIGKILL one worker after the first checkpoint; Ray restarts the group from it."""
+    import threading
+
+    job = reference[0].replace(run_name="worker_killed", storage_path=str(tmp_path / "runs"), log_indices=False,
+                               max_failures=1)
+    run = Path(job.storage_path) / job.run_name
+    killed: list[int] = []
+
+    def kill_one_worker() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if any(run.glob("checkpoint_*/state.pt")) and (pids := _train_worker_pids()):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_one_worker, daemon=True)
+    watcher.start()
+    result = run_train(job)
+    watcher.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert result.metrics["step"] == 2 * STEPS_PER_EPOCH
+    ref_state, new_state = final_state(reference[1].run_dir), final_state(result.run_dir)
+    for key, value in ref_state.items():
+        assert torch.equal(value, new_state[key]), f"{key} differs after the worker restart"
