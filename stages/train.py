@@ -28,8 +28,9 @@ from infra import storage
 from stages.cache import open_cache
 from stages.train_data import SamplePlan, TrainBatches, cache_block_size, cache_valid, make_loader
 from stages.train_job import TrainJob, check_cache
-from tec_model import BaseModel, export_encoder
+from tec_model import BaseModel, export_encoder, num_patches
 from tec_model.flops import vit_forward_macs
+from tec_model.masking import num_visible
 from tec_model.optim import lr_schedule, param_groups, scaled_lr
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ class Progress:
 
 
 def make_plan(job: TrainJob, world: int) -> tuple[SamplePlan, int]:
-    """The sample plan and the number of images: from the cache (cache mode, or online with a cache for A/B)."""
+    """The sample plan: valid samples and read blocks from the cache (cache mode, or online with a cache for A/B),
+    else every manifest row in blocks of 64. Returns (plan, number of images)."""
     if job.cache_url:
         cache = open_cache(job.cache_url)
         valid = cache_valid(cache)
@@ -147,7 +149,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stop = min(total, job.max_steps or total)
     lrs = lr_schedule(scaled_lr(job.blr, job.global_batch), total, round(job.warmup_epochs * per_epoch), job.min_lr)
     source = TargetSource(job, device)
-    flops_per_sample = 3 * vit_forward_macs(job.timm_kwargs, tokens=1 + round(plan_len(job) * (1 - job.mask_ratio)))
+    # forward + backward ≈ 3 forwards; the encoder on the visible tokens only (the decoder is counted by the ledger)
+    encoder_macs_per_sample = 3 * vit_forward_macs(
+        job.timm_kwargs, tokens=1 + num_visible(num_patches(job.timm_kwargs), job.mask_ratio))
     pre = job.preprocess_obj()
     in_chans = job.base_timm_kwargs.get("in_chans", 3)
     window_start, window_samples, seen = time.perf_counter(), 0, []
@@ -158,7 +162,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             in_chans=in_chans, cache_url=job.cache_url if job.target_source == "cache" else None,
                             view_seed=job.view_seed)
         for batch in make_loader(data, num_workers=job.loader_workers):
-            assert batch["step"] == progress.step % per_epoch, (batch["step"], progress.step)
+            if batch["step"] != progress.step % per_epoch:
+                raise RuntimeError(f"loader served step {batch['step']} of epoch {epoch}, the trainer is at step "
+                                   f"{progress.step % per_epoch}")
             for group in opt.param_groups:
                 group["lr"] = float(lrs[progress.step])
             parts = _optimizer_step(job, model, opt, scaler, source, batch, device, amp, amp_dtype, progress.step,
@@ -175,7 +181,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 row = {"step": progress.step, "epoch": progress.step / per_epoch, "lr": float(lrs[progress.step - 1]),
                        **parts, "samples_per_s": window_samples / elapsed if elapsed else 0.0,
                        "views_served": progress.samples, "bytes_read_rank0": progress.bytes_read,
-                       "train_macs": progress.samples * flops_per_sample}
+                       "encoder_train_macs": progress.samples * encoder_macs_per_sample}
                 history.append(row)
                 if job.log_indices:
                     _write_indices(job, rank, progress.step - len(seen), seen)
@@ -186,11 +192,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
     if rank == 0 and progress.step >= total:
         _write_export(job, core)
-
-
-def plan_len(job: TrainJob) -> int:
-    kw = job.timm_kwargs
-    return (kw["img_size"] // kw["patch_size"]) ** 2
 
 
 def _manifest_url(job: TrainJob) -> str:
@@ -206,18 +207,19 @@ def _optimizer_step(job: TrainJob, model: nn.Module, opt: torch.optim.Optimizer,
     import torch.distributed as dist
 
     pixels_all = batch["pixels"].to(device, non_blocking=True)
+    targets = source.targets(batch, pixels_all)
     micro = len(pixels_all) // job.accum_steps
     sums = torch.zeros(3, dtype=torch.float64)
     for m in range(job.accum_steps):
         sl = slice(m * micro, (m + 1) * micro)
         pixels = pixels_all[sl]
-        features, attn, topk = (t[sl] if t is not None else None for t in source.targets(batch, pixels_all))
+        features, attn, topk = (t[sl] for t in targets)
         sync = nullcontext() if (m == job.accum_steps - 1 or world == 1) else model.no_sync()
         with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             loss, parts, _ = model(pixels, features.float(), attn.float(), topk.long(),
                                    generator=mask_generator(job.seed, step, rank, m))
-        scaler.scale(loss / job.accum_steps).backward() if scaler.is_enabled() else (
-            loss / job.accum_steps).backward()
+        scaled = loss / job.accum_steps
+        (scaler.scale(scaled) if scaler.is_enabled() else scaled).backward()
         sums += torch.tensor([loss.item(), parts["loss_fea"].item(), parts.get("loss_att", torch.tensor(0.)).item()],
                              dtype=torch.float64)
     if world > 1:
