@@ -1,10 +1,9 @@
 #!/usr/bin/env python
-"""tec-pipeline command line: a thin layer over ``stages/`` and ``pipeline/``.
+"""tec-pipeline: extract base-model targets once, train TEC from them many times.
 
-    python run_pipeline.py manifest --idx /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz --out m.parquet
-    python run_pipeline.py extract --manifest m.parquet --checkpoint base.pth --arch vit_micro_patch4_32 \\
-        --in-chans 1 --norm fashion_mnist --cache outputs/caches/demo
-    python run_pipeline.py smoke
+Every job command takes ``--config FILE.yaml`` (see configs/; defaults when omitted) and ``key.sub=value``
+overrides, e.g.  ``python run_pipeline.py run --config configs/tiny.yaml train.epochs=3 model.topk=4``.
+Everything is written under ``output_root`` (default ./outputs): manifests, base checkpoints, caches, runs.
 """
 
 from __future__ import annotations
@@ -17,41 +16,20 @@ import sys
 log = logging.getLogger("run_pipeline")
 
 
-def _add_manifest(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("manifest", help="build a Parquet manifest of a data set",
-                       description="Build a Parquet manifest (index, uri, label, size) from one data source.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--idx", help="IDX images file (e.g. Fashion-MNIST train-images-idx3-ubyte.gz)")
-    src.add_argument("--image-folder", help="ImageFolder root: root/<class>/<image>")
-    src.add_argument("--uri-list", help="Parquet or CSV file with a 'uri' column (and optional 'label')")
-    p.add_argument("--limit", type=int, default=None, help="IDX only: keep the first N records")
-    p.add_argument("--out", required=True, help="where to write the manifest (local path or fsspec URL)")
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config (configs/*.yaml); defaults when omitted")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides with dotted keys, values as YAML (train.epochs=3, base.checkpoint=null)")
 
 
-def _add_extract(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("extract", help="run the base model once and write the target cache",
-                       description="Stage 1: extract base-model targets for V views per image into a Zarr cache. "
-                                   "Re-running skips complete units; a different config against the same cache "
-                                   "is refused with the differing fields named.")
-    p.add_argument("--manifest", required=True, help="Parquet manifest URL (see the 'manifest' command)")
-    p.add_argument("--checkpoint", required=True, help="base-model checkpoint URL (MAE/DINO/iBOT/timm/TEC)")
-    p.add_argument("--checkpoint-key", default=None, help="force a checkpoint entry, e.g. teacher or student")
-    p.add_argument("--arch", required=True, help="base architecture name, e.g. vit_base_patch16_224")
-    p.add_argument("--img-size", type=int, default=None, help="override the architecture's input size")
-    p.add_argument("--in-chans", type=int, default=None, help="override input channels (1 for grey data)")
-    p.add_argument("--cache", required=True, help="target cache URL (local path or s3://bucket/prefix)")
-    p.add_argument("--views", type=int, default=2, help="views per image V (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="view-plan seed (default 0)")
-    p.add_argument("--k-max", type=int, default=15, help="attention rows kept besides cls (default 15)")
-    p.add_argument("--last-layers", type=int, default=2, help="blocks averaged for features (default 2)")
-    p.add_argument("--norm", choices=["imagenet", "fashion_mnist"], default="imagenet",
-                   help="mean/std of the view normalisation (default imagenet)")
-    p.add_argument("--unit-size", type=int, default=64, help="images per work unit / shard (default 64)")
-    p.add_argument("--batch-size", type=int, default=64, help="views per base-model forward (default 64)")
-    p.add_argument("--num-actors", type=int, default=1, help="Ray actors (one GPU each when GPUs exist)")
-    p.add_argument("--threads-per-actor", type=int, default=1, help="torch threads per CPU actor (default 1)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or local)")
-    p.add_argument("--summary-json", default=None, help="also write the run summary as JSON here")
+def _config(args: argparse.Namespace):
+    from pipeline.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _print(obj: object) -> None:
+    print(json.dumps(obj, indent=2, default=str))
 
 
 def cmd_manifest(args: argparse.Namespace) -> None:
@@ -63,71 +41,140 @@ def cmd_manifest(args: argparse.Namespace) -> None:
         table = manifest.manifest_from_image_folder(args.image_folder)
     else:
         table = manifest.manifest_from_uri_list(args.uri_list)
-    sha = manifest.write_manifest(table, args.out)
-    print(f"{args.out}: {table.num_rows} rows, sha256 {sha}")
+    print(f"{args.out}: {table.num_rows} rows, sha256 {manifest.write_manifest(table, args.out)}")
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from stages.extract import ExtractJob, run_extract
-    from stages.views import Preprocess
-    from tec_model import vit_kwargs
+    from pipeline.orchestrate import ensure_cache
 
-    overrides = {k: v for k, v in {"img_size": args.img_size, "in_chans": args.in_chans}.items() if v is not None}
-    kwargs = vit_kwargs(args.arch, **overrides)
-    pre = (Preprocess.fashion_mnist(kwargs["img_size"], kwargs["in_chans"]) if args.norm == "fashion_mnist"
-           else Preprocess(kwargs["img_size"]) if kwargs["in_chans"] == 3
-           else sys.exit("--norm imagenet needs 3 input channels; use --norm fashion_mnist for grey data"))
-    job = ExtractJob(cache_url=args.cache, manifest_url=args.manifest, checkpoint_url=args.checkpoint,
-                     checkpoint_key=args.checkpoint_key, timm_kwargs=kwargs, preprocess=pre,
-                     views_per_image=args.views, view_seed=args.seed, k_max=args.k_max, last_layers=args.last_layers,
-                     unit_size=args.unit_size, batch_size=args.batch_size)
-    result = run_extract(job, num_actors=args.num_actors, address=args.address,
-                         threads_per_actor=args.threads_per_actor)
-    if args.summary_json:
-        from infra import storage
-
-        storage.write_bytes(args.summary_json, json.dumps(result.__dict__, indent=2, default=list).encode())
+    ready = ensure_cache(_config(args), cache_url=args.cache)
+    r = ready.extract
+    _print({"cache": ready.url, "key": ready.spec.key, "reused": ready.reused,
+            **({"units_written": len(r.units_written), "units_skipped": len(r.units_skipped),
+                "views_written": r.views_written, "failures": r.failures, "stored_bytes": r.stored_bytes,
+                "raw_over_stored": r.compression_ratio} if r else {})})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from infra import storage
-    from stages.train import run_train
-    from stages.train_job import TrainJob
+    from pipeline.orchestrate import locate_cache, train_from
 
-    job = TrainJob.from_dict(json.loads(storage.read_bytes(args.job)))
-    result = run_train(job, address=args.address)
-    print(json.dumps({"run_dir": result.run_dir, "export": result.export_path, "metrics": result.metrics}, indent=2,
-                     default=str))
+    cfg = _config(args)
+    result = train_from(cfg, locate_cache(cfg, cache_url=args.cache), run_name=args.run_name)
+    _print({"run_dir": result.run_dir, "export": result.export_path, "metrics": result.metrics})
 
 
-def cmd_smoke(args: argparse.Namespace) -> None:
-    from pipeline.smoke import run_smoke
+def cmd_run(args: argparse.Namespace) -> None:
+    from pipeline.orchestrate import run
 
-    run_smoke(out_dir=args.out, epochs=args.epochs)
+    _print(run(_config(args)))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from pipeline.orchestrate import export_run
+
+    print(export_run(args.run, args.out))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pipeline.commands import evaluate_cli
+
+    _print(evaluate_cli(_config(args), args.checkpoint, which=args.which, n_train=args.n_train, n_test=args.n_test))
+
+
+def cmd_cost(args: argparse.Namespace) -> None:
+    from pipeline.commands import cost_cli
+
+    cost_cli(args)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from pipeline.commands import print_status
+
+    print_status(args.root or _config(args).output_root)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from pipeline.demo import run_demo
+
+    run_demo(args.config or "configs/demo.yaml", args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run_pipeline.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING or ERROR; "
-                                                          "also $TEC_LOG_LEVEL")
+    parser.add_argument("--log-level", default=None,
+                        help="DEBUG, INFO, WARNING or ERROR (default INFO; WARNING when $CI is set; $TEC_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_manifest(sub)
-    _add_extract(sub)
-    p = sub.add_parser("train", help="train TEC from a target cache (or online) on Ray Train",
-                       description="Stage 2: train the new encoder. Starting the same run (name and storage) "
-                                   "again resumes it from its latest checkpoint.")
-    p.add_argument("--job", required=True, help="JSON file with the TrainJob fields (see stages/train_job.py)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or local)")
-    p = sub.add_parser("smoke", help="smoke-run both stages on 512 Fashion-MNIST images",
-                       description="Manifest, a random tiny base model, extraction on Ray, TEC training on Ray "
-                                   "Train from the cache, export, and a strict timm load of the export.")
-    p.add_argument("--out", default="outputs/smoke", help="where to write the exported encoder")
-    p.add_argument("--epochs", type=int, default=4, help="training epochs over the 512 images (default 4)")
+
+    p = sub.add_parser("extract", help="stage 1: run the base model once, write (or finish) the target cache",
+                       description="Extract base-model targets for V views per image into the cache of this "
+                                   "config (<output_root>/caches/<key>), or --cache. Complete units are skipped; a "
+                                   "cache made with other settings is refused, naming the fields.")
+    _job_args(p)
+    p.add_argument("--cache", default=None, help="cache URL instead of the registry location")
+
+    p = sub.add_parser("train", help="stage 2: train TEC from this config's (complete) cache",
+                       description="Train the new encoder on Ray Train from the cache of this config. A run with "
+                                   "the same name resumes from its latest checkpoint.")
+    _job_args(p)
+    p.add_argument("--cache", default=None, help="cache URL instead of the registry location")
+    p.add_argument("--run-name", default=None, help="run name (default train.run_name or <name>-<timestamp>)")
+
+    p = sub.add_parser("run", help="extract (or reuse a matching cache), then train",
+                       description="The two stages in one command; an existing complete cache with the same key "
+                                   "is reused instead of extracting again.")
+    _job_args(p)
+
+    p = sub.add_parser("export", help="export a run's encoder (latest checkpoint) as a timm state dict")
+    p.add_argument("--run", required=True, help="run directory (<output_root>/runs/<name>)")
+    p.add_argument("--out", default=None, help="output folder (default <run>/export)")
+
+    p = sub.add_parser("evaluate", help="k-NN and linear-probe top-1 of an encoder on the test split")
+    _job_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint URL: a TEC export, a base model, a timm file")
+    p.add_argument("--which", choices=["model", "base"], default="model",
+                   help="architecture of the checkpoint: the config's new model (default) or its base")
+    p.add_argument("--n-train", type=int, default=None, help="train-split images for k-NN/probe (default 10000)")
+    p.add_argument("--n-test", type=int, default=None, help="test-split images (default 2000)")
+
+    p = sub.add_parser("cost", help="FLOPs ledger report of a cache, or a projection on paper",
+                       description="Per cache: extraction spent, runs, base MACs avoided, net saving, bytes read "
+                                   "per MAC saved, break-even; writes a PNG chart. --project: storage, extraction "
+                                   "device-hours, bandwidth and saving for a configuration on paper. "
+                                   "Counts are MACs (1 MAC = 2 FLOPs).")
+    _job_args(p)
+    p.add_argument("--cache", default=None, help="cache URL (default: every cache under output_root)")
+    p.add_argument("--chart", default=None, help="PNG path for the chart (default <cache>/ledger/cost.png)")
+    p.add_argument("--project", action="store_true", help="project the config on paper instead")
+    p.add_argument("--images", type=int, default=None, help="--project: data set size (default: the config's)")
+    p.add_argument("--epochs", type=float, default=None, help="--project: epochs per run (default: the config's)")
+    p.add_argument("--runs", type=int, default=1, help="--project: training runs sharing the cache")
+    p.add_argument("--step-rate", type=float, default=1000.0, help="--project: views/s per training worker")
+    p.add_argument("--device-tflops", type=float, default=300.0,
+                   help="--project: sustained device TFLOP/s (2 FLOPs per MAC)")
+    p.add_argument("--price", type=float, default=2.0, help="--project: device price per hour")
+
+    p = sub.add_parser("status", help="list caches (completion, size) and runs (progress, checkpoints)")
+    _job_args(p)
+    p.add_argument("--root", default=None, help="output root (default: the config's output_root)")
+
+    p = sub.add_parser("demo", help="the Fashion-MNIST demo end to end (configs/demo.yaml)")
+    _job_args(p)
+
+    p = sub.add_parser("manifest", help="build a Parquet manifest of a data set",
+                       description="Build a Parquet manifest (index, uri, label, size) from one data source.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--idx", help="IDX images file (e.g. Fashion-MNIST train-images-idx3-ubyte.gz)")
+    src.add_argument("--image-folder", help="ImageFolder root: root/<class>/<image>")
+    src.add_argument("--uri-list", help="Parquet or CSV file with a 'uri' column (and optional 'label')")
+    p.add_argument("--limit", type=int, default=None, help="IDX only: keep the first N records")
+    p.add_argument("--out", required=True, help="where to write the manifest (local path or fsspec URL)")
     return parser
 
 
-COMMANDS = {"manifest": cmd_manifest, "extract": cmd_extract, "train": cmd_train, "smoke": cmd_smoke}
+COMMANDS = {"extract": cmd_extract, "train": cmd_train, "run": cmd_run, "export": cmd_export,
+            "evaluate": cmd_evaluate, "cost": cmd_cost, "status": cmd_status, "demo": cmd_demo,
+            "manifest": cmd_manifest}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,7 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     from infra.logs import setup_logging
 
     setup_logging(args.log_level)
-    COMMANDS[args.command](args)
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        log.error("%s: %s", type(err).__name__, err)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Logging set-up for the CLI: levels from ``--log-level`` or ``$TEC_LOG_LEVEL`` (INFO by default)."""
+"""Logging set-up for the CLI: ``--log-level``, else ``$TEC_LOG_LEVEL``, else INFO (WARNING under ``$CI``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ QUIET_LOGGERS = ("ray", "filelock", "botocore", "s3fs", "aiobotocore", "fsspec",
 
 def setup_logging(level: str | None = None) -> None:
     """Configure the root logger once; third-party loggers are kept at WARNING."""
-    name = (level or os.environ.get("TEC_LOG_LEVEL") or "INFO").upper()
+    default = "WARNING" if os.environ.get("CI") else "INFO"  # quiet by default under CI
+    name = (level or os.environ.get("TEC_LOG_LEVEL") or default).upper()
     if name not in logging.getLevelNamesMapping():
         raise ValueError(f"unknown log level {name!r}; use DEBUG, INFO, WARNING or ERROR")
     logging.basicConfig(level=name, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")

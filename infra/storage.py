@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import posixpath
 import tempfile
 import time
 from collections.abc import Callable
@@ -355,3 +356,15 @@ def absolute(url: str | None) -> str | None:
     if url is None or not is_local(url):
         return url
     return os.path.abspath(url.removeprefix("file://"))
+
+
+def list_dir(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> list[str]:
+    """Names of the immediate children (objects and prefixes) of ``url``; empty when nothing is there."""
+    fs, path = resolve(url)
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache(path)
+    try:
+        entries = with_retries("list", url, lambda: fs.ls(path, detail=False), policy)
+    except FileNotFoundError:
+        return []
+    return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries} - {""})

@@ -516,3 +516,13 @@ def gather_failures(url: str, units: Iterable[int] | None = None) -> pa.Table:
     if not tables:
         return FAILURES_SCHEMA.empty_table()
     return pa.concat_tables([t.cast(FAILURES_SCHEMA) for t in tables])
+
+
+CONFIG_ATTR = "tec_config"
+
+
+def write_config_attr(url: str, resolved: dict[str, Any]) -> None:
+    """Store the resolved pipeline config that made the cache in its ``tec_config`` attribute (no secrets: the
+    caller passes an already-redacted config). Informational; the ``tec_cache`` attribute is the identity."""
+    group = zarr.open_group(storage.zarr_store(url), mode="r+", zarr_format=3)
+    group.attrs.update({CONFIG_ATTR: resolved})

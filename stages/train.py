@@ -106,6 +106,16 @@ def _save_checkpoint(job: TrainJob, model: nn.Module, opt: torch.optim.Optimizer
         f.writelines(json.dumps(row) + "\n" for row in history)
 
 
+def latest_checkpoint_state(run_url: str) -> dict[str, Any]:
+    """The newest checkpoint's saved state of a run directory (``weights_only`` load)."""
+    names = sorted({k.split("/")[0] for k in storage.list_objects(run_url)
+                    if k.startswith("checkpoint_") and k.endswith("/" + STATE_FILE)})
+    if not names:
+        raise FileNotFoundError(f"{run_url} has no checkpoint yet")
+    data = storage.read_bytes(storage.join(run_url, names[-1], STATE_FILE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 def _load_checkpoint(job: TrainJob, model: nn.Module, opt: torch.optim.Optimizer, scaler: Any,
                      checkpoint: Any) -> tuple[Progress, list[dict]]:
     with checkpoint.as_directory() as d:
@@ -172,7 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             progress.step += 1
             seen.append(batch["indices"].numpy())
             progress.samples += job.global_batch
-            progress.bytes_read += int(batch.get("bytes_read", 0))
+            progress.bytes_read += int(batch.get("bytes_fetched", 0))  # decoded bytes of the blocks read
             window_samples += job.global_batch
             end_of_epoch = progress.step % per_epoch == 0
             do_ckpt = progress.step % job.checkpoint_every == 0 or end_of_epoch or progress.step == stop
@@ -180,7 +190,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": progress.step, "epoch": progress.step / per_epoch, "lr": float(lrs[progress.step - 1]),
                        **parts, "samples_per_s": window_samples / elapsed if elapsed else 0.0,
-                       "views_served": progress.samples, "bytes_read_rank0": progress.bytes_read,
+                       "views_served": progress.samples, "bytes_read": _sum_over_ranks(progress.bytes_read, world),
                        "encoder_train_macs": progress.samples * encoder_macs_per_sample}
                 history.append(row)
                 if job.log_indices:
@@ -191,7 +201,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if progress.step >= stop:
                 break
     if rank == 0 and progress.step >= total:
-        _write_export(job, core)
+        write_export(job, core)
+
+
+def _sum_over_ranks(value: int, world: int) -> int:
+    """Sum an integer over all ranks (every rank calls this at the same steps)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def _manifest_url(job: TrainJob) -> str:
@@ -264,13 +285,19 @@ def _write_indices(job: TrainJob, rank: int, first_step: int, seen: list[np.ndar
     storage.write_bytes(storage.join(run_dir(job), "indices", name), json.dumps(rows).encode())
 
 
-def _write_export(job: TrainJob, model: nn.Module) -> None:
+def write_export(job: TrainJob, model: nn.Module, out_dir: str | None = None) -> str:
+    """Write the folded encoder (``encoder.pth``, a timm state dict) and its kwargs (``encoder.json``).
+
+    Returns:
+        The URL of ``encoder.pth`` (default ``<run>/export/``).
+    """
     buf = io.BytesIO()
     torch.save(export_encoder(model), buf)
-    root = storage.join(run_dir(job), "export")
+    root = out_dir or storage.join(run_dir(job), "export")
     storage.write_bytes(storage.join(root, "encoder.pth"), buf.getvalue())
     meta = {"timm_kwargs": job.timm_kwargs, "load": "timm VisionTransformer(**timm_kwargs).load_state_dict(sd)"}
     storage.write_bytes(storage.join(root, "encoder.json"), json.dumps(meta, indent=2).encode())
+    return storage.join(root, "encoder.pth")
 
 
 @dataclass

@@ -1,0 +1,182 @@
+"""The pipeline's jobs from a :class:`~pipeline.config.PipelineConfig`: extract (or reuse) a cache, train, export.
+
+``run`` computes the cache key of the configuration first (manifest and checkpoint hashes included) and reuses a
+complete cache with that key from the registry instead of extracting again; a half-finished one is resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from infra import storage
+from infra.ray_cluster import ensure_ray
+from pipeline import config as C
+from pipeline import ledger
+from pipeline.flops import tec_step_macs
+from pipeline.registry import cache_url_for, runs_root
+from pipeline.run_logs import write_run_logs
+from stages import manifest as M
+from stages.cache import open_cache, write_config_attr
+from stages.cache_spec import CacheSpec
+from stages.extract import ExtractJob, ExtractResult, build_spec, run_extract
+from stages.train import TrainResult, latest_checkpoint_state, run_train, write_export
+from stages.train_job import TrainJob
+from tec_model import build_vit, num_patches
+
+log = logging.getLogger(__name__)
+
+
+def prepare_manifest(cfg: C.PipelineConfig) -> tuple[str, str, int]:
+    """Build the data set's manifest and store it content-addressed under ``<root>/manifests/``.
+
+    Returns:
+        (url, sha256, number of rows).
+    """
+    d = cfg.data
+    if d.source == "idx":
+        table = M.manifest_from_idx(d.path, limit=d.limit)
+    elif d.source == "image_folder":
+        table = M.manifest_from_image_folder(d.path)
+    else:
+        table = M.manifest_from_uri_list(d.path)
+    if d.limit is not None and d.source != "idx":
+        table = table.slice(0, d.limit)
+    data = M.manifest_to_bytes(table)
+    sha = M.manifest_sha256(data)
+    url = storage.join(cfg.output_root, "manifests", f"{sha[:16]}.parquet")
+    if not storage.exists(url):
+        storage.write_bytes(url, data)
+    return url, sha, table.num_rows
+
+
+def prepare_base(cfg: C.PipelineConfig) -> str:
+    """The base checkpoint URL: the configured one, or a randomly initialised ViT made on the spot (seeded).
+
+    A random base exercises the pipeline but teaches nothing; a pre-trained checkpoint (MAE, iBOT, DINO, TEC)
+    belongs in ``base.checkpoint``.
+    """
+    if cfg.base.checkpoint:
+        return storage.absolute(cfg.base.checkpoint)
+    kwargs = C.base_timm_kwargs(cfg)
+    tag = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:12]
+    url = storage.join(cfg.output_root, "bases", f"random-{cfg.base.arch}-{tag}.pth")
+    if not storage.exists(url):
+        log.warning("no base.checkpoint given: using a randomly initialised %s made on the spot (%s); set "
+                    "base.checkpoint to a pre-trained model for real results", cfg.base.arch, url)
+        torch.manual_seed(0)
+        buf = io.BytesIO()
+        torch.save({"model": build_vit(kwargs).state_dict()}, buf)
+        storage.write_bytes(url, buf.getvalue())
+    return storage.absolute(url)
+
+
+@dataclass
+class CacheReady:
+    """A cache ready for training, and whether this call extracted into it."""
+
+    url: str
+    spec: CacheSpec
+    extract: ExtractResult | None
+    reused: bool
+
+
+def _extract_job(cfg: C.PipelineConfig, cache_url: str | None) -> tuple[ExtractJob, str]:
+    """The config's extract job at its registry location (or ``cache_url``), and its cache key."""
+    manifest_url, manifest_sha, n_images = prepare_manifest(cfg)
+    checkpoint_url = prepare_base(cfg)
+    checkpoint_sha = hashlib.sha256(storage.read_bytes(checkpoint_url)).hexdigest()
+    job = C.to_extract_job(cfg, cache_url="", manifest_url=manifest_url, checkpoint_url=checkpoint_url)
+    key = build_spec(job, manifest_sha, n_images, checkpoint_sha).key
+    url = storage.absolute(cache_url or cache_url_for(cfg.output_root, key))
+    return dataclasses.replace(job, cache_url=url), key
+
+
+def locate_cache(cfg: C.PipelineConfig, cache_url: str | None = None) -> CacheReady:
+    """The complete cache for ``cfg`` (registry lookup by key, or ``cache_url``); refuses a missing/partial one."""
+    job, key = _extract_job(cfg, cache_url)
+    try:
+        cache = open_cache(job.cache_url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no target cache for this configuration (key {key[:16]}) at {job.cache_url}: "
+                                "run `run_pipeline.py extract` (or `run`) first") from None
+    if len(cache.complete_units()) != cache.n_units:
+        raise RuntimeError(f"{job.cache_url}: extraction unfinished ({len(cache.complete_units())}/{cache.n_units} "
+                           "units); re-run `extract` to finish it")
+    return CacheReady(job.cache_url, cache.spec, None, reused=True)
+
+
+def ensure_cache(cfg: C.PipelineConfig, cache_url: str | None = None) -> CacheReady:
+    """Extract the configuration's cache, or reuse the complete cache with the same key (registry or
+    ``cache_url``); a half-finished cache is resumed."""
+    job, key = _extract_job(cfg, cache_url)
+    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    with contextlib.suppress(FileNotFoundError):
+        cache = open_cache(job.cache_url)
+        if cache.spec.key == key and len(cache.complete_units()) == cache.n_units:
+            log.info("reusing complete cache %s (key %s)", job.cache_url, key[:12])
+            return CacheReady(job.cache_url, cache.spec, None, reused=True)
+    result = run_extract(job, num_actors=cfg.extract.num_actors, address=cfg.ray.address,
+                         threads_per_actor=cfg.extract.threads_per_actor)
+    spec = open_cache(job.cache_url).spec
+    write_config_attr(job.cache_url, C.resolved_dict(cfg))
+    if result.units_written:
+        ledger.record_extraction(job.cache_url, result, spec)
+    return CacheReady(job.cache_url, spec, result, reused=False)
+
+
+def train_from(cfg: C.PipelineConfig, cache: CacheReady, run_name: str | None = None) -> TrainResult:
+    """Train one run from a ready cache, then write its logs and its ledger row."""
+    name = run_name or C.default_run_name(cfg)
+    job = C.to_train_job(cfg, cache_url=cache.url, run_name=name, storage_path=runs_root(cfg.output_root),
+                         manifest_url=cache.spec.manifest_uri, checkpoint_url=cache.spec.checkpoint)
+    run_dir = storage.join(job.storage_path, name)
+    storage.write_bytes(storage.join(run_dir, "config.yaml"), C.dump_yaml(cfg).encode())
+    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    started = time.perf_counter()
+    result = run_train(job, address=cfg.ray.address)
+    wall = time.perf_counter() - started
+    history = write_run_logs(run_dir)
+    last = history[-1] if history else {}
+    m = cfg.model
+    macs = tec_step_macs(job.timm_kwargs, cache.spec.embed_dim, cache.spec.num_heads, num_patches(job.timm_kwargs),
+                         mask_ratio=m.mask_ratio, adapters=m.adapters, attention_target=m.attention_target,
+                         topk=m.topk, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
+                         decoder_heads=m.decoder_heads)
+    views = int(last.get("views_served", 0))
+    ledger.record_run(cache.url, run_name=name, run_dir=run_dir, target_source=job.target_source,
+                      views_served=views, bytes_read=int(last.get("bytes_read", 0)),
+                      train_macs=views * macs["train_macs_per_sample"], wall_seconds=wall,
+                      epochs=float(last.get("epoch", 0.0)),
+                      base_macs_per_view=cache.spec.base_forward_macs_per_view)
+    return result
+
+
+def run(cfg: C.PipelineConfig) -> dict[str, Any]:
+    """``extract`` (or reuse) then ``train``; returns a summary for the CLI."""
+    cache = ensure_cache(cfg)
+    result = train_from(cfg, cache)
+    return {"cache": cache.url, "cache_key": cache.spec.key, "cache_reused": cache.reused,
+            "run_dir": result.run_dir, "export": result.export_path,
+            "final": {k: result.metrics.get(k) for k in ("step", "epoch", "loss", "loss_fea", "loss_att")}}
+
+
+def export_run(run_dir: str, out_dir: str | None = None) -> str:
+    """Export the encoder of a run's latest checkpoint (e.g. of an unfinished or interrupted run).
+
+    Returns:
+        The URL of the written ``encoder.pth``.
+    """
+    job = TrainJob.from_dict(json.loads(storage.read_bytes(storage.join(run_dir, "config.json"))))
+    model = job.build_model()
+    model.load_state_dict(latest_checkpoint_state(run_dir)["model"])
+    return write_export(job, model, out_dir or storage.join(run_dir, "export"))
