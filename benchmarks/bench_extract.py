@@ -25,141 +25,35 @@ Run ``.venv/bin/python benchmarks/bench_extract.py --help``; see benchmarks/READ
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import multiprocessing as mp
 import os
-import shutil
-import socket
-import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from infra import storage
-from infra.logs import setup_logging
 from infra.ray_cluster import ensure_ray
 from stages.cache import COMPRESSORS, SHARDED, TargetCache, create_or_open, open_cache, raw_bytes_per_view
 from stages.extract import ExtractJob, ExtractResult, run_extract
 from stages.images import ImageSource, load_idx_images
-from stages.manifest import manifest_from_idx, write_manifest
 from stages.views import Preprocess
-from tec_model import BaseModel, build_vit, num_patches, vit_kwargs
+from tec_model import BaseModel, num_patches, vit_kwargs
 from tec_model.flops import vit_forward_macs
+
+try:  # as ``python -m benchmarks.bench_extract`` or as a script (then benchmarks/ is sys.path[0])
+    from benchmarks import common
+except ImportError:  # pragma: no cover
+    import common  # type: ignore[no-redef]
 
 log = logging.getLogger("bench_extract")
 
-FMNIST_IMAGES = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-LOOPBACK = "127.0.0.1"
 GOAL_EXTRACT_RATIO = 0.9
 GOAL_STORED_RAW = 0.85
 READ_PATTERNS = ("random", "unit-window")
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-class CpuMeter:
-    """Machine-wide busy cores between :meth:`start` and :meth:`stop`, from ``/proc/stat`` (nan elsewhere)."""
-
-    def __init__(self) -> None:
-        self._start: tuple[int, int] | None = None
-
-    @staticmethod
-    def _read() -> tuple[int, int] | None:
-        try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        return sum(fields), idle
-
-    def start(self) -> None:
-        self._start = self._read()
-
-    def stop(self) -> float:
-        end = self._read()
-        if self._start is None or end is None or end[0] == self._start[0]:
-            return float("nan")
-        total, idle = end[0] - self._start[0], end[1] - self._start[1]
-        return (total - idle) / total * (os.cpu_count() or 1)
-
-
-@contextmanager
-def timed_phase(record: dict[str, Any]) -> Iterator[None]:
-    """Store ``seconds``, machine-wide ``busy_cores`` and this process's ``own_cores`` of the block in ``record``."""
-    meter = CpuMeter()
-    meter.start()
-    t0, c0 = time.perf_counter(), time.process_time()
-    yield
-    record["seconds"] = time.perf_counter() - t0
-    record["busy_cores"] = meter.stop()
-    record["own_cores"] = (time.process_time() - c0) / record["seconds"]
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def _serve_moto(port: int, ready: Any, stop: Any) -> None:
-    """Child-process body: a moto S3 server on 127.0.0.1:``port`` until ``stop`` is set."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address=LOOPBACK, port=port, verbose=False)
-    server.start()
-    ready.set()
-    stop.wait()
-    server.stop()
-
-
-@contextmanager
-def moto_server() -> Iterator[str]:
-    """Run a moto S3 server on loopback in a spawned process; point this process's S3 clients at it.
-
-    Sets dummy credentials and ``TEC_S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL`` (read by :mod:`infra.storage`) for the
-    duration, then restores the environment. Yields the endpoint URL.
-    """
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    ready, stop = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_serve_moto, args=(port, ready, stop), daemon=True)
-    proc.start()
-    deadline = time.monotonic() + 60
-    while not ready.wait(0.2):
-        if not proc.is_alive() or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the moto S3 server did not start (exit code {proc.exitcode})")
-    endpoint = f"http://{LOOPBACK}:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint, "TEC_S3_ENDPOINT_URL": endpoint}
-    unset = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3", "TEC_S3_REGION")
-    saved = {k: os.environ.get(k) for k in (*env, *unset)}
-    os.environ.update(env)
-    for name in unset:
-        os.environ.pop(name, None)
-    storage.clear_filesystem_cache()
-    try:
-        yield endpoint
-    finally:
-        storage.clear_filesystem_cache()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        stop.set()
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -176,15 +70,8 @@ class Setup:
 
 def make_setup(args: argparse.Namespace) -> Setup:
     """Write the manifest (first ``--images`` Fashion-MNIST records) and a random MAE-format checkpoint."""
-    if args.workdir.exists():
-        shutil.rmtree(args.workdir)
-    args.workdir.mkdir(parents=True)
-    manifest_url = str(args.workdir / "manifest.parquet")
-    write_manifest(manifest_from_idx(args.idx, limit=args.images), manifest_url)
     kwargs = vit_kwargs(args.arch, in_chans=1, img_size=args.img_size)
-    torch.manual_seed(0)
-    checkpoint_url = str(args.workdir / "base_mae.pth")
-    torch.save({"model": build_vit(kwargs).state_dict()}, checkpoint_url)
+    manifest_url, checkpoint_url = common.write_manifest_and_checkpoint(args.workdir, args.idx, args.images, kwargs)
     return Setup(args.workdir, manifest_url, checkpoint_url, kwargs, Preprocess.fashion_mnist(args.img_size, 1))
 
 
@@ -218,7 +105,7 @@ def bare_forward(setup: Setup, args: argparse.Namespace, batches: list[torch.Ten
         model(batches[0])
         record: dict[str, Any] = {"threads": threads, "batch_size": args.batch_size, "dtype": "float32"}
         views = 0
-        with timed_phase(record):
+        with common.timed_phase(record):
             start = time.perf_counter()
             while time.perf_counter() - start < args.forward_seconds or views < 2 * args.batch_size:
                 for batch in batches:
@@ -256,7 +143,7 @@ def extraction(setup: Setup, args: argparse.Namespace, actors: int, threads: int
     job = make_job(setup, args, cache_url)
     record: dict[str, Any] = {"actors": actors, "threads_per_actor": threads, "in_flight_per_actor": in_flight,
                               "cache_url": cache_url}
-    meter = CpuMeter()
+    meter = common.CpuMeter()
     meter.start()
     result: ExtractResult = run_extract(job, num_actors=actors, threads_per_actor=threads,
                                         in_flight_per_actor=in_flight)
@@ -387,7 +274,7 @@ def read_pattern(cache_url: str, args: argparse.Namespace, label: str, pattern: 
                               "images_per_call": float(np.mean([len(i) for i, _ in plan])),
                               "epochs": args.read_epochs}
     views = 0
-    with timed_phase(record):
+    with common.timed_phase(record):
         for idx, vid in plan:
             got = cache.read_samples(idx, views=vid)
             views += len(got.indices)
@@ -399,26 +286,11 @@ def read_pattern(cache_url: str, args: argparse.Namespace, label: str, pattern: 
     return record
 
 
-def copy_to_s3(local_url: str, s3_url: str) -> dict:
-    """Upload every object of a local cache to ``s3_url`` (one PUT each); returns MB and seconds."""
-    objects = storage.list_objects(local_url)
-    record: dict[str, Any] = {"objects": len(objects), "mb": sum(objects.values()) / 1e6}
-    with timed_phase(record):
-        for rel in objects:
-            storage.write_bytes(storage.join(s3_url, rel), Path(local_url, rel).read_bytes())
-    record["mb_per_s"] = record["mb"] / record["seconds"]
-    return record
-
-
 def s3_reads(local_url: str, args: argparse.Namespace) -> list[dict]:
     """Copy the cache to a bucket on a loopback moto server and run the read pattern there."""
-    import boto3
-
-    with moto_server() as endpoint:
-        bucket = f"tec-bench-{uuid.uuid4().hex[:8]}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-        s3_url = f"s3://{bucket}/cache"
-        upload = copy_to_s3(local_url, s3_url)
+    with common.moto_server() as endpoint:
+        s3_url = common.create_bucket(endpoint)
+        upload = common.copy_to_s3(local_url, s3_url)
         records = [read_pattern(s3_url, args, "s3 (moto, 127.0.0.1)", p) for p in READ_PATTERNS]
         records[0]["upload"] = upload
         records[0]["endpoint"] = endpoint
@@ -428,8 +300,7 @@ def s3_reads(local_url: str, args: argparse.Namespace) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _row(label: str, value: str, note: str = "") -> str:
-    return f"  {label:<44} {value:>16}  {note}"
+_row = common.row
 
 
 def render(results: dict) -> str:
@@ -509,12 +380,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--read-epochs", type=int, default=2, help="epochs of the read pattern")
     p.add_argument("--read-window", type=int, default=2, help="units per read_samples call (unit-window pattern)")
     p.add_argument("--skip-s3", action="store_true", help="skip the moto S3 read measurement")
-    p.add_argument("--idx", type=Path, default=FMNIST_IMAGES, help="Fashion-MNIST images IDX file")
-    p.add_argument("--workdir", type=Path, default=Path("outputs/bench/extract_work"),
-                   help="scratch directory (deleted first; kept after the run for inspection unless --clean)")
-    p.add_argument("--clean", action="store_true", help="delete the scratch directory at the end")
-    p.add_argument("--out-json", type=Path, default=Path("outputs/bench/extract.json"), help="all numbers as JSON")
-    p.add_argument("--log-level", default="WARNING", help="log level of the pipeline's loggers")
+    common.add_output_args(p, "extract")
     return p.parse_args(argv)
 
 
@@ -524,11 +390,11 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
     cpus = os.cpu_count() or 1
     kw = setup.timm_kwargs
     results: dict[str, Any] = {
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {**common.config_of(args),
                    "num_patches": num_patches(kw), "embed_dim": kw["embed_dim"], "num_heads": kw["num_heads"],
                    "gmacs_per_view": vit_forward_macs(kw) / 1e9, "cpu_count": cpus, "compressor": "shuffle",
                    "torch": torch.__version__, "timm_kwargs": kw,
-                   "checkpoint": "random init (torch.manual_seed(0)), MAE format {'model': state_dict}"},
+                   "checkpoint": common.RANDOM_CHECKPOINT},
         "bare": {}, "extract": {}, "ratios": {},
     }
     ensure_ray(None)  # started once, before any timing, so both sides of a ratio see the same background
@@ -591,30 +457,8 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
     return results
 
 
-def _json_default(obj: Any) -> Any:
-    return asdict(obj) if hasattr(obj, "__dataclass_fields__") else str(obj)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.log_level)
-    for name in ("werkzeug", "moto"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-
-    def say(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    started = time.perf_counter()
-    results = run(args, say)
-    results["total_seconds"] = time.perf_counter() - started
-    args.out_json.parent.mkdir(parents=True, exist_ok=True)
-    args.out_json.write_text(json.dumps(results, indent=2, default=_json_default))
-    if args.clean:
-        shutil.rmtree(args.workdir, ignore_errors=True)
-    print(render(results))
-    print(f"  total {results['total_seconds']:.0f} s; all numbers in {args.out_json}")
-    return 0
+    return common.bench_main(parse_args(argv), run, render)
 
 
 if __name__ == "__main__":

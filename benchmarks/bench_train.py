@@ -13,7 +13,8 @@ own ``_optimizer_step`` (``stages/train.py``), with batches from:
 
 It reports a/c (goal >= 0.97), b/c (goal >= 0.93) and a/d against the theoretical speed-up ``1 + F_base/F_step``
 (goal: a/d >= 0.95 of it), where ``F_base`` is the base model's forward MACs per view (``vit_forward_macs``) and
-``F_step`` the cached training step's MACs per sample (analytic, below; cross-checked with ``FlopCounterMode``).
+``F_step`` the cached training step's MACs per sample (analytic: ``pipeline.flops.tec_step_macs``, 3 x forward;
+cross-checked with ``FlopCounterMode``).
 The model pair is chosen so that the base forward is about 40 % of an online step, as for ViT-B TEC.
 
 The target cache is extracted first with ``run_extract`` from real Fashion-MNIST images (an ``idx://`` manifest) and a
@@ -25,12 +26,10 @@ Run ``.venv/bin/python benchmarks/bench_train.py --help``; see benchmarks/README
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
-import json
 import logging
 import os
-import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -44,23 +43,19 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from infra.logs import setup_logging
+from pipeline.flops import base_macs_per_view, tec_step_macs
 from stages.extract import ExtractJob, run_extract
-from stages.manifest import manifest_from_idx, write_manifest
 from stages.train import TargetSource, _optimizer_step, make_plan, run_train
 from stages.train_data import SamplePlan, TrainBatches, make_loader
 from stages.train_job import TrainJob
 from stages.views import Preprocess
-from tec_model import BaseModel, build_vit, num_patches, vit_kwargs
-from tec_model.flops import block_macs, vit_forward_macs
-from tec_model.layers import block_groups
-from tec_model.masking import num_visible
+from tec_model import BaseModel, num_patches, vit_kwargs
 from tec_model.optim import param_groups, scaled_lr
 
-try:  # run as a script (benchmarks/ is sys.path[0]) or as ``python -m benchmarks.bench_train``
-    from bench_extract import FMNIST_IMAGES, CpuMeter, copy_to_s3, moto_server
+try:  # as ``python -m benchmarks.bench_train`` or as a script (then benchmarks/ is sys.path[0])
+    from benchmarks import common
 except ImportError:  # pragma: no cover
-    from benchmarks.bench_extract import FMNIST_IMAGES, CpuMeter, copy_to_s3, moto_server
+    import common  # type: ignore[no-redef]
 
 log = logging.getLogger("bench_train")
 
@@ -75,120 +70,7 @@ VARIANTS = {
 }
 
 
-# ------------------------------------------------------------------------------------------------ CPU accounting
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, user + system clock ticks so far) of every process visible in ``/proc`` (empty elsewhere)."""
-    table: dict[int, tuple[int, int]] = {}
-    try:
-        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
-    except OSError:
-        return table
-    for name in entries:
-        try:
-            data = Path("/proc", name, "stat").read_text()
-        except OSError:
-            continue
-        rest = data[data.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid ... utime(11) stime(12)
-        table[int(name)] = (int(rest[1]), int(rest[11]) + int(rest[12]))
-    return table
-
-
-class ProcessCpu:
-    """Machine busy cores over a window, split into this process, its children and everybody else.
-
-    ``busy`` comes from ``/proc/stat`` (as :class:`CpuMeter`); ``self`` is this process; each named group of child
-    pids (e.g. the moto server) is reported on its own; ``children`` is every other descendant (the DataLoader
-    workers); ``others`` = busy - all of ours: other users' load (plus kernel work and processes that ended inside
-    the window). All in cores (CPU seconds per second).
-    """
-
-    def __init__(self, groups: dict[str, set[int]] | None = None) -> None:
-        self.groups = groups or {}
-        self._meter = CpuMeter()
-        self._start: dict[int, tuple[int, int]] = {}
-        self._t0 = 0.0
-
-    def start(self) -> None:
-        self._start = _proc_table()
-        self._meter.start()
-        self._t0 = time.perf_counter()
-
-    def stop(self) -> dict[str, float]:
-        busy = self._meter.stop()
-        seconds = time.perf_counter() - self._t0
-        end = _proc_table()
-        if not end:
-            return {"busy": busy}
-        parent = {pid: ppid for pid, (ppid, _) in {**self._start, **end}.items()}
-        me = os.getpid()
-
-        def descends(pid: int) -> bool:
-            seen = set()
-            while pid in parent and pid not in seen and pid > 1:
-                seen.add(pid)
-                pid = parent[pid]
-                if pid == me:
-                    return True
-            return False
-
-        def cores(pids: Iterable[int]) -> float:
-            ticks = sum(end[p][1] - self._start.get(p, (0, 0))[1] for p in pids if p in end)
-            return ticks / os.sysconf("SC_CLK_TCK") / seconds
-
-        grouped = set().union(*self.groups.values()) if self.groups else set()
-        out = {"busy": busy, "self": cores([me])}
-        out.update({name: cores(pids) for name, pids in self.groups.items()})
-        out["children"] = cores([p for p in end if p not in grouped and descends(p)])
-        out["others"] = busy - sum(v for k, v in out.items() if k != "busy")
-        return out
-
-
-def child_pids() -> set[int]:
-    """Current descendants of this process."""
-    table, me = _proc_table(), os.getpid()
-    kids: set[int] = set()
-    frontier = {me}
-    while frontier:
-        frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - kids
-        kids |= frontier
-    return kids
-
-
 # ------------------------------------------------------------------------------------------------ FLOPs
-def tec_forward_macs(job: TrainJob) -> dict[str, int]:
-    """Analytic MACs of one TEC forward for ONE sample, by part (DESIGN §3 convention: multiply-accumulates).
-
-    With C / depth the new encoder's width / depth, L patches, ``T_v = 1 + int(L·(1 - mask_ratio))`` encoder tokens
-    (cls + visible), D = D_dec, C_b / H_b the base model's width / heads, P = C_b the attention-head width, k = topk:
-
-    * ``encoder``: patch embedding on all L patches ``L·p²·c_in·C`` + the input adapter on the cls token
-      ``2·C·4C`` + ``depth`` blocks on ``T_v`` tokens (:func:`tec_model.flops.block_macs`);
-    * ``encoder_adapter``: the group FCs ``T_v·(depth·C)·C`` (all groups together) + per group an MLP
-      ``2·T_v·C·4D``;
-    * ``decoder``: per target path, the input linear ``T_v·C·D`` + the shared blocks on ``1 + L`` tokens;
-    * ``heads``: feature head ``L·D·C_b``; attention head ``(1+L)·D·2P`` for Q/K + logits ``(k+1)·L·P``.
-
-    Norms, GELU, softmax, the losses, masking and additions are not counted (well under 1 %).
-    """
-    kw, base = job.timm_kwargs, job.base_timm_kwargs
-    c, depth, patch = kw["embed_dim"], kw["depth"], kw["patch_size"]
-    mlp = kw.get("mlp_ratio", 4.0)
-    length = num_patches(kw)
-    t_vis = 1 + num_visible(length, job.mask_ratio)
-    d, c_base = job.decoder_dim, base["embed_dim"]
-    paths = 2 if job.attention_target else 1
-    parts = {
-        "encoder": length * patch * patch * kw.get("in_chans", 3) * c
-        + (8 * c * c if job.adapters in ("input", "both") else 0) + depth * block_macs(t_vis, c, mlp),
-        "encoder_adapter": (t_vis * depth * c * c + len(block_groups(depth)) * 2 * t_vis * c * 4 * d
-                            if job.adapters in ("encoder", "both") else 0),
-        "decoder": paths * (t_vis * c * d + job.decoder_depth * block_macs(1 + length, d)),
-        "heads": length * d * c_base
-        + ((1 + length) * d * 2 * c_base + (job.topk + 1) * length * c_base if job.attention_target else 0),
-    }
-    return parts
-
-
 def base_model_extra_macs(base_kwargs: dict[str, Any], k_max: int) -> int:
     """MACs ``BaseModel`` spends beyond ``vit_forward_macs`` per view: the last block's q/k projection computed a
     second time (``last_block_qk``: ``T·C·3C``) and the kept logits (cls row + k_max rows over L keys, all heads)."""
@@ -196,15 +78,29 @@ def base_model_extra_macs(base_kwargs: dict[str, Any], k_max: int) -> int:
     return (1 + length) * c * 3 * c + (1 + k_max) * length * c
 
 
+def tec_step(job: TrainJob) -> dict[str, Any]:
+    """:func:`pipeline.flops.tec_step_macs` of the job's new model against its base model (MACs per sample)."""
+    base = job.base_timm_kwargs
+    return tec_step_macs(job.timm_kwargs, base["embed_dim"], base["num_heads"], num_patches(base),
+                         mask_ratio=job.mask_ratio, adapters=job.adapters, attention_target=job.attention_target,
+                         topk=job.topk, decoder_dim=job.decoder_dim, decoder_depth=job.decoder_depth,
+                         decoder_heads=job.decoder_heads)
+
+
 def flop_budget(job: TrainJob) -> dict[str, Any]:
-    """F_base, F_step (per sample, MACs) and what they imply: base fraction of an online step, ideal speed-up."""
-    fwd = tec_forward_macs(job)
-    f_step = 3 * sum(fwd.values())  # forward + backward ~ 3x forward (the train stage's ledger uses the same)
-    f_base = vit_forward_macs(job.base_timm_kwargs)
+    """F_base, F_step (per sample, MACs) and what they imply: base fraction of an online step, ideal speed-up.
+
+    ``F_step`` is :func:`pipeline.flops.tec_step_macs`'s ``train_macs_per_sample`` (3 x the TEC forward: forward +
+    backward, as the ledger counts it), ``F_base`` :func:`pipeline.flops.base_macs_per_view`.
+    """
+    step = tec_step(job)
+    fwd = {k: v for k, v in step.items() if k.endswith("_macs") and k != "forward_macs"}
+    f_step = step["train_macs_per_sample"]
+    f_base = base_macs_per_view(job.base_timm_kwargs)
     f_base_impl = f_base + base_model_extra_macs(job.base_timm_kwargs, job.k_max)
     return {
         "convention": "MACs per sample (1 MAC = 2 FLOPs of torch's FlopCounterMode)",
-        "tec_forward_macs_by_part": fwd, "tec_forward_macs": sum(fwd.values()), "F_step": f_step,
+        "tec_forward_macs_by_part": fwd, "tec_forward_macs": step["forward_macs"], "F_step": f_step,
         "F_base": f_base, "F_base_as_implemented": f_base_impl,
         "base_fraction_of_online_step": f_base / (f_base + f_step),
         "theoretical_speedup": 1 + f_base / f_step,
@@ -285,15 +181,8 @@ def make_setup(args: argparse.Namespace, say: Callable[[str], None]) -> Setup:
     """Manifest (first ``--images`` Fashion-MNIST records), random MAE-format base checkpoint, extracted cache."""
     import ray
 
-    if args.workdir.exists():
-        shutil.rmtree(args.workdir)
-    args.workdir.mkdir(parents=True)
-    manifest_url = str(args.workdir / "manifest.parquet")
-    write_manifest(manifest_from_idx(args.idx, limit=args.images), manifest_url)
     new, base = model_kwargs(args)
-    torch.manual_seed(0)
-    checkpoint_url = str(args.workdir / "base_mae.pth")
-    torch.save({"model": build_vit(base).state_dict()}, checkpoint_url)
+    manifest_url, checkpoint_url = common.write_manifest_and_checkpoint(args.workdir, args.idx, args.images, base)
     preprocess = Preprocess.fashion_mnist(args.img_size, 1)
     cache_url = str(args.workdir / "cache")
     say(f"extracting the target cache: {args.images} images x {args.views} views, {args.extract_actors} actor(s) ...")
@@ -342,7 +231,7 @@ def run_variant(kind: str, job: TrainJob, plan: SamplePlan, args: argparse.Names
         loader = batches_of(job, plan, cached=kind != "d", num_workers=args.loader_workers)
     it: Iterator[dict[str, Any]] = iter(loader)
     started = time.perf_counter()
-    meter = ProcessCpu(groups)
+    meter = common.ProcessCpu(groups)
     waits, computes, ends = [], [], []
     bytes_read = 0
     t_first = window_start = 0.0
@@ -399,7 +288,7 @@ def loader_probe(job: TrainJob, plan: SamplePlan, cached: bool, args: argparse.N
     t0 = time.perf_counter()
     next(it)
     first = time.perf_counter() - t0
-    meter = ProcessCpu(groups)
+    meter = common.ProcessCpu(groups)
     meter.start()
     t0 = time.perf_counter()
     n = min(args.probe_steps, plan.steps_per_epoch() - 1)
@@ -461,7 +350,7 @@ def reference_run_train(setup: Setup, args: argparse.Namespace) -> dict[str, Any
     """One end-to-end ``run_train`` with 2 Ray Train workers from the local cache (reference only)."""
     job = setup.job.replace(run_name=f"bench_ray_{uuid.uuid4().hex[:6]}", num_workers=2, max_steps=args.train_steps,
                             log_every=max(1, args.train_steps // 4), checkpoint_every=10**9)
-    meter = CpuMeter()
+    meter = common.CpuMeter()
     meter.start()
     t0 = time.perf_counter()
     result = run_train(job)
@@ -497,8 +386,6 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
     """Extract, count FLOPs, then time the variants in ``--order`` (the moto server runs throughout)."""
-    import boto3
-
     order = [v.strip() for v in args.order.split(",") if v.strip()]
     if unknown := set(order) - set(VARIANTS):
         raise SystemExit(f"--order: unknown variant(s) {sorted(unknown)}; known: {', '.join(VARIANTS)}")
@@ -510,12 +397,12 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
                          f"--warmup + --steps = {args.warmup + args.steps}: raise --images")
     flops = flop_budget(job)
     results: dict[str, Any] = {
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {**common.config_of(args),
                    "new_timm_kwargs": job.timm_kwargs, "base_timm_kwargs": job.base_timm_kwargs,
                    "num_patches": num_patches(job.timm_kwargs), "cpu_count": os.cpu_count(),
                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                    "block_size": plan.block_size, "steps_per_epoch": plan.steps_per_epoch(),
-                   "checkpoint": "random init (torch.manual_seed(0)), MAE format {'model': state_dict}"},
+                   "checkpoint": common.RANDOM_CHECKPOINT},
         "extract": setup.extract, "flops": flops,
     }
     say("reading the RAM copy for (c) and counting FLOPs ...")
@@ -524,13 +411,11 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
     flops["flop_counter_over_analytic"] = flops["flop_counter"]["F_step"] / flops["F_step"]
     runs: list[dict[str, Any]] = []
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # zarr's aiohttp sessions are closed only at exit
-    with moto_server() as endpoint:
-        groups = {"moto": child_pids()}  # the server (and multiprocessing's resource tracker, idle)
-        bucket = f"tec-bench-{uuid.uuid4().hex[:8]}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-        s3_url = f"s3://{bucket}/cache"
+    with common.moto_server() as endpoint:
+        groups = {"moto": common.child_pids()}  # the server (and multiprocessing's resource tracker, idle)
+        s3_url = common.create_bucket(endpoint)
         say(f"copying the cache to moto at {endpoint} ...")
-        results["s3_upload"] = copy_to_s3(setup.cache_url, s3_url)
+        results["s3_upload"] = common.copy_to_s3(setup.cache_url, s3_url)
         jobs = {"a": job, "b": job.replace(cache_url=s3_url), "c": job, "d": job.replace(target_source="online")}
         plans = {k: make_plan(j, 1)[0] for k, j in jobs.items()}
         for k, p in plans.items():
@@ -581,8 +466,7 @@ def _cpu_text(cpu: dict[str, float]) -> str:
     return f"busy {cpu['busy']:.2f} = {parts}"
 
 
-def _row(label: str, value: str, note: str = "") -> str:
-    return f"  {label:<40} {value:>14}  {note}"
+_row = functools.partial(common.row, label_width=40, value_width=14)
 
 
 def render(results: dict[str, Any]) -> str:
@@ -680,12 +564,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-steps", type=int, default=12, help="batches of the loader-alone probe (0: skip)")
     p.add_argument("--run-train", action="store_true", help="also one end-to-end run_train with 2 Ray workers")
     p.add_argument("--train-steps", type=int, default=20, help="steps of the --run-train reference")
-    p.add_argument("--idx", type=Path, default=FMNIST_IMAGES, help="Fashion-MNIST images IDX file")
-    p.add_argument("--workdir", type=Path, default=Path("outputs/bench/train_work"),
-                   help="scratch directory (deleted first; kept after the run unless --clean)")
-    p.add_argument("--clean", action="store_true", help="delete the scratch directory at the end")
-    p.add_argument("--out-json", type=Path, default=Path("outputs/bench/train.json"), help="all numbers as JSON")
-    p.add_argument("--log-level", default="WARNING", help="log level of the pipeline's loggers")
+    common.add_output_args(p, "train")
     args = p.parse_args(argv)
     if args.images is None:
         need = (args.warmup + args.steps) * args.batch
@@ -694,25 +573,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.log_level)
-    for name in ("werkzeug", "moto"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-
-    def say(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    started = time.perf_counter()
-    results = run(args, say)
-    results["total_seconds"] = time.perf_counter() - started
-    args.out_json.parent.mkdir(parents=True, exist_ok=True)
-    args.out_json.write_text(json.dumps(results, indent=2, default=str))
-    if args.clean:
-        shutil.rmtree(args.workdir, ignore_errors=True)
-    print(render(results))
-    print(f"  total {results['total_seconds']:.0f} s; all numbers in {args.out_json}")
-    return 0
+    return common.bench_main(parse_args(argv), run, render, default=str)
 
 
 if __name__ == "__main__":
