@@ -24,7 +24,7 @@ from stages.extract import prepare, run_extract
 from stages.images import ImageSource
 from stages.manifest import manifest_from_uri_list, write_manifest
 from tec_model import BaseModel
-from tests.fixtures.extract import BASE_ARCH, EXTRACT_DEFAULTS, base_kwargs, make_job
+from tests.fixtures.extract import EXTRACT_DEFAULTS, base_kwargs, make_job
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -95,11 +95,10 @@ def test_rerun_skips_complete_units_and_other_config_is_refused(extracted):
 def test_sigkill_mid_run_then_resume_is_byte_identical(fmnist_manifest, base_checkpoint, tmp_path):
     manifest, n_images, unit = fmnist_manifest(640), 640, 8
     cache = tmp_path / "killed"
-    cmd = [sys.executable, str(REPO / "run_pipeline.py"), "--log-level", "WARNING", "extract",
-           "--manifest", manifest, "--checkpoint", str(base_checkpoint), "--arch", BASE_ARCH, "--in-chans", "1",
-           "--norm", "fashion_mnist", "--cache", str(cache), "--views", "2", "--seed", "7", "--k-max", "6",
-           "--unit-size", str(unit), "--batch-size", "16", "--num-actors", "1"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = ("import sys; from stages.extract import run_extract; from tests.fixtures.extract import make_job; "
+              "run_extract(make_job(sys.argv[1], sys.argv[2], sys.argv[3], unit_size=int(sys.argv[4])), num_actors=1)")
+    cmd = [sys.executable, "-c", driver, str(cache), manifest, str(base_checkpoint), str(unit)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
     markers = cache / "units"
     deadline = time.monotonic() + 120

@@ -110,11 +110,13 @@ def open_spec(url: str):
 
 
 def _kill_after_first_checkpoint(job: TrainJob, tmp_path: Path, list_run: callable) -> None:
-    """Run ``train`` in a subprocess, SIGKILL its whole process group once a checkpoint exists."""
+    """Run the train stage in a subprocess, SIGKILL its whole process group once a checkpoint exists."""
     job_file = tmp_path / f"{job.run_name}.json"
     job_file.write_text(json.dumps(job.to_dict()))
-    cmd = [sys.executable, str(REPO / "run_pipeline.py"), "--log-level", "WARNING", "train", "--job", str(job_file)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = ("import json, sys; from stages.train import run_train; from stages.train_job import TrainJob; "
+              "run_train(TrainJob.from_dict(json.load(open(sys.argv[1]))))")
+    cmd = [sys.executable, "-c", driver, str(job_file)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
