@@ -8,6 +8,7 @@ import os
 import ray
 
 log = logging.getLogger(__name__)
+LOOPBACK = "127.0.0.1"
 
 # Environment every Ray worker process should inherit (S3 endpoint and region; never credentials by value —
 # workers read those from their own environment or credential files, exactly as the driver does).
@@ -32,8 +33,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         log.info("connecting to Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True, **kwargs)
     else:
-        log.info("starting a local Ray cluster (num_cpus=%s)", num_cpus or os.cpu_count())
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **kwargs)
+        log.info("starting a local Ray cluster on 127.0.0.1 (num_cpus=%s)", num_cpus or os.cpu_count())
+        # Loopback only. The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner
+        # polls; without it every poll fails with a warning and orphaned placement groups are never cleaned.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
+                 log_to_driver=True, **kwargs)
 
 
 def gpus_available() -> int:
