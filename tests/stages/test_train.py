@@ -51,8 +51,8 @@ def make_train_job(cache_url: str, storage_path: str, name: str, **overrides) ->
 
 
 def final_state(result_run_dir: str) -> dict[str, torch.Tensor]:
-    return torch.load(io.BytesIO(storage.read_bytes(storage.join(result_run_dir, "export", "encoder.pth"))),
-                      weights_only=True)
+    data = storage.read_bytes(storage.join(result_run_dir, "export", "encoder.pth"))
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def losses(run_dir: str) -> list[float]:
