@@ -294,17 +294,25 @@ def size(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> int:
     return int(with_retries("stat", url, lambda: fs.size(path), policy))
 
 
+def _fresh_listing(url: str, op: Callable[[Any, str], Any], policy: RetryPolicy) -> tuple[str, Any]:
+    """``(path, op(fs, path))`` with the listing cache dropped first and retries; the result is None when
+    nothing exists at ``url``."""
+    fs, path = resolve(url)
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache(path)
+    try:
+        return path, with_retries("list", url, lambda: op(fs, path), policy)
+    except FileNotFoundError:
+        return path, None
+
+
 def list_objects(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> dict[str, int]:
     """Every object under the prefix ``url``, recursively, as ``{path relative to url: size}``.
 
     Returns an empty dict when nothing exists under ``url``.
     """
-    fs, path = resolve(url)
-    if hasattr(fs, "invalidate_cache"):
-        fs.invalidate_cache(path)
-    try:
-        found = with_retries("list", url, lambda: fs.find(path, detail=True), policy)
-    except FileNotFoundError:
+    path, found = _fresh_listing(url, lambda fs, p: fs.find(p, detail=True), policy)
+    if found is None:
         return {}
     root = path.rstrip("/") + "/"
     return {
@@ -360,11 +368,7 @@ def absolute(url: str | None) -> str | None:
 
 def list_dir(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> list[str]:
     """Names of the immediate children (objects and prefixes) of ``url``; empty when nothing is there."""
-    fs, path = resolve(url)
-    if hasattr(fs, "invalidate_cache"):
-        fs.invalidate_cache(path)
-    try:
-        entries = with_retries("list", url, lambda: fs.ls(path, detail=False), policy)
-    except FileNotFoundError:
+    _, entries = _fresh_listing(url, lambda fs, p: fs.ls(p, detail=False), policy)
+    if entries is None:
         return []
     return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries} - {""})
