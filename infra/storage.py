@@ -7,6 +7,16 @@ the environment only, never from arguments that could end up stored in a cache o
   server. Credentials are resolved by botocore itself (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
   ``AWS_PROFILE``, ``~/.aws/credentials``, instance roles); this module never reads, stores or logs them.
 * ``TEC_S3_REGION`` (then ``AWS_DEFAULT_REGION``): region name, optional.
+* ``TEC_S3_CONNECT_TIMEOUT_S`` / ``TEC_S3_READ_TIMEOUT_S``: botocore's connect and read timeouts in seconds
+  (botocore's default is 60 s each); a stalled request fails after this long and is retried.
+
+Retries happen at two levels, both bounded. botocore retries each request itself (HTTP 500/502/503/504,
+throttling, connection errors, timeouts), configured as usual by ``AWS_RETRY_MODE`` / ``AWS_MAX_ATTEMPTS`` or
+``~/.aws/config`` (default "legacy": 5 attempts, random exponential back-off of at most 1+2+4+8 s). On top of that,
+every helper here (and every zarr write the cache routes through :func:`with_retries`) retries a failure that is
+still transient with :class:`RetryPolicy` (default 5 attempts, 0.2-3.2 s apart). With the defaults a persistent
+outage of an object store therefore ends, after at most 25 requests and about 80 s, in :class:`StorageError`
+naming the operation and the URL; a permanent error (missing object, access denied, bad request) ends at once.
 
 Filesystem objects are not fork-safe (s3fs owns an event loop and an HTTP session). They are created with
 ``skip_instance_cache=True`` and memoised here per process id, so a forked child never reuses its parent's instance;
@@ -19,20 +29,22 @@ with bounded exponential back-off and then raises :class:`StorageError` naming t
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
 import posixpath
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from zarr.abc.store import Store
+from zarr.abc.store import ByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, LocalStore
 
 logger = logging.getLogger(__name__)
@@ -41,6 +53,7 @@ T = TypeVar("T")
 
 _ENDPOINT_VARS = ("TEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 _REGION_VARS = ("TEC_S3_REGION", "AWS_DEFAULT_REGION")
+_TIMEOUT_VARS = {"connect_timeout": "TEC_S3_CONNECT_TIMEOUT_S", "read_timeout": "TEC_S3_READ_TIMEOUT_S"}
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az"})
 _TRANSIENT_ERRNOS = frozenset(
     {errno.EREMOTEIO, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
@@ -56,7 +69,14 @@ _FS_CACHE: dict[tuple[int, str, tuple[tuple[str, str], ...]], fsspec.AbstractFil
 
 
 class StorageError(OSError):
-    """An operation on a URL failed for good (after retries, or at once for a permanent error)."""
+    """An operation on a URL failed for good (after retries, or at once for a permanent error).
+
+    Attributes:
+        transient: True when the last failure was transient (the store was unreachable or answered 5xx on every
+            attempt), False for a permanent error such as a refused permission or a malformed request.
+    """
+
+    transient: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,8 +112,8 @@ def is_local(url: str) -> bool:
     return protocol_of(url) in ("file", "local")
 
 
-def storage_options(protocol: str) -> dict[str, str]:
-    """Storage options for ``protocol`` read from the environment (endpoint and region only, no secrets).
+def storage_options(protocol: str) -> dict[str, Any]:
+    """Storage options for ``protocol`` read from the environment (endpoint, region, timeouts; never secrets).
 
     Args:
         protocol: an fsspec protocol, e.g. ``"s3"``.
@@ -110,6 +130,16 @@ def storage_options(protocol: str) -> dict[str, str]:
         opts["endpoint_url"] = endpoint
     if region:
         opts["client_kwargs"] = {"region_name": region}
+    timeouts = {}
+    for option, name in _TIMEOUT_VARS.items():
+        value = os.environ.get(name)
+        if value:
+            try:
+                timeouts[option] = float(value)
+            except ValueError:
+                raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
+    if timeouts:
+        opts["config_kwargs"] = timeouts
     return opts
 
 
@@ -195,6 +225,20 @@ def _is_transient_one(exc: BaseException) -> bool:
     return False
 
 
+def _give_up(op: str, url: str, exc: Exception, attempt: int, policy: RetryPolicy) -> StorageError | None:
+    """The error to raise after failed attempt ``attempt`` (0-based), or None to retry (after logging it)."""
+    if not is_transient(exc):
+        return StorageError(f"{op} {url} failed: {type(exc).__name__}: {exc}")
+    if attempt + 1 >= policy.attempts:
+        err = StorageError(f"{op} {url} failed after {policy.attempts} attempts (transient errors, the store "
+                           f"stayed unavailable): {type(exc).__name__}: {exc}")
+        err.transient = True
+        return err
+    logger.warning("%s %s: transient %s (%s), retry %d/%d in %.2fs", op, url, type(exc).__name__, exc,
+                   attempt + 1, policy.attempts - 1, policy.delay(attempt))
+    return None
+
+
 def with_retries(
     op: str, url: str, func: Callable[[], T], policy: RetryPolicy = DEFAULT_RETRY
 ) -> T:
@@ -219,16 +263,27 @@ def with_retries(
         except FileNotFoundError:
             raise
         except Exception as exc:
-            if not is_transient(exc):
-                raise StorageError(f"{op} {url} failed: {type(exc).__name__}: {exc}") from exc
-            if attempt + 1 >= policy.attempts:
-                raise StorageError(
-                    f"{op} {url} failed after {policy.attempts} attempts: {type(exc).__name__}: {exc}"
-                ) from exc
-            wait = policy.delay(attempt)
-            logger.warning("%s %s: transient %s (%s), retry %d/%d in %.2fs", op, url, type(exc).__name__, exc,
-                           attempt + 1, policy.attempts - 1, wait)
-            time.sleep(wait)
+            err = _give_up(op, url, exc, attempt, policy)
+            if err is not None:
+                raise err from exc
+            time.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")
+
+
+async def with_retries_async(
+    op: str, url: str, func: Callable[[], Awaitable[T]], policy: RetryPolicy = DEFAULT_RETRY
+) -> T:
+    """:func:`with_retries` for coroutines: ``await func()`` with the same retry rules, sleeping asynchronously."""
+    for attempt in range(policy.attempts):
+        try:
+            return await func()
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            err = _give_up(op, url, exc, attempt, policy)
+            if err is not None:
+                raise err from exc
+            await asyncio.sleep(policy.delay(attempt))
     raise AssertionError("unreachable")
 
 
@@ -331,8 +386,43 @@ def delete(url: str, recursive: bool = False, policy: RetryPolicy = DEFAULT_RETR
         return
 
 
+class RetryingFsspecStore(FsspecStore):
+    """An :class:`~zarr.storage.FsspecStore` whose reads retry transient failures (:func:`with_retries_async`).
+
+    ``get``, ``get_partial_values``, ``exists`` and ``getsize`` are retried with :data:`DEFAULT_RETRY` and end in
+    :class:`StorageError` naming the key. Writes are not retried here: writers retry whole, idempotent assignments
+    (one unit's slice of an array) around the zarr call, so that a failure is never retried at two levels at once.
+    """
+
+    def _url(self, key: str) -> str:
+        return f"{self.fs.unstrip_protocol(self.path)}/{key}"
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        """Retried :meth:`FsspecStore.get`."""
+        return await with_retries_async("read", self._url(key), lambda: super(RetryingFsspecStore, self).get(
+            key, prototype, byte_range))
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
+        """Retried :meth:`FsspecStore.get_partial_values` (the whole batch is re-requested)."""
+        key_ranges = list(key_ranges)
+        url = self._url(key_ranges[0][0]) if key_ranges else self._url("")
+        return await with_retries_async("read", url, lambda: super(RetryingFsspecStore, self).get_partial_values(
+            prototype, key_ranges))
+
+    async def exists(self, key: str) -> bool:
+        """Retried :meth:`FsspecStore.exists`."""
+        return await with_retries_async("stat", self._url(key), lambda: super(RetryingFsspecStore, self).exists(key))
+
+    async def getsize(self, key: str) -> int:
+        """Retried :meth:`FsspecStore.getsize`."""
+        return await with_retries_async("stat", self._url(key),
+                                        lambda: super(RetryingFsspecStore, self).getsize(key))
+
+
 def zarr_store(url: str, read_only: bool = False) -> Store:
-    """A zarr v3 store rooted at ``url``: LocalStore for local paths, FsspecStore (async fs) otherwise.
+    """A zarr v3 store rooted at ``url``: LocalStore for local paths, :class:`RetryingFsspecStore` otherwise.
 
     The store owns a fresh filesystem instance (``skip_instance_cache``), so create it inside the process that uses
     it (each DataLoader worker / Ray actor), never before a fork.
@@ -341,7 +431,7 @@ def zarr_store(url: str, read_only: bool = False) -> Store:
         _, path = resolve(url)
         return LocalStore(path, read_only=read_only)
     opts = {"skip_instance_cache": True, **storage_options(protocol_of(url))}
-    return FsspecStore.from_url(str(url), storage_options=opts, read_only=read_only)
+    return RetryingFsspecStore.from_url(str(url), storage_options=opts, read_only=read_only)
 
 
 def ray_storage(url: str) -> tuple[str, Any]:

@@ -22,6 +22,11 @@ Channel conversion (the model's ``in_chans``):
 
 Bad input raises :class:`BadImageError` with a machine-readable ``reason`` from :data:`REASONS`; the extract
 stage records it with :func:`failures_table` and marks the sample invalid.
+
+A store that is *unavailable* is not bad input: transient read failures (HTTP 5xx, throttling, dropped connections,
+timeouts) are retried with :func:`infra.storage.with_retries`, and if they persist :class:`infra.storage.StorageError`
+propagates, so the unit fails without a completion marker and a re-run reads the image again. Recording such an
+image as a skip would lose a good sample for good.
 """
 
 from __future__ import annotations
@@ -37,13 +42,14 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from infra import storage
 from stages.manifest import IDX_SCHEME, parse_idx_uri, read_idx
 
 log = logging.getLogger(__name__)
 
 REASONS = frozenset(
     {
-        "missing",  # the URI does not exist or cannot be read (also: IDX record out of range)
+        "missing",  # the URI does not exist or cannot be read for good (also: IDX record out of range)
         "empty",  # zero bytes
         "not_an_image",  # no decoder recognises the bytes
         "truncated",  # the data stops before the image is complete
@@ -216,14 +222,18 @@ class ImageSource:
 
     Args:
         in_chans: The model's input channels, 1 or 3.
-        storage_options: fsspec options for non-local URLs (e.g. S3 ``endpoint_url``, ``key``, ``secret``).
+        storage_options: fsspec options for non-local URLs; by default those of :mod:`infra.storage` (endpoint,
+            region and timeouts from the environment; credentials resolved by botocore, never passed here).
+        retry: back-off for transient read failures.
     """
 
-    def __init__(self, in_chans: int, storage_options: dict | None = None) -> None:
+    def __init__(self, in_chans: int, storage_options: dict | None = None,
+                 retry: storage.RetryPolicy = storage.DEFAULT_RETRY) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
         self.in_chans = in_chans
-        self.storage_options = dict(storage_options or {})
+        self.storage_options = None if storage_options is None else dict(storage_options)
+        self.retry = retry
         self._filesystems: dict[str, fsspec.AbstractFileSystem] = {}
         self._pid = os.getpid()
 
@@ -253,15 +263,24 @@ class ImageSource:
         """Return the raw bytes behind an fsspec URL or local path.
 
         Raises:
-            BadImageError: ``missing`` if it does not exist or cannot be read.
+            BadImageError: ``missing`` if it does not exist or cannot be read (a permanent error).
+            infra.storage.StorageError: the store stayed unavailable through every retry (``transient`` is True).
         """
         protocol, _ = fsspec.core.split_protocol(uri)
         try:
             fs = self._filesystem(protocol or "file")
-            with fs.open(fs._strip_protocol(uri), "rb") as f:
-                return f.read()
-        except OSError as err:  # FileNotFoundError, IsADirectoryError, PermissionError, ...
+        except (ValueError, ImportError) as err:  # unknown protocol
             raise BadImageError(uri, "missing", f"{type(err).__name__}: {err}") from err
+        path = fs._strip_protocol(uri)
+        try:
+            return storage.with_retries("read", uri, lambda: fs.cat_file(path), self.retry)
+        except FileNotFoundError as err:
+            raise BadImageError(uri, "missing", f"{type(err).__name__}: {err}") from err
+        except storage.StorageError as err:
+            if err.transient:
+                raise
+            cause = err.__cause__ or err
+            raise BadImageError(uri, "missing", f"{type(cause).__name__}: {cause}") from err
 
     def _filesystem(self, protocol: str) -> fsspec.AbstractFileSystem:
         """The filesystem for ``protocol`` in this process (created on first use, reset after fork)."""
@@ -269,6 +288,10 @@ class ImageSource:
             self._filesystems = {}
             self._pid = os.getpid()
         if protocol not in self._filesystems:
-            options = {} if protocol in ("file", "local") else self.storage_options
-            self._filesystems[protocol] = fsspec.filesystem(protocol, **options)
+            if protocol in ("file", "local"):
+                self._filesystems[protocol] = fsspec.filesystem(protocol)
+            elif self.storage_options is None:
+                self._filesystems[protocol] = storage.filesystem(f"{protocol}://")
+            else:
+                self._filesystems[protocol] = fsspec.filesystem(protocol, **self.storage_options)
         return self._filesystems[protocol]

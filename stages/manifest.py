@@ -12,6 +12,10 @@ Three sources are supported: IDX files (:func:`manifest_from_idx`), ImageFolder 
 (:func:`manifest_from_image_folder`) and Parquet/CSV lists of URIs (:func:`manifest_from_uri_list`).
 :func:`write_manifest` serialises with fixed writer options so that the same table always gives the same
 bytes; their SHA-256 (:func:`manifest_sha256`) is part of the cache key.
+
+Without explicit ``storage_options``, manifests are read and written through :mod:`infra.storage` (endpoint and
+timeouts from the environment, transient failures retried, local writes atomic). A manifest that is not a valid
+Parquet table, or whose columns are wrong, raises :class:`ManifestError` naming the file.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from infra import storage
+
 log = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = pa.schema(
@@ -46,6 +52,10 @@ MANIFEST_SCHEMA = pa.schema(
 IDX_SCHEME = "idx://"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 _IDX_UBYTE = 0x08
+
+
+class ManifestError(ValueError):
+    """A manifest file that cannot be used: not Parquet, wrong columns or types, or a bad ``index`` column."""
 
 
 # ----------------------------------------------------------------------------------------------- IDX files
@@ -304,17 +314,27 @@ def validate_manifest(table: pa.Table, source: str = "manifest") -> pa.Table:
     """Check a manifest's columns and ``index`` = 0..N-1; return it with the canonical schema.
 
     Raises:
-        ValueError: Naming ``source`` and the offending column.
+        ManifestError: Naming ``source`` and the offending column.
     """
     for name in ("index", "uri"):
         if name not in table.column_names:
-            raise ValueError(f"{source}: missing column {name!r} (columns: {table.column_names})")
+            raise ManifestError(f"{source}: missing column {name!r} (columns: {table.column_names})")
     n = table.num_rows
-    index = table.column("index").to_numpy()
+    index = table.column("index").to_numpy(zero_copy_only=False)
     if not np.array_equal(index, np.arange(n)):
-        raise ValueError(f"{source}: column 'index' must be 0..{n - 1} in order")
-    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type)
-            for f in MANIFEST_SCHEMA]
+        raise ManifestError(f"{source}: column 'index' must be 0..{n - 1} in order")
+    if table.column("uri").null_count:
+        raise ManifestError(f"{source}: column 'uri' has null entries")
+    cols = []
+    for f in MANIFEST_SCHEMA:
+        if f.name not in table.column_names:
+            cols.append(pa.nulls(n, f.type))
+            continue
+        try:
+            cols.append(table.column(f.name).cast(f.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise ManifestError(f"{source}: column {f.name!r} must hold {f.type}, found "
+                                f"{table.column(f.name).type} ({err})") from None
     return pa.Table.from_arrays(cols, schema=MANIFEST_SCHEMA)
 
 
@@ -345,8 +365,11 @@ def write_manifest(table: pa.Table, url: str, storage_options: dict | None = Non
         The hex SHA-256 of the bytes written.
     """
     data = manifest_to_bytes(table)
-    with fsspec.open(url, "wb", **(storage_options or {})) as f:
-        f.write(data)
+    if storage_options is None:
+        storage.write_bytes(url, data)
+    else:
+        with fsspec.open(url, "wb", **storage_options) as f:
+            f.write(data)
     digest = manifest_sha256(data)
     log.info("wrote manifest %s: %d rows, %d bytes, sha256 %s", url, table.num_rows, len(data), digest)
     return digest
@@ -357,7 +380,19 @@ def read_manifest(url: str, storage_options: dict | None = None) -> tuple[pa.Tab
 
     Returns:
         (table, hex SHA-256 of the file's bytes).
+
+    Raises:
+        FileNotFoundError: No manifest at ``url``.
+        ManifestError: The file is not a Parquet table or fails :func:`validate_manifest`.
+        infra.storage.StorageError: The store failed (after retries) or refused access.
     """
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
-        data = f.read()
-    return validate_manifest(pq.read_table(io.BytesIO(data)), source=url), manifest_sha256(data)
+    if storage_options is None:
+        data = storage.read_bytes(url)
+    else:
+        with fsspec.open(url, "rb", **storage_options) as f:
+            data = f.read()
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ManifestError(f"{url}: not a Parquet manifest ({len(data)} bytes): {err}") from None
+    return validate_manifest(table, source=url), manifest_sha256(data)

@@ -8,7 +8,9 @@ Supported (detected from the object's keys):
 - a TEC training state dict (``encoder.*`` keys plus adapters and decoder): folded on the fly exactly as export does.
 
 Every file is read with ``torch.load(..., weights_only=True)``: a checkpoint that needs arbitrary unpickling
-(a pickled callable, a custom class) is refused with :class:`CheckpointError`.
+(a pickled callable, a custom class) is refused with :class:`CheckpointError` before anything in it runs.
+Encoder weights that hold NaN or infinity are refused too: such a base model would fill the target cache with
+non-finite targets, and training on them would stop at its first step.
 """
 
 from __future__ import annotations
@@ -136,8 +138,8 @@ def load_encoder_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         The ignored checkpoint keys (logged at INFO).
 
     Raises:
-        CheckpointError: listing missing encoder weights, unexpected weights (wrong architecture) or shape
-            mismatches.
+        CheckpointError: listing missing encoder weights, unexpected weights (wrong architecture), shape
+            mismatches or weights holding NaN/inf.
     """
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state_dict)
@@ -149,6 +151,11 @@ def load_encoder_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         for k, v in own.items()
         if k in state_dict and state_dict[k].shape != v.shape
     )
+    nonfinite = sorted(
+        k for k in own
+        if k in state_dict and state_dict[k].is_floating_point() and state_dict[k].shape == own[k].shape
+        and not bool(torch.isfinite(state_dict[k]).all())
+    )
     problems = []
     if missing:
         problems.append(f"missing encoder weights ({len(missing)}): {', '.join(missing[:20])}")
@@ -156,6 +163,8 @@ def load_encoder_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         problems.append(f"weights the architecture lacks ({len(unexpected)}): {', '.join(unexpected[:20])}")
     if shapes:
         problems.append("shape mismatches: " + "; ".join(shapes[:20]))
+    if nonfinite:
+        problems.append(f"weights holding NaN or inf ({len(nonfinite)}): {', '.join(nonfinite[:20])}")
     if problems:
         raise CheckpointError("checkpoint does not fit the architecture — " + " | ".join(problems))
     model.load_state_dict({k: state_dict[k] for k in own}, strict=True)
