@@ -31,18 +31,41 @@ incompressible worst case; real targets are benchmarked in the README):
 
 Completion. :meth:`TargetCache.write_unit` assigns each array's unit range in one call (whole objects), makes the
 objects durable (fsync locally; an S3 PUT is durable when it returns), writes the failures table, then the marker.
-A unit without a marker is incomplete: readers refuse it and a re-run rewrites it.
+A unit without a marker is incomplete: readers refuse it and a re-run rewrites it. Every object is written whole and
+atomically (a local write goes to a ``*.partial`` temporary file that is renamed into place; an S3 PUT is atomic),
+so a crash leaves at worst a stray ``*.partial`` file, which no reader opens and the unit's next writer deletes.
+
+Claims (leases). Writers of one cache may run in several jobs at once. Before computing unit u a job writes
+``claims/<u>.json`` (owner id, a random token, expiry time, and the owner's host / pid-namespace / pid / process
+start time); a live claim of another owner makes every other job skip the unit; a stale claim (expired, or its
+owner's process is gone on this same host and pid namespace) is taken over. Claiming is "write, wait a random
+``confirm_delay`` (1-2x), re-read": a claim is held only if the re-read shows our token. Guarantee (local fs and S3
+alike, which both give read-after-write consistency on single objects): two jobs both hold a claim on one unit only
+if one of them spends longer than the other's confirmation wait between reading "no live claim" and writing its own
+(a pause of >= ``confirm_delay`` in the middle of one claim attempt), or if a holder stops renewing for longer than
+the TTL and comes back. As a second line, a writer re-checks its claim immediately before writing a unit's data and
+again before its marker (:class:`ClaimLostError` otherwise), so a job that lost its lease stops. Even in the residual
+race both writers produce the same bytes (the view plan and the model are deterministic) and each object is replaced
+atomically, so the cache stays consistent; only work is wasted. Claims, like temporary files, are run state, not part
+of the cache: :func:`cache_content` lists what two equal caches share byte for byte.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import logging
+import os
+import random
+import socket
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,8 +101,136 @@ _DESCRIPTIONS = {
 }
 
 
+CLAIMS_DIR = "claims"
+# Marker fields that describe one run (wall-clock timings), not the unit's content; everything else is deterministic.
+RUN_SPECIFIC_MARKER_FIELDS = ("seconds", "timings")
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 class UnitIncompleteError(RuntimeError):
     """A read touched a unit that has no completion marker."""
+
+
+class CacheFullError(OSError):
+    """The cache's file system (or quota) is out of space; completed units are intact and a re-run resumes."""
+
+
+class ClaimLostError(RuntimeError):
+    """A writer's claim on a unit is no longer its own (taken over after it expired); the unit was not written."""
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception in its cause/context chain is ENOSPC/EDQUOT (``No space left on device``)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, CacheFullError) or (isinstance(cur, OSError) and cur.errno in _NO_SPACE_ERRNOS):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+@contextlib.contextmanager
+def no_space_guard(url: str, what: str) -> Iterator[None]:
+    """Re-raise an out-of-space failure inside the block as :class:`CacheFullError` naming ``url`` and ``what``."""
+    try:
+        yield
+    except CacheFullError:
+        raise
+    except Exception as exc:
+        if not is_no_space(exc):
+            raise
+        raise CacheFullError(errno.ENOSPC, f"no space left on device for the target cache {url} while {what}; "
+                                           "completed units are intact: free space and run again to resume") from exc
+
+
+def _proc_start_time(pid: int) -> int | None:
+    """Start time of process ``pid`` in clock ticks since boot (field 22 of /proc/<pid>/stat); None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job's lease on one unit, stored as ``claims/<u>.json``.
+
+    Attributes:
+        unit: the unit id.
+        owner: the claiming job's id (one per :func:`stages.extract.run_extract` call).
+        token: random per claim attempt; a claim is ours only if the stored token is the one we wrote.
+        expires: UNIX time after which the claim is stale unless renewed.
+        host: ``socket.gethostname()`` of the owner.
+        pid_ns: the owner's pid namespace (``/proc/self/ns/pid`` link), so pids are compared only where meaningful.
+        pid: the owner's process id.
+        pid_start: the owner's start time (clock ticks since boot), guarding against pid reuse.
+    """
+
+    unit: int
+    owner: str
+    token: str
+    expires: float
+    host: str
+    pid_ns: str
+    pid: int
+    pid_start: int | None
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Claim:
+        return cls(**json.loads(data))
+
+    def owner_alive(self) -> bool | None:
+        """False when the owner process is provably gone (same host and pid namespace), True when it runs there,
+        None when it cannot be checked from here (another host)."""
+        if self.host != socket.gethostname() or self.pid_ns != _pid_namespace():
+            return None
+        start = _proc_start_time(self.pid)
+        return start is not None and (self.pid_start is None or start == self.pid_start)
+
+    def is_stale(self, now: float | None = None) -> bool:
+        """Expired, or its owner is dead."""
+        return (time.time() if now is None else now) > self.expires or self.owner_alive() is False
+
+
+def new_owner_id() -> str:
+    """A fresh claim-owner id for one job: ``<host>:<pid>:<random>``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def _new_claim(unit: int, owner: str, ttl_s: float, token: str | None = None) -> Claim:
+    pid = os.getpid()
+    return Claim(unit=unit, owner=owner, token=token or uuid.uuid4().hex, expires=time.time() + ttl_s,
+                 host=socket.gethostname(), pid_ns=_pid_namespace(), pid=pid, pid_start=_proc_start_time(pid))
+
+
+@dataclass(frozen=True)
+class ClaimOutcome:
+    """What one :meth:`TargetCache.claim_units` call got.
+
+    Attributes:
+        claimed: units now held by the caller, in the order asked.
+        taken_over: the subset of ``claimed`` that had a stale claim of another owner (work lost in flight there).
+        busy: units held by another live owner (skipped).
+        complete: units found complete (skipped).
+    """
+
+    claimed: list[int]
+    taken_over: list[int]
+    busy: list[int]
+    complete: list[int]
 
 
 @dataclass(frozen=True)
@@ -176,15 +327,27 @@ _DIMS = {
 
 
 def _create(url: str, spec: CacheSpec, compressor: str) -> None:
-    """Write the arrays' metadata, then the group attribute (its presence means "created")."""
+    """Write the arrays' metadata, then the group attribute (its presence means "created").
+
+    Safe against a concurrent creator of the same spec: an array that already exists with exactly the metadata we
+    would write is kept (with whatever unit data it already holds); one with other metadata (a half-finished creation
+    for another spec, which cannot hold complete units since the group attribute was never written) is replaced.
+    """
     group = zarr.open_group(storage.zarr_store(url), mode="a", zarr_format=3)
+    wanted = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
     for name, (shape, dtype) in array_shapes(spec).items():
-        group.create_array(
-            name, shape=shape, dtype=dtype, fill_value=False if dtype == "bool" else 0,
-            compressors=make_compressor(compressor), dimension_names=_DIMS[name],
-            attributes={"description": _DESCRIPTIONS[name]}, overwrite=True,
-            **_chunking(name, shape, dtype, spec.unit_size),
-        )
+        kwargs = {
+            "shape": shape, "dtype": dtype, "fill_value": False if dtype == "bool" else 0,
+            "compressors": make_compressor(compressor), "dimension_names": _DIMS[name],
+            "attributes": {"description": _DESCRIPTIONS[name]}, **_chunking(name, shape, dtype, spec.unit_size),
+        }
+        try:
+            group.create_array(name, overwrite=False, **kwargs)
+        except zarr.errors.ContainsArrayError:
+            if group[name].metadata.to_dict() == wanted.create_array(name, **kwargs).metadata.to_dict():
+                logger.info("%s: array %s already created (concurrent creator): kept", url, name)
+                continue
+            group.create_array(name, overwrite=True, **kwargs)
     group.update_attributes({ATTR_NAME: spec.to_attrs()})
     logger.info("created target cache %s (key %s, %d images, unit %d)", url, spec.key[:12], spec.n_images,
                 spec.unit_size)
@@ -218,7 +381,8 @@ def create_or_open(url: str, spec: CacheSpec, compressor: str = "shuffle") -> Ta
     """
     existing = _read_spec(url)
     if existing is None:
-        _create(url, spec, compressor)
+        with no_space_guard(url, "creating it"):
+            _create(url, spec, compressor)
         return TargetCache(url, spec, read_only=False)
     _check(url, existing, spec)
     return TargetCache(url, existing, read_only=False)
@@ -330,6 +494,7 @@ class TargetCache:
         *,
         overwrite: bool = False,
         extra: dict[str, Any] | None = None,
+        owner: str | None = None,
     ) -> dict[str, Any]:
         """Write unit ``unit_id`` (n = its image count) as whole objects, then mark it complete.
 
@@ -343,9 +508,14 @@ class TargetCache:
             failures: the unit's unreadable images (their rows hold zeros and ``valid`` False).
             overwrite: rewrite a unit that is already complete (its marker is removed first).
             extra: JSON-able fields added to the marker (e.g. the extract stage's timings).
+            owner: the claim owner writing; the claim is checked before the data and before the marker.
 
         Returns:
             The marker written (or, for a complete unit without ``overwrite``, the existing one).
+
+        Raises:
+            ClaimLostError: ``owner`` given and the unit's claim is no longer its own.
+            CacheFullError: the store ran out of space (the unit stays incomplete).
         """
         if self.read_only:
             raise PermissionError(f"{self.url} is open read-only")
@@ -356,13 +526,22 @@ class TargetCache:
                 return self.marker(unit_id)
             storage.delete(self._marker_url(unit_id))
         data = self._coerce(len(rows), features, attn_logits, topk_index, views, valid)
+        if owner is not None:
+            self.check_claim(unit_id, owner)
+        with no_space_guard(self.url, f"writing unit {unit_id}"):
+            return self._write_unit_objects(unit_id, rows, data, failures, extra, owner)
+
+    def _write_unit_objects(self, unit_id: int, rows: range, data: dict[str, np.ndarray],
+                            failures: Sequence[FailureRecord], extra: dict[str, Any] | None,
+                            owner: str | None) -> dict[str, Any]:
+        objects = self.unit_objects(unit_id)
+        self.remove_partials(unit_id)
         start = time.perf_counter()
         for name in ARRAYS:
             arr = self._arrays[name]
             storage.with_retries("write", f"{self.url}/{name}[{rows.start}:{rows.stop}]",
                                  lambda arr=arr, value=data[name]: arr.__setitem__(slice(rows.start, rows.stop),
                                                                                   value))
-        objects = self.unit_objects(unit_id)
         storage.write_bytes(storage.join(self.url, objects[-2]), _parquet_bytes(failures_table(list(failures))))
         self._make_durable(objects[:-1])
         marker = {
@@ -380,10 +559,125 @@ class TargetCache:
             "sha256": {name: _sha256(data[name]) for name in ARRAYS},
             **(extra or {}),
         }
+        if owner is not None:
+            self.check_claim(unit_id, owner)
         storage.write_bytes(self._marker_url(unit_id), json.dumps(marker, sort_keys=True).encode())
         logger.debug("%s: unit %d complete (%d images, %d bytes)", self.url, unit_id, len(rows),
                      sum(marker["stored_bytes"].values()))
         return marker
+
+    def remove_partials(self, unit_id: int) -> list[str]:
+        """Delete stray temporary files of unit ``unit_id``'s objects (left by a writer killed mid-write; local
+        stores only: an S3 PUT leaves nothing). Call only while holding the unit's claim. Returns the keys removed."""
+        if not storage.is_local(self.url):
+            return []
+        _, root = storage.resolve(self.url)
+        removed = []
+        for key in self.unit_objects(unit_id):
+            parent, _, name = key.rpartition("/")
+            folder = Path(root) / parent
+            if not folder.is_dir():
+                continue
+            for pattern in (f"{name}.*.partial", f".{name}.*.partial"):
+                for path in folder.glob(pattern):
+                    path.unlink(missing_ok=True)
+                    removed.append(f"{parent}/{path.name}")
+        if removed:
+            logger.info("%s: unit %d: removed %d stray temporary file(s)", self.url, unit_id, len(removed))
+        return removed
+
+    # ---- claims (leases) on units; see the module docstring for the guarantee ----
+
+    def _claim_url(self, unit_id: int) -> str:
+        return storage.join(self.url, CLAIMS_DIR, f"{unit_id}.json")
+
+    def read_claim(self, unit_id: int) -> Claim | None:
+        """The stored claim on ``unit_id`` (None if there is none; an unreadable one counts as none)."""
+        try:
+            return Claim.from_bytes(storage.read_bytes(self._claim_url(unit_id)))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            logger.warning("%s: unreadable claim on unit %d (%s): treated as absent", self.url, unit_id, exc)
+            return None
+
+    def claims(self) -> dict[int, Claim]:
+        """Every stored claim, by unit (one listing plus one read per claim)."""
+        names = storage.list_objects(storage.join(self.url, CLAIMS_DIR))
+        units = sorted(int(n[: -len(".json")]) for n in names if n.endswith(".json") and "/" not in n)
+        found = {u: self.read_claim(u) for u in units}
+        return {u: c for u, c in found.items() if c is not None}
+
+    def claim_units(self, units: Sequence[int], owner: str, want: int, ttl_s: float = 60.0,
+                    confirm_delay_s: float = 0.1) -> ClaimOutcome:
+        """Try to claim up to ``want`` of ``units`` (in order) for ``owner``: write, wait, re-read to confirm.
+
+        A unit is skipped when complete or held by another owner whose claim is not stale; a stale claim is taken
+        over. All claims of one call share one confirmation wait of ``confirm_delay_s`` times U(1, 2).
+
+        Raises:
+            CacheFullError: the claim objects could not be written for lack of space.
+        """
+        if self.read_only:
+            raise PermissionError(f"{self.url} is open read-only")
+        written: dict[int, Claim] = {}
+        stale: set[int] = set()
+        busy, complete = [], []
+        with no_space_guard(self.url, "writing claims"):
+            for unit in units:
+                if len(written) >= want:
+                    break
+                if self.is_complete(unit):
+                    complete.append(unit)
+                    continue
+                current = self.read_claim(unit)
+                if current is not None and current.owner != owner:
+                    if not current.is_stale():
+                        busy.append(unit)
+                        continue
+                    stale.add(unit)
+                claim = _new_claim(unit, owner, ttl_s)
+                storage.write_bytes(self._claim_url(unit), claim.to_bytes())
+                written[unit] = claim
+        if not written:
+            return ClaimOutcome([], [], busy, complete)
+        time.sleep(confirm_delay_s * (1.0 + random.random()))
+        claimed = []
+        for unit, claim in written.items():
+            current = self.read_claim(unit)
+            if current is None or current.token != claim.token:
+                busy.append(unit)
+            elif self.is_complete(unit):  # finished by its previous holder between our check and our write
+                self.release_claim(unit, owner)
+                complete.append(unit)
+            else:
+                claimed.append(unit)
+        return ClaimOutcome(claimed, [u for u in claimed if u in stale], busy, complete)
+
+    def renew_claims(self, units: Iterable[int], owner: str, ttl_s: float = 60.0) -> list[int]:
+        """Extend ``owner``'s claims on ``units`` by ``ttl_s`` from now; returns the units no longer held."""
+        lost = []
+        for unit in units:
+            current = self.read_claim(unit)
+            if current is None or current.owner != owner:
+                lost.append(unit)
+                continue
+            storage.write_bytes(self._claim_url(unit), _new_claim(unit, owner, ttl_s, current.token).to_bytes())
+        return lost
+
+    def release_claim(self, unit_id: int, owner: str) -> None:
+        """Delete ``owner``'s claim on ``unit_id`` (a claim of another owner is left alone)."""
+        current = self.read_claim(unit_id)
+        if current is not None and current.owner == owner:
+            with contextlib.suppress(FileNotFoundError):
+                storage.delete(self._claim_url(unit_id))
+
+    def check_claim(self, unit_id: int, owner: str) -> None:
+        """Raise :class:`ClaimLostError` unless ``owner`` holds the claim on ``unit_id``."""
+        current = self.read_claim(unit_id)
+        if current is None or current.owner != owner:
+            holder = "nobody" if current is None else current.owner
+            raise ClaimLostError(f"{self.url}: unit {unit_id} is claimed by {holder}, not {owner}: not written")
 
     def _coerce(self, n: int, *arrays: np.ndarray) -> dict[str, np.ndarray]:
         out = {}
@@ -516,6 +810,31 @@ def gather_failures(url: str, units: Iterable[int] | None = None) -> pa.Table:
     if not tables:
         return FAILURES_SCHEMA.empty_table()
     return pa.concat_tables([t.cast(FAILURES_SCHEMA) for t in tables])
+
+
+def is_run_state(key: str) -> bool:
+    """Whether a key under the cache root is run state rather than cache content: claims and stray temporary
+    files of interrupted atomic writes."""
+    return key.startswith(f"{CLAIMS_DIR}/") or key.endswith(".partial")
+
+
+def canonical_marker(data: bytes) -> bytes:
+    """A marker's bytes without :data:`RUN_SPECIFIC_MARKER_FIELDS` (what equal units share exactly)."""
+    marker = json.loads(data)
+    return json.dumps({k: v for k, v in marker.items() if k not in RUN_SPECIFIC_MARKER_FIELDS},
+                      sort_keys=True).encode()
+
+
+def cache_content(url: str) -> dict[str, bytes]:
+    """The cache as content: every object's bytes by key, except run state (:func:`is_run_state`), with markers in
+    :func:`canonical_marker` form. Two extractions of one job, however interrupted, give equal dicts."""
+    out = {}
+    for key in sorted(storage.list_objects(url)):
+        if is_run_state(key):
+            continue
+        data = storage.read_bytes(storage.join(url, key))
+        out[key] = canonical_marker(data) if key.startswith("units/") and key.endswith(".done") else data
+    return out
 
 
 CONFIG_ATTR = "tec_config"

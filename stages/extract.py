@@ -5,6 +5,15 @@ the cache (refusing one made with different settings), and hands the incomplete 
 actors. Each actor (:class:`UnitExtractor`) loads the base model once and, per unit, reads the images, builds the
 views with :func:`stages.views.build_view`, runs the model in batches and writes the unit's objects; the cache
 marks the unit complete only after its data is durable, so a re-run skips exactly the finished units.
+
+Faults. The driver claims every unit before submitting it (``claims/<u>.json``, see :mod:`stages.cache`) and
+renews its claims from a heartbeat thread; units claimed by another live job are left to it (the driver waits for
+them at the end and takes over any whose claim goes stale), so concurrent jobs on one cache cooperate on disjoint
+units. A killed driver therefore costs at most its in-flight units (``num_actors × in_flight_per_actor``): the next
+run finds their claims stale (owner process gone, or expired) and recomputes exactly those
+(:attr:`ExtractResult.units_taken_over`). A dead actor is replaced by the driver (Ray-level restarts are off, so the
+driver sees and counts every loss) and its in-flight units are resubmitted (:attr:`ExtractResult.units_retried`).
+Running out of space raises :class:`~stages.cache.CacheFullError` naming the cache; completed units stay intact.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +31,15 @@ import numpy as np
 import torch
 
 from infra import storage
-from stages.cache import TargetCache, create_or_open, open_cache
+from stages.cache import (
+    CacheFullError,
+    ClaimLostError,
+    TargetCache,
+    create_or_open,
+    new_owner_id,
+    no_space_guard,
+    open_cache,
+)
 from stages.cache_spec import CacheSpec
 from stages.images import BadImageError, FailureRecord, ImageSource
 from stages.manifest import read_manifest
@@ -69,12 +87,34 @@ class ExtractJob:
     amp_dtype: str = "bfloat16"
 
 
+@dataclass(frozen=True)
+class LeaseConfig:
+    """How a job claims units (see :mod:`stages.cache`, "Claims").
+
+    Attributes:
+        ttl_s: a claim not renewed for this long is stale and may be taken over by another job.
+        renew_every_s: heartbeat period: every held claim is rewritten with a fresh expiry (keep << ``ttl_s``).
+        confirm_delay_s: base wait between writing claims and re-reading them (the race window it closes is a
+            contender's read-to-write gap; the wait is drawn from [1, 2] × this).
+        poll_s: wait between looks at units held by other jobs once nothing else is left to do.
+    """
+
+    ttl_s: float = 60.0
+    renew_every_s: float = 15.0
+    confirm_delay_s: float = 0.1
+    poll_s: float = 1.0
+
+
 @dataclass
 class ExtractResult:
     """What a run did: units written now vs found complete, and totals over the whole cache.
 
     ``wall_seconds`` covers the whole call (Ray start-up and model loading included); ``work_seconds`` runs from
     the moment every actor is ready to the last unit's return (the extraction rate is ``views_written`` over it).
+    ``units_written`` are the units this run wrote; ``units_skipped`` were complete when it started;
+    ``units_by_others`` were completed meanwhile by another job on the same cache; ``units_taken_over`` (a subset of
+    the written ones) had a stale claim of a dead or expired job, i.e. were in flight when that job died;
+    ``units_retried`` lists one entry per resubmission after an actor died; ``owner`` is this run's claim-owner id.
     """
 
     cache_url: str
@@ -82,6 +122,11 @@ class ExtractResult:
     units_total: int
     units_written: list[int] = field(default_factory=list)
     units_skipped: list[int] = field(default_factory=list)
+    units_by_others: list[int] = field(default_factory=list)
+    units_taken_over: list[int] = field(default_factory=list)
+    units_retried: list[int] = field(default_factory=list)
+    actors_replaced: int = 0
+    owner: str = ""
     images_written: int = 0
     views_written: int = 0
     failures: int = 0
@@ -192,8 +237,18 @@ class UnitExtractor:
             np.zeros((0, self.spec.k_max), np.int16),
         )
 
-    def run_unit(self, unit_id: int) -> dict[str, Any]:
-        """Extract and write one unit; returns its stats (the marker plus timings)."""
+    def pid(self) -> int:
+        """The actor's process id (fault-injection tests kill it)."""
+        return os.getpid()
+
+    def run_unit(self, unit_id: int, owner: str | None = None) -> dict[str, Any]:
+        """Extract and write one unit; returns its stats (the marker plus timings).
+
+        Args:
+            unit_id: the unit.
+            owner: the claim owner the unit is written for; the write is refused (:class:`ClaimLostError`) if the
+                claim has meanwhile passed to another job.
+        """
         t0 = time.perf_counter()
         pixels, boxes, valid, failures = self.load_unit(unit_id)
         t1 = time.perf_counter()
@@ -211,7 +266,7 @@ class UnitExtractor:
             full[name][valid] = value.reshape(int(valid.sum()), v, *value.shape[1:])
         timings = {"load_s": t1 - t0, "wait_s": t_fwd - t1, "forward_s": t2 - t_fwd, "device": self.device.type}
         marker = self.cache.write_unit(unit_id, full["features"], full["attn_logits"], full["topk_index"],
-                                       boxes, valid, failures, extra={"timings": timings})
+                                       boxes, valid, failures, extra={"timings": timings}, owner=owner)
         return {**marker, "write_s": time.perf_counter() - t2, "wall_s": time.perf_counter() - t0}
 
 
@@ -220,7 +275,8 @@ def prepare(job: ExtractJob) -> tuple[CacheSpec, TargetCache]:
     table, manifest_sha = read_manifest(job.manifest_url)
     checkpoint_sha = sha256_hex(storage.read_bytes(job.checkpoint_url))
     spec = build_spec(job, manifest_sha, table.num_rows, checkpoint_sha)
-    cache = create_or_open(job.cache_url, spec, compressor=job.compressor)
+    with no_space_guard(job.cache_url, "creating it"):
+        cache = create_or_open(job.cache_url, spec, compressor=job.compressor)
     return spec, cache
 
 
@@ -243,6 +299,66 @@ def _progress(done: int, total: int, images: int, started: float) -> str:
     return f"units {done}/{total} | {rate:.1f} img/s | elapsed {elapsed:.0f}s | ETA {eta:.0f}s"
 
 
+class _ClaimKeeper:
+    """The claims one driver holds, renewed by a daemon thread every ``lease.renew_every_s``.
+
+    Renewal and release share a lock, so a released claim is never rewritten by a late renewal.
+    """
+
+    def __init__(self, cache: TargetCache, owner: str, lease: LeaseConfig) -> None:
+        self.cache, self.owner, self.lease = cache, owner, lease
+        self.held: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="extract-claims", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, units: list[int]) -> None:
+        with self._lock:
+            self.held.update(units)
+
+    def release(self, unit: int) -> None:
+        with self._lock:
+            self.held.discard(unit)
+            self.cache.release_claim(unit, self.owner)
+
+    def forget(self, unit: int) -> None:
+        with self._lock:
+            self.held.discard(unit)
+
+    def close(self) -> None:
+        """Stop renewing and release every claim still held (best effort: the claims expire anyway)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.lease.renew_every_s + 5)
+        with self._lock:
+            for unit in sorted(self.held):
+                try:
+                    self.cache.release_claim(unit, self.owner)
+                except Exception as exc:  # release is best effort, the claim expires
+                    log.warning("extract: could not release the claim on unit %d: %s", unit, exc)
+            self.held.clear()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease.renew_every_s):
+            with self._lock:
+                try:
+                    lost = self.cache.renew_claims(sorted(self.held), self.owner, self.lease.ttl_s)
+                except Exception as exc:  # a failed renewal is retried at the next beat
+                    log.warning("extract: renewing claims failed: %s", exc)
+                    continue
+            if lost:
+                log.warning("extract: claims on units %s were taken over by another job; their writes will be "
+                            "refused", lost)
+
+
+def _task_cause(err: BaseException) -> BaseException:
+    """The exception a Ray task raised (``RayTaskError.cause``), or ``err`` itself."""
+    return getattr(err, "cause", None) or err
+
+
 def run_extract(
     job: ExtractJob,
     num_actors: int = 1,
@@ -250,8 +366,13 @@ def run_extract(
     unit_order: list[int] | None = None,
     in_flight_per_actor: int = 2,
     threads_per_actor: int = 1,
+    lease: LeaseConfig | None = None,
+    max_unit_attempts: int = 4,
 ) -> ExtractResult:
     """Extract every incomplete unit of the job's cache with a pool of Ray actors.
+
+    Safe to run concurrently with other jobs on the same cache (they share the work unit by unit) and to re-run
+    after any crash (it redoes only units that were not complete).
 
     Args:
         job: the extraction job.
@@ -260,70 +381,137 @@ def run_extract(
         unit_order: process units in this order (default ascending); complete units are skipped either way.
         in_flight_per_actor: units queued per actor, so reading the next unit overlaps the current forward.
         threads_per_actor: torch threads (and Ray CPUs) per CPU actor.
+        lease: claim timings (default :class:`LeaseConfig`).
+        max_unit_attempts: a unit whose actor dies this many times fails the run.
 
     Returns:
         :class:`ExtractResult`; the totals describe the whole cache after this run.
+
+    Raises:
+        CacheFullError: the cache's storage ran out of space (completed units are intact; re-run to resume).
+        RuntimeError: a unit killed its actor ``max_unit_attempts`` times.
     """
     import ray  # the driver needs Ray; the in-process UnitExtractor does not
 
     from infra.ray_cluster import ensure_ray, gpus_available
 
     started = time.perf_counter()
+    lease = lease or LeaseConfig()
     job = dataclasses.replace(job, cache_url=storage.absolute(job.cache_url),
                               manifest_url=storage.absolute(job.manifest_url),
                               checkpoint_url=storage.absolute(job.checkpoint_url))
     spec, cache = prepare(job)
     done = set(cache.complete_units())
     order = list(unit_order) if unit_order is not None else list(range(cache.n_units))
-    pending = [u for u in order if u not in done]
-    result = ExtractResult(job.cache_url, spec.key, cache.n_units, units_skipped=sorted(done))
-    log.info("extract %s: %d units (%d complete, %d to do), key %s", job.cache_url, cache.n_units, len(done),
-             len(pending), spec.key[:12])
-    if pending:
+    todo = [u for u in order if u not in done]
+    owner = new_owner_id()
+    result = ExtractResult(job.cache_url, spec.key, cache.n_units, units_skipped=sorted(done), owner=owner)
+    log.info("extract %s: %d units (%d complete, %d to do), key %s, owner %s", job.cache_url, cache.n_units,
+             len(done), len(todo), spec.key[:12], owner)
+    if todo:
         ensure_ray(address)
         gpu = gpus_available() > 0
         actor_cls = ray.remote(UnitExtractor).options(
             num_gpus=1 if gpu else 0, num_cpus=0 if gpu else threads_per_actor,
-            max_concurrency=in_flight_per_actor, max_restarts=3, max_task_retries=3,
+            max_concurrency=in_flight_per_actor, max_restarts=0, max_task_retries=0,
         )
-        n_actors = max(1, min(num_actors, len(pending)))
-        actors = [actor_cls.remote(job, spec, "auto", None if gpu else threads_per_actor) for _ in range(n_actors)]
+
+        def new_actor() -> Any:
+            return actor_cls.remote(job, spec, "auto", None if gpu else threads_per_actor)
+
+        actors = [new_actor() for _ in range(max(1, min(num_actors, len(todo))))]
         ray.get([actor.ready.remote() for actor in actors])
-        log.info("extract: %d actor(s) ready on %s", n_actors, "GPU" if gpu else "CPU")
+        log.info("extract: %d actor(s) ready on %s", len(actors), "GPU" if gpu else "CPU")
+        keeper = _ClaimKeeper(cache, owner, lease)
+        keeper.start()
         work_started = time.perf_counter()
-        queue, in_flight = list(reversed(pending)), {}
-
-        def submit(actor: Any) -> None:
-            if queue:
-                unit = queue.pop()
-                in_flight[actor.run_unit.remote(unit)] = (actor, unit)
-
-        for actor in actors:
-            for _ in range(in_flight_per_actor):
-                submit(actor)
+        in_flight: dict[Any, tuple[int, Any, int]] = {}
+        attempts: dict[int, int] = {}
         try:
-            while in_flight:
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                actor, unit = in_flight.pop(ready[0])
-                stats = ray.get(ready[0])
+            while todo or in_flight:
+                _claim_and_submit(cache, owner, lease, todo, actors, in_flight, in_flight_per_actor, keeper,
+                                  result)
+                if not in_flight:
+                    if todo:  # everything left is held by other live jobs: wait for them (or for their leases)
+                        time.sleep(lease.poll_s)
+                    continue
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=lease.poll_s if todo else None)
+                if not ready:
+                    continue
+                slot, actor, unit = in_flight.pop(ready[0])
+                try:
+                    stats = ray.get(ready[0])
+                except ray.exceptions.RayActorError as err:
+                    attempts[unit] = attempts.get(unit, 0) + 1
+                    if attempts[unit] >= max_unit_attempts:
+                        raise RuntimeError(f"extract {job.cache_url}: unit {unit} lost its actor "
+                                           f"{attempts[unit]} times") from err
+                    log.warning("extract: actor of unit %d died (%s); resubmitting", unit, type(err).__name__)
+                    result.units_retried.append(unit)
+                    if actors[slot] is actor:
+                        ray.kill(actor)
+                        actors[slot] = new_actor()
+                        result.actors_replaced += 1
+                    todo.insert(0, unit)
+                    continue
+                except ray.exceptions.RayTaskError as err:
+                    cause = _task_cause(err)
+                    if isinstance(cause, CacheFullError):
+                        raise CacheFullError(cause.errno, cause.strerror) from None
+                    if isinstance(cause, ClaimLostError):
+                        log.warning("extract: %s", cause)
+                        keeper.forget(unit)
+                        todo.append(unit)  # now another job's; we wait for it (or for its lease to go stale)
+                        continue
+                    raise
+                keeper.release(unit)
                 result.units_written.append(unit)
                 result.images_written += stats["n_valid"]
                 result.views_written += stats["n_valid"] * job.views_per_image
                 kind = stats["timings"]["device"]
                 result.device_seconds[kind] = result.device_seconds.get(kind, 0.0) + stats["timings"]["forward_s"]
-                log.info("extract: %s", _progress(len(result.units_written), len(pending), result.images_written,
-                                                  work_started))
-                submit(actor)
+                log.info("extract: %s", _progress(len(result.units_written), len(result.units_written) + len(todo)
+                                                  + len(in_flight), result.images_written, work_started))
             result.work_seconds = time.perf_counter() - work_started
         finally:
+            keeper.close()
             for actor in actors:
                 ray.kill(actor)
     result.wall_seconds = time.perf_counter() - started
     summarize(result, cache)
     log.info(
-        "extract done: %d units written, %d skipped; %d views; stored %.1f MB (raw %.1f MB, raw/stored %.3f); "
-        "%d failures; %.1fs", len(result.units_written), len(result.units_skipped), result.views_written,
-        result.stored_bytes / 1e6, result.raw_bytes / 1e6, result.compression_ratio, result.failures,
-        result.wall_seconds,
+        "extract done: %d units written (%d taken over from dead jobs, %d retries after actor deaths), %d skipped, "
+        "%d done by other jobs; %d views; stored %.1f MB (raw %.1f MB, raw/stored %.3f); %d failures; %.1fs",
+        len(result.units_written), len(result.units_taken_over), len(result.units_retried),
+        len(result.units_skipped), len(result.units_by_others), result.views_written, result.stored_bytes / 1e6,
+        result.raw_bytes / 1e6, result.compression_ratio, result.failures, result.wall_seconds,
     )
     return result
+
+
+def _claim_and_submit(
+    cache: TargetCache, owner: str, lease: LeaseConfig, todo: list[int], actors: list[Any],
+    in_flight: dict[Any, tuple[int, Any, int]], per_actor: int, keeper: _ClaimKeeper, result: ExtractResult,
+) -> None:
+    """Claim as many units of ``todo`` as there are free actor slots and submit them (mutates the arguments).
+
+    Units found complete are moved to ``result.units_by_others``; units held by other live jobs stay in ``todo``.
+    """
+    load = [0] * len(actors)
+    for slot, _, _ in in_flight.values():
+        load[slot] += 1
+    free = len(actors) * per_actor - len(in_flight)
+    if free <= 0 or not todo:
+        return
+    outcome = cache.claim_units(list(todo), owner, free, lease.ttl_s, lease.confirm_delay_s)
+    keeper.add(outcome.claimed)
+    for unit in outcome.complete:
+        todo.remove(unit)
+        result.units_by_others.append(unit)
+    result.units_taken_over.extend(u for u in outcome.taken_over if u not in result.units_taken_over)
+    for unit in outcome.claimed:
+        todo.remove(unit)
+        slot = min(range(len(actors)), key=load.__getitem__)
+        load[slot] += 1
+        actor = actors[slot]
+        in_flight[actor.run_unit.remote(unit, owner)] = (slot, actor, unit)

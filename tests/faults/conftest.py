@@ -1,0 +1,218 @@
+"""Shared machinery of the fault suite: seeded kill points, driver subprocesses, cache comparison, figures.
+
+Kill points come from a seeded RNG (``TEC_FAULT_SEED``, default :data:`DEFAULT_SEED`; every test prints the seed it
+used and puts it in its assertion messages, so a failure is reproducible). Drivers run as ``python -c`` subprocesses
+in their own session (``os.killpg`` then SIGKILLs the driver and everything it spawned) and join the test session's
+Ray cluster, so a kill is a driver crash on a live cluster: Ray itself reaps the dead job's actors.
+
+Each test appends its measured figures (faults injected, survived, units recomputed, data lost) to
+``$TEC_FAULT_FIGURES`` (JSON lines) when that variable is set; ``docs/reliability_kills.md`` is built from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from infra import storage
+from stages.cache import cache_content, open_cache
+from stages.extract import run_extract
+from tests.fixtures.extract import make_job
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_SEED = 20240607
+# Rounds of repeated kills: a couple in the CI subset, ten in the full suite.
+CI_ROUNDS, FULL_ROUNDS = 2, 10
+ROUNDS = [pytest.param(CI_ROUNDS, marks=pytest.mark.faults, id=f"{CI_ROUNDS}rounds"),
+          pytest.param(FULL_ROUNDS, marks=pytest.mark.faults_full, id=f"{FULL_ROUNDS}rounds")]
+
+EXTRACT_DRIVER = (
+    "import json, sys; from stages.extract import run_extract; from tests.fixtures.extract import make_job; "
+    "a = json.loads(sys.argv[1]); "
+    "run_extract(make_job(a['cache'], a['manifest'], a['checkpoint'], **a['job']), num_actors=a['actors'])"
+)
+TRAIN_DRIVER = ("import json, sys; from stages.train import run_train; from stages.train_job import TrainJob; "
+                "run_train(TrainJob.from_dict(json.load(open(sys.argv[1]))))")
+
+
+def fault_seed() -> int:
+    """The suite's seed (``TEC_FAULT_SEED`` or :data:`DEFAULT_SEED`)."""
+    return int(os.environ.get("TEC_FAULT_SEED", DEFAULT_SEED))
+
+
+@pytest.fixture
+def fault_rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """A generator seeded by the suite seed and the test's id (stable across runs and orderings)."""
+    seed = fault_seed()
+    print(f"fault seed {seed} (set TEC_FAULT_SEED to change; test {request.node.nodeid})")
+    request.node.user_properties.append(("fault_seed", seed))
+    return np.random.default_rng([seed, zlib.crc32(request.node.nodeid.encode())])
+
+
+@pytest.fixture
+def record_figures(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """``record(kind=..., faults=..., survived=..., recomputed=..., bound=..., lost=..., **more)``: one figures row."""
+
+    def record(**row: Any) -> None:
+        row = {"test": request.node.nodeid, "seed": fault_seed(), **row}
+        print("fault figures:", json.dumps(row, sort_keys=True))
+        path = os.environ.get("TEC_FAULT_FIGURES")
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+
+    return record
+
+
+def ray_address() -> str:
+    """GCS address of the test session's Ray cluster (the ``ray_cluster`` fixture must be active)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def driver_env() -> dict[str, str]:
+    """Environment of a driver subprocess: the test's, joined to the session's Ray cluster, repo on the path."""
+    return os.environ | {"RAY_ADDRESS": ray_address(), "PYTHONPATH": str(REPO), "TEC_LOG_LEVEL": "INFO"}
+
+
+def spawn(args: list[str], log_path: Path) -> subprocess.Popen:
+    """Start ``python <args>`` in a new session (its own process group), output to ``log_path``."""
+    log = open(log_path, "ab")  # noqa: SIM115 - closed by the child's exit; the handle is inherited
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=driver_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def spawn_extract(cache: str, manifest: str, checkpoint: Path | str, log_path: Path, num_actors: int = 1,
+                  **job: Any) -> subprocess.Popen:
+    """An extraction driver subprocess for :func:`tests.fixtures.extract.make_job` with ``job`` overrides."""
+    arg = {"cache": cache, "manifest": manifest, "checkpoint": str(checkpoint), "job": job, "actors": num_actors}
+    return spawn(["-c", EXTRACT_DRIVER, json.dumps(arg)], log_path)
+
+
+def spawn_train(job_dict: dict[str, Any], tmp_path: Path) -> subprocess.Popen:
+    """A training driver subprocess for a ``TrainJob.to_dict()``."""
+    job_file = tmp_path / f"{job_dict['run_name']}.json"
+    job_file.write_text(json.dumps(job_dict))
+    return spawn(["-c", TRAIN_DRIVER, str(job_file)], tmp_path / f"{job_dict['run_name']}.log")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the subprocess's whole process group and reap it."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def wait_until(done: Callable[[], bool], timeout: float, proc: subprocess.Popen | None = None, what: str = "",
+               log_path: Path | None = None) -> None:
+    """Poll ``done()`` every 20 ms; fail if ``proc`` exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if proc is not None and proc.poll() is not None:
+            tail = log_path.read_text()[-3000:] if log_path and log_path.exists() else ""
+            pytest.fail(f"driver exited (rc {proc.returncode}) before {what}\n{tail}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def markers(url: str) -> dict[int, bytes]:
+    """Raw bytes of every completion marker, by unit."""
+    try:
+        names = storage.list_objects(storage.join(url, "units"))
+    except FileNotFoundError:
+        return {}
+    return {int(n[: -len(".done")]): storage.read_bytes(storage.join(url, "units", n))
+            for n in names if n.endswith(".done") and "/" not in n}
+
+
+def claimed_units(url: str) -> set[int]:
+    """Units with a claim object."""
+    try:
+        names = storage.list_objects(storage.join(url, "claims"))
+    except FileNotFoundError:
+        return set()
+    return {int(n[: -len(".json")]) for n in names if n.endswith(".json") and "/" not in n}
+
+
+def assert_same_cache(url: str, reference: str) -> None:
+    """Every object of the two caches' content (:func:`stages.cache.cache_content`) is byte-identical."""
+    got, want = cache_content(url), cache_content(reference)
+    assert sorted(got) == sorted(want), f"object sets differ: {sorted(set(got) ^ set(want))[:10]}"
+    differing = [key for key in want if got[key] != want[key]]
+    assert not differing, f"objects differ: {differing[:10]}"
+
+
+def assert_markers_kept(url: str, before: dict[int, bytes]) -> None:
+    """No marker that existed before was rewritten (raw bytes, timings included: a recomputed unit would differ)."""
+    now = markers(url)
+    rewritten = [u for u, data in before.items() if now.get(u) != data]
+    assert not rewritten, f"complete units were rewritten: {rewritten}"
+
+
+def assert_complete_units_verify(url: str) -> None:
+    """Every unit with a marker reads back and matches the marker's per-array SHA-256."""
+    import hashlib
+
+    cache = open_cache(url)
+    for unit in cache.complete_units():
+        batch, marker = cache.read_unit(unit), cache.marker(unit)
+        for name, digest in marker["sha256"].items():
+            data = np.ascontiguousarray(getattr(batch, name)).tobytes()
+            assert hashlib.sha256(data).hexdigest() == digest, f"unit {unit}: {name} does not match its marker"
+
+
+@pytest.fixture(scope="session")
+def reference_cache(fmnist_manifest, base_checkpoint, tmp_path_factory, ray_cluster) -> Callable[..., str]:
+    """``make(n_images, unit_size)`` → URL of an uninterrupted extraction (cached per size)."""
+    made: dict[tuple[int, int], str] = {}
+
+    def make(n_images: int, unit_size: int) -> str:
+        if (n_images, unit_size) not in made:
+            url = str(tmp_path_factory.mktemp("reference") / "cache")
+            run_extract(make_job(url, fmnist_manifest(n_images), base_checkpoint, unit_size=unit_size), num_actors=1)
+            made[n_images, unit_size] = url
+        return made[n_images, unit_size]
+
+    return make
+
+
+@pytest.fixture
+def mounted_small_fs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """``mount(size_bytes)`` → a directory on a fresh file system of that size: a tmpfs, else a loop-mounted ext4
+    image; skips (saying why) if neither can be mounted. Unmounted at teardown, always."""
+    mounts: list[Path] = []
+
+    def mount(size: int) -> Path:
+        point = tmp_path / f"small_fs{len(mounts)}"
+        point.mkdir()
+        tmpfs = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                               capture_output=True, text=True)
+        if tmpfs.returncode != 0:
+            image = tmp_path / f"small_fs{len(mounts)}.img"
+            with open(image, "wb") as f:
+                f.truncate(size)
+            loop = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, text=True)
+            if loop.returncode == 0:
+                loop = subprocess.run(["mount", "-o", "loop", str(image), str(point)], capture_output=True, text=True)
+            if loop.returncode != 0:
+                pytest.skip(f"cannot mount a small file system (tmpfs: {tmpfs.stderr.strip()}; loop image: "
+                            f"{loop.stderr.strip()})")
+        mounts.append(point)
+        return point
+
+    yield mount
+    for path in mounts:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
