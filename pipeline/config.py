@@ -280,20 +280,33 @@ def _cross_checks(cfg: PipelineConfig, bad: set[str]) -> list[str]:
         out.append(f"model.topk: {m.topk} > extract.k_max {ex.k_max} (the cache keeps only k_max attention rows)")
     if ok("model.att_tau") and m.att_tau <= 0:
         out.append(f"model.att_tau: must be > 0, got {m.att_tau}")
-    if ok("model.mask_ratio"):
-        if m.mask_ratio >= 1:
-            out.append(f"model.mask_ratio: must be in [0, 1), got {m.mask_ratio}")
-        elif base_len and num_visible(base_len, m.mask_ratio) < 1:
-            out.append(f"model.mask_ratio: {m.mask_ratio} leaves no visible patch out of {base_len}")
-    if ok("model.decoder_dim", "model.decoder_heads") and (m.decoder_dim % m.decoder_heads or m.decoder_dim % 4):
-        out.append(f"model.decoder_dim: {m.decoder_dim} must be divisible by 4 and by model.decoder_heads "
-                   f"{m.decoder_heads}")
-    if ok("train.global_batch", "train.num_workers", "train.accum_steps") and \
-            t.global_batch % (t.num_workers * t.accum_steps):
-        out.append(f"train.global_batch: {t.global_batch} is not divisible by train.num_workers × train.accum_steps "
-                   f"({t.num_workers} × {t.accum_steps})")
-    if ok("train.blr") and t.blr <= 0:
-        out.append(f"train.blr: must be > 0, got {t.blr}")
+    p = cfg.base.pretrain
+    for sec, obj in (("model", m), ("base.pretrain", p)):
+        out += _masked_model_checks(sec, obj, base_len, ok)
+    for sec, obj, accum in (("train", t, t.accum_steps), ("base.pretrain", p, 1)):
+        if ok(f"{sec}.global_batch", "train.num_workers", "train.accum_steps") and \
+                obj.global_batch % (t.num_workers * accum):
+            out.append(f"{sec}.global_batch: {obj.global_batch} is not divisible by train.num_workers × "
+                       f"{sec}.accum_steps ({t.num_workers} × {accum})" if sec == "train" else
+                       f"{sec}.global_batch: {obj.global_batch} is not divisible by train.num_workers "
+                       f"({t.num_workers})")
+        if ok(f"{sec}.blr") and obj.blr <= 0:
+            out.append(f"{sec}.blr: must be > 0, got {obj.blr}")
+    return out
+
+
+def _masked_model_checks(sec: str, obj: Any, base_len: int | None, ok: Any) -> list[str]:
+    """Mask ratio and decoder shape of a masked-image model section (``model`` or ``base.pretrain``)."""
+    out = []
+    if ok(f"{sec}.mask_ratio"):
+        if obj.mask_ratio >= 1:
+            out.append(f"{sec}.mask_ratio: must be in [0, 1), got {obj.mask_ratio}")
+        elif base_len and num_visible(base_len, obj.mask_ratio) < 1:
+            out.append(f"{sec}.mask_ratio: {obj.mask_ratio} leaves no visible patch out of {base_len}")
+    if ok(f"{sec}.decoder_dim", f"{sec}.decoder_heads") and \
+            (obj.decoder_dim % obj.decoder_heads or obj.decoder_dim % 4):
+        out.append(f"{sec}.decoder_dim: {obj.decoder_dim} must be divisible by 4 and by {sec}.decoder_heads "
+                   f"{obj.decoder_heads}")
     return out
 
 
@@ -411,6 +424,23 @@ def to_train_job(cfg: PipelineConfig, cache_url: str | None, run_name: str, stor
         base_timm_kwargs=base_timm_kwargs(cfg), preprocess=preprocess(cfg).to_dict(), cache_url=cache_url,
         manifest_url=manifest_url, checkpoint_url=checkpoint_url, views_per_image=ex.views_per_image,
         view_seed=ex.seed, last_layers=ex.last_layers, k_max=ex.k_max, **model_fields, **train_fields,
+    )
+
+
+def to_pretrain_job(cfg: PipelineConfig, run_name: str, storage_path: str, manifest_url: str) -> TrainJob:
+    """The pixel-MAE pre-training job of the base model (``base.pretrain``; resources from ``train``)."""
+    p, t = cfg.base.pretrain, cfg.train
+    kwargs = base_timm_kwargs(cfg)
+    resources = {k: getattr(t, k) for k in ("num_workers", "use_gpu", "threads_per_worker", "loader_workers",
+                                            "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
+                                            "amp_dtype", "shuffle_window")}
+    return TrainJob(
+        run_name=run_name, storage_path=storage_path, timm_kwargs=kwargs, base_timm_kwargs=kwargs,
+        preprocess=preprocess(cfg).to_dict(), target_source="pixel", manifest_url=manifest_url,
+        views_per_image=max(1, p.epochs), view_seed=p.seed, adapters="none", feature_norm="channel",
+        attention_target=False, topk=1, k_max=1, mask_ratio=p.mask_ratio, decoder_dim=p.decoder_dim,
+        decoder_depth=p.decoder_depth, decoder_heads=p.decoder_heads, epochs=p.epochs, global_batch=p.global_batch,
+        blr=p.blr, weight_decay=p.weight_decay, warmup_epochs=p.warmup_epochs, seed=p.seed, **resources,
     )
 
 

@@ -17,7 +17,7 @@ from tec_model.tec import ADAPTERS, FEATURE_NORMS
 DATA_SOURCES = ("idx", "image_folder", "uri_list")
 NORMS = ("imagenet", "fashion_mnist", "custom")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
-TARGET_SOURCES = ("cache", "online")
+TARGET_SOURCES = ("cache", "online")  # "pixel" is internal: base.pretrain uses it
 AMP_DTYPES = ("bfloat16", "float16")
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -43,13 +43,35 @@ class DataConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Pixel-MAE pre-training of the base model on the data set, used when ``base.checkpoint`` is null.
+
+    ``epochs: 0`` makes a seeded random base instead (pipeline tests only: a random teacher teaches nothing). Each
+    epoch sees a fresh augmented view of every image; resources (workers, threads, GPU) come from ``train``.
+    """
+
+    epochs: int = field(default=0, metadata=_at_least(0))
+    global_batch: int = field(default=256, metadata=_at_least(1))
+    blr: float = 1.5e-4
+    weight_decay: float = field(default=0.05, metadata=_at_least(0.0))
+    warmup_epochs: float = field(default=0.0, metadata=_at_least(0.0))
+    mask_ratio: float = field(default=0.75, metadata=_at_least(0.0))
+    decoder_dim: int = field(default=128, metadata=_at_least(1))
+    decoder_depth: int = field(default=2, metadata=_at_least(1))
+    decoder_heads: int = field(default=4, metadata=_at_least(1))
+    seed: int = field(default=1, metadata=_at_least(0))
+
+
+@dataclass
 class BaseConfig:
-    """The frozen base model; ``checkpoint`` None makes a tiny one on the spot (demos and tests)."""
+    """The frozen base model: ``checkpoint`` (any format :mod:`tec_model.checkpoint` reads), or null to pre-train a
+    pixel-MAE base on the data set (``pretrain``)."""
 
     arch: str = field(default="vit_mini_patch4_32", metadata=_one_of(ARCHS))
     timm_overrides: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
     checkpoint_key: str | None = None
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 @dataclass

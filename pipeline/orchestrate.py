@@ -59,25 +59,58 @@ def prepare_manifest(cfg: C.PipelineConfig) -> tuple[str, str, int]:
     return url, sha, table.num_rows
 
 
-def prepare_base(cfg: C.PipelineConfig) -> str:
-    """The base checkpoint URL: the configured one, or a randomly initialised ViT made on the spot (seeded).
+def prepare_base(cfg: C.PipelineConfig, manifest_url: str | None = None, manifest_sha: str | None = None) -> str:
+    """The base checkpoint URL: ``base.checkpoint``, else a pixel-MAE base pre-trained on the data set
+    (``base.pretrain``), else (``pretrain.epochs: 0``) a seeded random ViT.
 
-    A random base exercises the pipeline but teaches nothing; a pre-trained checkpoint (MAE, iBOT, DINO, TEC)
-    belongs in ``base.checkpoint``.
+    The pre-trained base is a Ray Train run under ``<root>/bases/`` named after everything that determines it
+    (manifest, architecture, preprocessing, pre-training recipe): an existing one is reused, an interrupted one
+    resumed. Its MAE-format checkpoint is ``<run>/export/mae.pth``.
     """
     if cfg.base.checkpoint:
         return storage.absolute(cfg.base.checkpoint)
+    if cfg.base.pretrain.epochs > 0:
+        if manifest_url is None or manifest_sha is None:
+            manifest_url, manifest_sha, _ = prepare_manifest(cfg)
+        return pretrain_base(cfg, manifest_url, manifest_sha)
     kwargs = C.base_timm_kwargs(cfg)
     tag = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:12]
     url = storage.join(cfg.output_root, "bases", f"random-{cfg.base.arch}-{tag}.pth")
     if not storage.exists(url):
-        log.warning("no base.checkpoint given: using a randomly initialised %s made on the spot (%s); set "
-                    "base.checkpoint to a pre-trained model for real results", cfg.base.arch, url)
+        log.warning("no base.checkpoint and base.pretrain.epochs is 0: using a randomly initialised %s made on the "
+                    "spot (%s); it teaches nothing, use it for pipeline tests only", cfg.base.arch, url)
         torch.manual_seed(0)
         buf = io.BytesIO()
         torch.save({"model": build_vit(kwargs).state_dict()}, buf)
         storage.write_bytes(url, buf.getvalue())
     return storage.absolute(url)
+
+
+def pretrain_name(cfg: C.PipelineConfig, manifest_sha: str) -> str:
+    """The base pre-training run's name: architecture plus a hash of all that determines the weights."""
+    what = {"manifest": manifest_sha, "arch": C.base_timm_kwargs(cfg), "preprocess": C.preprocess(cfg).to_dict(),
+            "pretrain": dataclasses.asdict(cfg.base.pretrain)}
+    return f"mae-{cfg.base.arch}-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def pretrain_base(cfg: C.PipelineConfig, manifest_url: str, manifest_sha: str) -> str:
+    """Pre-train (or reuse, or resume) the pixel-MAE base of ``cfg``; returns its ``mae.pth`` URL."""
+    name = pretrain_name(cfg, manifest_sha)
+    root = storage.absolute(storage.join(cfg.output_root, "bases"))
+    url = storage.join(root, name, "export", "mae.pth")
+    if storage.exists(url):
+        log.info("reusing pre-trained base %s", url)
+        return url
+    job = C.to_pretrain_job(cfg, run_name=name, storage_path=root, manifest_url=manifest_url)
+    log.info("pre-training the base model: pixel MAE %s for %d epochs (%s)", cfg.base.arch, job.epochs, name)
+    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    started = time.perf_counter()
+    run_train(job, address=cfg.ray.address)
+    write_run_logs(storage.join(root, name))
+    log.info("base pre-training done in %.0f s: %s", time.perf_counter() - started, url)
+    if not storage.exists(url):
+        raise RuntimeError(f"base pre-training {name} finished without writing {url}")
+    return url
 
 
 @dataclass
@@ -93,7 +126,7 @@ class CacheReady:
 def _extract_job(cfg: C.PipelineConfig, cache_url: str | None) -> tuple[ExtractJob, str]:
     """The config's extract job at its registry location (or ``cache_url``), and its cache key."""
     manifest_url, manifest_sha, n_images = prepare_manifest(cfg)
-    checkpoint_url = prepare_base(cfg)
+    checkpoint_url = prepare_base(cfg, manifest_url, manifest_sha)
     checkpoint_sha = hashlib.sha256(storage.read_bytes(checkpoint_url)).hexdigest()
     job = C.to_extract_job(cfg, cache_url="", manifest_url=manifest_url, checkpoint_url=checkpoint_url)
     key = build_spec(job, manifest_sha, n_images, checkpoint_sha).key

@@ -28,7 +28,7 @@ from infra import storage
 from stages.cache import open_cache
 from stages.train_data import SamplePlan, TrainBatches, cache_block_size, cache_valid, make_loader
 from stages.train_job import TrainJob, check_cache
-from tec_model import BaseModel, export_encoder, num_patches
+from tec_model import BaseModel, export_encoder, export_mae, num_patches, patchify
 from tec_model.flops import vit_forward_macs
 from tec_model.masking import num_visible
 from tec_model.optim import lr_schedule, param_groups, scaled_lr
@@ -51,16 +51,21 @@ def mask_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
 
 
 class TargetSource:
-    """Where a step's targets come from: the cache's batch (fp16), or the frozen base model on the same pixels."""
+    """Where a step's targets come from: the cache's batch (fp16), the frozen base model on the same pixels
+    (online), or the pixels themselves (pixel-MAE pre-training)."""
 
     def __init__(self, job: TrainJob, device: torch.device) -> None:
         self.base = None
+        self.patch_size = job.timm_kwargs["patch_size"] if job.target_source == "pixel" else None
         if job.target_source == "online":
             self.base = BaseModel.from_checkpoint(storage.read_bytes(job.checkpoint_url), job.base_timm_kwargs,
                                                   job.last_layers, job.k_max).to(device)
 
-    def targets(self, batch: dict[str, torch.Tensor], pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(features (B, L, C_base), attn_logits (B, K+1, H, L), topk_index (B, K)) on ``pixels``' device."""
+    def targets(self, batch: dict[str, torch.Tensor], pixels: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """(features (B, L, C_base), attn_logits (B, K+1, H, L), topk_index (B, K)) on ``pixels``' device; pixel
+        mode: (patches (B, L, p·p·C_in), None, None)."""
+        if self.patch_size is not None:
+            return patchify(pixels, self.patch_size), None, None
         if self.base is None:
             return tuple(batch[k].to(pixels.device) for k in ("features", "attn_logits", "topk_index"))
         with torch.no_grad():
@@ -234,10 +239,11 @@ def _optimizer_step(job: TrainJob, model: nn.Module, opt: torch.optim.Optimizer,
     for m in range(job.accum_steps):
         sl = slice(m * micro, (m + 1) * micro)
         pixels = pixels_all[sl]
-        features, attn, topk = (t[sl] for t in targets)
+        features, attn, topk = (None if t is None else t[sl] for t in targets)
         sync = nullcontext() if (m == job.accum_steps - 1 or world == 1) else model.no_sync()
         with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            loss, parts, _ = model(pixels, features.float(), attn.float(), topk.long(),
+            loss, parts, _ = model(pixels, features.float(), None if attn is None else attn.float(),
+                                   None if topk is None else topk.long(),
                                    generator=mask_generator(job.seed, step, rank, m))
         scaled = loss / job.accum_steps
         (scaler.scale(scaled) if scaler.is_enabled() else scaled).backward()
@@ -286,7 +292,8 @@ def _write_indices(job: TrainJob, rank: int, first_step: int, seen: list[np.ndar
 
 
 def write_export(job: TrainJob, model: nn.Module, out_dir: str | None = None) -> str:
-    """Write the folded encoder (``encoder.pth``, a timm state dict) and its kwargs (``encoder.json``).
+    """Write the folded encoder (``encoder.pth``, a timm state dict) and its kwargs (``encoder.json``); a pixel-MAE
+    run also writes ``mae.pth``, MAE's checkpoint layout (``{"model": encoder + decoder weights}``).
 
     Returns:
         The URL of ``encoder.pth`` (default ``<run>/export/``).
@@ -295,6 +302,10 @@ def write_export(job: TrainJob, model: nn.Module, out_dir: str | None = None) ->
     torch.save(export_encoder(model), buf)
     root = out_dir or storage.join(run_dir(job), "export")
     storage.write_bytes(storage.join(root, "encoder.pth"), buf.getvalue())
+    if job.target_source == "pixel":
+        buf = io.BytesIO()
+        torch.save({"model": export_mae(model), "arch": job.timm_kwargs, "epochs": job.epochs}, buf)
+        storage.write_bytes(storage.join(root, "mae.pth"), buf.getvalue())
     meta = {"timm_kwargs": job.timm_kwargs, "load": "timm VisionTransformer(**timm_kwargs).load_state_dict(sd)"}
     storage.write_bytes(storage.join(root, "encoder.json"), json.dumps(meta, indent=2).encode())
     return storage.join(root, "encoder.pth")

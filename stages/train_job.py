@@ -13,7 +13,8 @@ from stages.cache_spec import CacheSpec, expected_differences
 from stages.views import Preprocess
 from tec_model import TECModel, num_patches
 
-TargetSource = Literal["cache", "online"]
+TargetSource = Literal["cache", "online", "pixel"]
+TARGET_SOURCES = ("cache", "online", "pixel")
 
 
 class CacheIncompatibleError(ValueError):
@@ -27,7 +28,9 @@ class TrainJob:
     Attributes:
         run_name: the run's name; starting a run with the same name and storage resumes it.
         storage_path: local path or ``s3://…`` where checkpoints, metrics and the export go.
-        target_source: ``cache`` (read the target cache) or ``online`` (run the base model every step).
+        target_source: ``cache`` (read the target cache), ``online`` (run the base model every step) or ``pixel``
+            (pixel-MAE pre-training: the targets are the view's own patches; no base model, no attention target;
+            ``base_timm_kwargs`` then describe the encoder itself).
         cache_url: the target cache (cache mode; also the view plan and manifest source when given in online mode).
         manifest_url / checkpoint_url / base_timm_kwargs / preprocess / views_per_image / view_seed / last_layers /
         k_max: the base model and view plan; in cache mode they are checked against the cache.
@@ -89,12 +92,17 @@ class TrainJob:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.target_source not in ("cache", "online"):
-            problems.append(f"target_source must be 'cache' or 'online', got {self.target_source!r}")
+        if self.target_source not in TARGET_SOURCES:
+            problems.append(f"target_source must be one of {TARGET_SOURCES}, got {self.target_source!r}")
         if self.target_source == "cache" and not self.cache_url:
             problems.append("cache_url is required when target_source is 'cache'")
         if self.target_source == "online" and not (self.checkpoint_url and (self.manifest_url or self.cache_url)):
             problems.append("online mode needs checkpoint_url and a manifest_url (or a cache_url to take it from)")
+        if self.target_source == "pixel":
+            if not self.manifest_url:
+                problems.append("pixel mode needs manifest_url (the images to pre-train on)")
+            if self.attention_target:
+                problems.append("pixel mode has no attention target: set attention_target false")
         if self.global_batch % (self.num_workers * self.accum_steps):
             problems.append(f"global_batch {self.global_batch} must be divisible by num_workers × accum_steps "
                             f"({self.num_workers} × {self.accum_steps})")
@@ -125,10 +133,15 @@ class TrainJob:
         return Preprocess.from_dict(self.preprocess)
 
     def build_model(self) -> TECModel:
-        """The new model, sized against the base model described by the job."""
+        """The new model, sized against the base model described by the job (pixel mode: p·p·C_in outputs)."""
         base = self.base_timm_kwargs
+        if self.target_source == "pixel":
+            kw = self.timm_kwargs
+            out_dim, heads = kw["patch_size"] ** 2 * kw.get("in_chans", 3), 1
+        else:
+            out_dim, heads = base["embed_dim"], base["num_heads"]
         return TECModel(
-            self.timm_kwargs, base["embed_dim"], base["num_heads"], num_patches(base), adapters=self.adapters,
+            self.timm_kwargs, out_dim, heads, num_patches(base), adapters=self.adapters,
             feature_norm=self.feature_norm, attention_target=self.attention_target, topk=self.topk,
             att_tau=self.att_tau, mask_ratio=self.mask_ratio, decoder_dim=self.decoder_dim,
             decoder_depth=self.decoder_depth, decoder_heads=self.decoder_heads,

@@ -3,8 +3,8 @@
 from tec_model.archs import ARCHS, build_vit, num_patches, vit_kwargs
 from tec_model.base import BaseModel, BaseTargets, compute_targets
 from tec_model.checkpoint import CheckpointError, load_encoder_weights, read_checkpoint, unwrap_state_dict
-from tec_model.export import export_encoder, fold_tec_state_dict
-from tec_model.losses import attention_loss, channel_norm, feature_loss, normalize_features, patch_norm
+from tec_model.export import export_encoder, export_mae, fold_tec_state_dict
+from tec_model.losses import attention_loss, channel_norm, feature_loss, normalize_features, patch_norm, patchify
 from tec_model.masking import random_masking
 from tec_model.tec import TECModel
 
@@ -19,12 +19,14 @@ __all__ = [
     "channel_norm",
     "compute_targets",
     "export_encoder",
+    "export_mae",
     "feature_loss",
     "fold_tec_state_dict",
     "load_encoder_weights",
     "normalize_features",
     "num_patches",
     "patch_norm",
+    "patchify",
     "random_masking",
     "read_checkpoint",
     "unwrap_state_dict",

@@ -42,3 +42,16 @@ def fold_tec_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
 def export_encoder(model: TECModel) -> dict[str, torch.Tensor]:
     """The trained encoder as a state dict that ``timm.create_model(arch, num_classes=0)`` loads with strict=True."""
     return fold_tec_state_dict(model.state_dict())
+
+
+def export_mae(model: TECModel) -> dict[str, torch.Tensor]:
+    """A pixel-MAE model as MAE's checkpoint lays it out: encoder weights under timm names, then ``decoder.*``
+    (blocks, norms, position embedding) and ``decoder_pred.*`` (the pixel head).
+
+    Wrap it as ``{"model": ...}``; :func:`tec_model.checkpoint.unwrap_state_dict` reads it as an MAE checkpoint and
+    :func:`tec_model.checkpoint.load_encoder_weights` ignores the decoder.
+    """
+    out = export_encoder(model)
+    out.update({f"decoder.{k}": v.detach().clone() for k, v in model.decoder.state_dict().items()})
+    out.update({f"decoder_pred.{k}": v.detach().clone() for k, v in model.feature_head.state_dict().items()})
+    return out

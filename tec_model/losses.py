@@ -56,6 +56,24 @@ def normalize_features(y: torch.Tensor, mode: FeatureNorm) -> torch.Tensor:
     raise ValueError(f"feature_norm must be 'patch', 'channel' or 'none', got {mode!r}")
 
 
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Pixel-MAE targets: each patch's pixels as one row, row-major patches, (row, col, channel) inside a patch.
+
+    Args:
+        imgs: (N, C, S, S) with S divisible by ``patch_size``.
+        patch_size: p.
+
+    Returns:
+        (N, L, p*p*C) with L = (S/p)², in the patch order of timm's ``PatchEmbed``.
+    """
+    n, c, h, w = imgs.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch_size {patch_size}")
+    gh, gw = h // patch_size, w // patch_size
+    x = imgs.reshape(n, c, gh, patch_size, gw, patch_size)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, gh * gw, patch_size * patch_size * c)
+
+
 def feature_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked-only feature MSE: mean over channels, then over masked patches.
 

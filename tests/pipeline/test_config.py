@@ -20,6 +20,7 @@ from pipeline.config import (
     redact,
     resolved_dict,
     to_extract_job,
+    to_pretrain_job,
     to_train_job,
 )
 from pipeline.config_schema import ModelConfig, PipelineConfig, TrainConfig
@@ -247,3 +248,23 @@ def test_default_run_name() -> None:
     cfg = load_config(TINY)
     assert default_run_name(cfg, now=0).startswith("tiny-19")
     assert default_run_name(load_config(TINY, ["train.run_name=fixed"])) == "fixed"
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("base.pretrain.global_batch=99", "base.pretrain.global_batch"),
+    ("base.pretrain.decoder_dim=66", "base.pretrain.decoder_dim"),
+    ("base.pretrain.mask_ratio=1.0", "base.pretrain.mask_ratio"),
+    ("base.pretrain.epochs=-1", "base.pretrain.epochs"),
+    ("base.pretrain.epoch=3", "base.pretrain.epoch"),
+])
+def test_bad_pretrain_settings_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_pretrain_job_is_a_pixel_mae_of_the_base_architecture():
+    cfg = load_config(None, ["base.pretrain.epochs=5", "train.num_workers=1"])
+    job = to_pretrain_job(cfg, run_name="mae", storage_path="/tmp/x", manifest_url="/tmp/m.parquet")
+    assert job.target_source == "pixel" and job.timm_kwargs == job.base_timm_kwargs == base_timm_kwargs(cfg)
+    assert (job.adapters, job.feature_norm, job.attention_target) == ("none", "channel", False)
+    assert job.views_per_image == 5 and job.epochs == 5  # a fresh view of every image each epoch
