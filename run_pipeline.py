@@ -44,6 +44,12 @@ def cmd_manifest(args: argparse.Namespace) -> None:
     print(f"{args.out}: {table.num_rows} rows, sha256 {manifest.write_manifest(table, args.out)}")
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from pipeline.orchestrate import prepare_base
+
+    print(prepare_base(_config(args)))
+
+
 def cmd_extract(args: argparse.Namespace) -> None:
     from pipeline.orchestrate import ensure_cache
 
@@ -105,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None,
                         help="DEBUG, INFO, WARNING or ERROR (default INFO; WARNING when $CI is set; $TEC_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="stage 0: pre-train the base model as a pixel MAE (base.pretrain)",
+                       description="Pre-train (or reuse, or resume) the pixel-MAE base model of this config when "
+                                   "base.checkpoint is null; prints its MAE-format checkpoint URL. extract and run "
+                                   "do this themselves when needed.")
+    _job_args(p)
 
     p = sub.add_parser("extract", help="stage 1: run the base model once, write (or finish) the target cache",
                        description="Extract base-model targets for V views per image into the cache of this "
@@ -172,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"extract": cmd_extract, "train": cmd_train, "run": cmd_run, "export": cmd_export,
+COMMANDS = {"pretrain": cmd_pretrain, "extract": cmd_extract, "train": cmd_train, "run": cmd_run, "export": cmd_export,
             "evaluate": cmd_evaluate, "cost": cmd_cost, "status": cmd_status, "demo": cmd_demo,
             "manifest": cmd_manifest}
 
