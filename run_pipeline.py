@@ -25,7 +25,8 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace):
     from pipeline.config import load_config
 
-    return load_config(args.config, args.overrides)
+    address = [f"ray.address={json.dumps(args.address)}"] if args.address else []  # quoted: YAML reads 1:30 as 90
+    return load_config(args.config, [*args.overrides, *address])
 
 
 def _print(obj: object) -> None:
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default=None,
                         help="DEBUG, INFO, WARNING or ERROR (default INFO; WARNING when $CI is set; $TEC_LOG_LEVEL)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to run on (host:port, ray://host:10001 or auto); sets ray.address. Default "
+                             "$RAY_ADDRESS (set inside `ray job submit` jobs), else a local Ray is started")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pretrain", help="stage 0: pre-train the base model as a pixel MAE (base.pretrain)",
