@@ -672,6 +672,18 @@ class TargetCache:
             with contextlib.suppress(FileNotFoundError):
                 storage.delete(self._claim_url(unit_id))
 
+    def sweep_claims(self) -> list[int]:
+        """Delete the claims left on complete units (by a job that died after its unit's marker was written, or
+        whose in-flight work an orphaned actor finished). Such a claim is inert: nobody claims a complete unit.
+        Returns the units swept."""
+        names = storage.list_objects(storage.join(self.url, CLAIMS_DIR))
+        claimed = {int(n[: -len(".json")]) for n in names if n.endswith(".json") and "/" not in n}
+        swept = sorted(claimed & set(self.complete_units()))
+        for unit in swept:
+            with contextlib.suppress(FileNotFoundError):
+                storage.delete(self._claim_url(unit))
+        return swept
+
     def check_claim(self, unit_id: int, owner: str) -> None:
         """Raise :class:`ClaimLostError` unless ``owner`` holds the claim on ``unit_id``."""
         current = self.read_claim(unit_id)

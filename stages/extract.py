@@ -477,6 +477,9 @@ def run_extract(
             keeper.close()
             for actor in actors:
                 ray.kill(actor)
+    swept = cache.sweep_claims()
+    if swept:
+        log.info("extract: removed leftover claims on complete units %s", swept)
     result.wall_seconds = time.perf_counter() - started
     summarize(result, cache)
     log.info(

@@ -20,6 +20,7 @@ from tests.faults.conftest import (
     fault_seed,
     kill_group,
     markers,
+    ray_address,
     spawn_extract,
     wait_until,
 )
@@ -77,7 +78,8 @@ def _alive_extractors() -> dict[str, int]:
     """actor id → pid of live UnitExtractor actors of this test session's cluster (Ray's state API)."""
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "UnitExtractor"), ("state", "=", "ALIVE")], limit=100)
+    actors = list_actors(address=ray_address(), limit=100,
+                         filters=[("class_name", "=", "UnitExtractor"), ("state", "=", "ALIVE")])
     return {a.actor_id: a.pid for a in actors if a.pid}
 
 

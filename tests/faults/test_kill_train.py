@@ -1,0 +1,136 @@
+"""SIGKILL training workers, and separately the training driver, at seeded random steps; the resumed run's final
+weights equal an uninterrupted run's bit for bit (CPU, 2 gloo workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from infra import storage
+from stages.train import run_train
+from tests.faults.conftest import fault_seed, kill_group, ray_address, spawn_train, wait_until
+from tests.stages.test_train import STEPS_PER_EPOCH, final_state, make_train_job
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+CHECKPOINT_EVERY = 2
+TRAIN_ROUNDS = [pytest.param(1, marks=pytest.mark.faults, id="1round"),
+                pytest.param(3, marks=pytest.mark.faults_full, id="3rounds")]
+
+
+def epochs_for(rounds: int) -> int:
+    """Every kill needs a fresh checkpoint to land after: 2 epochs (4 checkpoints) for one kill, more for several."""
+    return 2 if rounds == 1 else 4
+
+
+@pytest.fixture(scope="module")
+def train_reference(reference_cache, tmp_path_factory):
+    """``make(epochs)`` → (job, final encoder state) of an uninterrupted run on a 64-image cache (cached)."""
+    made: dict[int, tuple] = {}
+
+    def make(epochs: int):
+        if epochs not in made:
+            job = make_train_job(reference_cache(64, 16), str(tmp_path_factory.mktemp("train_runs")), f"ref{epochs}",
+                                 epochs=epochs, checkpoint_every=CHECKPOINT_EVERY)
+            made[epochs] = job, final_state(run_train(job).run_dir)
+        return made[epochs]
+
+    return make
+
+
+def steps_checkpointed(run_dir: str) -> int:
+    """The step of the newest checkpoint (rank 0 rewrites ``metrics.jsonl`` with every checkpoint)."""
+    try:
+        text = storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).decode()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(line)["step"] for line in text.splitlines() if line.strip()), default=0)
+
+
+def assert_same_weights(reference: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
+    assert sorted(state) == sorted(reference)
+    differing = [key for key, value in reference.items() if not torch.equal(value, state[key])]
+    assert not differing, f"{what}: {differing[:5]} differ from the uninterrupted run (seed {fault_seed()})"
+
+
+@pytest.mark.parametrize("rounds", TRAIN_ROUNDS)
+def test_driver_killed_at_random_steps_resumes_to_identical_weights(
+    rounds, train_reference, fault_rng, record_figures, tmp_path
+):
+    epochs = epochs_for(rounds)
+    ref_job, ref_state = train_reference(epochs)
+    job = ref_job.replace(run_name="driver_killed", storage_path=str(tmp_path / "runs"))
+    run_dir, total = str(tmp_path / "runs" / "driver_killed"), epochs * STEPS_PER_EPOCH
+    kill_steps = []
+    for r in range(rounds):
+        target = steps_checkpointed(run_dir) + CHECKPOINT_EVERY
+        delay = float(fault_rng.uniform(0.0, 2.0))
+        proc = spawn_train(job.to_dict(), tmp_path)
+        log = tmp_path / f"{job.run_name}.log"
+        wait_until(lambda t=target: steps_checkpointed(run_dir) >= t, 300, proc, f"round {r}: step {target}", log)
+        time.sleep(delay)
+        assert proc.poll() is None, f"round {r}: training finished before its kill (seed {fault_seed()})"
+        kill_group(proc)
+        kill_steps.append(steps_checkpointed(run_dir))
+        assert kill_steps[-1] < total, f"round {r}: the run was complete when killed"
+    resumed = run_train(job)
+    assert resumed.metrics["step"] == total
+    assert_same_weights(ref_state, final_state(resumed.run_dir), "driver kills")
+    record_figures(kind="train driver SIGKILL", faults=rounds, survived=rounds, steps=total,
+                   checkpointed_step_at_kills=kill_steps, lost=0, weights_identical=True)
+
+
+def _alive_train_workers() -> dict[str, int]:
+    """actor id → pid of live Ray Train workers of this test session's cluster (Ray's state API)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray_address(), limit=100,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return {a.actor_id: a.pid for a in actors if a.pid}
+
+
+@pytest.mark.parametrize("rounds", TRAIN_ROUNDS)
+def test_workers_killed_at_random_steps_are_restarted_to_identical_weights(
+    rounds, train_reference, fault_rng, record_figures, tmp_path
+):
+    epochs = epochs_for(rounds)
+    ref_job, ref_state = train_reference(epochs)
+    job = ref_job.replace(run_name="worker_killed", storage_path=str(tmp_path / "runs"), max_failures=rounds)
+    run_dir = Path(job.storage_path) / job.run_name
+    kills: list[int] = []
+    errors: list[BaseException] = []
+
+    def killer() -> None:
+        try:
+            killed: set[str] = set()
+            for _ in range(rounds):
+                target = steps_checkpointed(str(run_dir)) + CHECKPOINT_EVERY
+                delay = float(fault_rng.uniform(0.0, 2.0))
+                wait_until(lambda t=target: steps_checkpointed(str(run_dir)) >= t, 300, what=f"step {target}")
+                time.sleep(delay)
+                wait_until(lambda: bool(set(_alive_train_workers()) - killed), 120, what="live train workers")
+                alive = _alive_train_workers()
+                candidates = sorted(set(alive) - killed)
+                victim = candidates[int(fault_rng.integers(0, len(candidates)))]
+                killed.update(alive)  # the whole group is replaced after a failure
+                os.kill(alive[victim], signal.SIGKILL)
+                kills.append(steps_checkpointed(str(run_dir)))
+        except BaseException as exc:  # surfaced in the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = run_train(job)
+    thread.join(timeout=30)
+    assert not errors, f"killer failed: {errors[0]!r}"
+    assert len(kills) == rounds, f"only {len(kills)} of {rounds} kills happened before the run ended"
+    assert result.metrics["step"] == epochs * STEPS_PER_EPOCH
+    assert_same_weights(ref_state, final_state(result.run_dir), "worker kills")
+    record_figures(kind="train worker SIGKILL", faults=rounds, survived=rounds, steps=epochs * STEPS_PER_EPOCH,
+                   checkpointed_step_at_kills=kills, lost=0, weights_identical=True)
