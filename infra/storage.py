@@ -30,6 +30,7 @@ with bounded exponential back-off and then raises :class:`StorageError` naming t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import logging
 import os
@@ -99,6 +100,15 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY = RetryPolicy()
+# True while a with_retries() loop runs its operation: retries nested inside it (a zarr read that a retried zarr
+# write makes) then make a single attempt, so that attempts never multiply across levels. contextvars reach zarr's
+# event-loop thread because zarr's sync() schedules the coroutine from the calling thread's context.
+_IN_RETRY_LOOP: contextvars.ContextVar[bool] = contextvars.ContextVar("tec_storage_in_retry_loop", default=False)
+
+
+def _policy(policy: RetryPolicy | None) -> RetryPolicy:
+    """``policy``, or the module's :data:`DEFAULT_RETRY` looked up at call time."""
+    return policy if policy is not None else DEFAULT_RETRY
 
 
 def protocol_of(url: str) -> str:
@@ -240,7 +250,7 @@ def _give_up(op: str, url: str, exc: Exception, attempt: int, policy: RetryPolic
 
 
 def with_retries(
-    op: str, url: str, func: Callable[[], T], policy: RetryPolicy = DEFAULT_RETRY
+    op: str, url: str, func: Callable[[], T], policy: RetryPolicy | None = None
 ) -> T:
     """Call ``func()``; retry transient failures with back-off, then raise :class:`StorageError`.
 
@@ -257,7 +267,9 @@ def with_retries(
         StorageError: a permanent failure, or a transient one that outlived every attempt. Missing objects are
             re-raised as :class:`FileNotFoundError` so callers can test for absence.
     """
+    policy = _policy(policy)
     for attempt in range(policy.attempts):
+        token = _IN_RETRY_LOOP.set(True)
         try:
             return func()
         except FileNotFoundError:
@@ -266,14 +278,22 @@ def with_retries(
             err = _give_up(op, url, exc, attempt, policy)
             if err is not None:
                 raise err from exc
-            time.sleep(policy.delay(attempt))
+        finally:
+            _IN_RETRY_LOOP.reset(token)
+        time.sleep(policy.delay(attempt))
     raise AssertionError("unreachable")
 
 
 async def with_retries_async(
-    op: str, url: str, func: Callable[[], Awaitable[T]], policy: RetryPolicy = DEFAULT_RETRY
+    op: str, url: str, func: Callable[[], Awaitable[T]], policy: RetryPolicy | None = None
 ) -> T:
-    """:func:`with_retries` for coroutines: ``await func()`` with the same retry rules, sleeping asynchronously."""
+    """:func:`with_retries` for coroutines: ``await func()`` with the same retry rules, sleeping asynchronously.
+
+    Inside a running :func:`with_retries` loop it makes one attempt and lets the failure reach that loop.
+    """
+    if _IN_RETRY_LOOP.get():
+        return await func()
+    policy = _policy(policy)
     for attempt in range(policy.attempts):
         try:
             return await func()
@@ -287,13 +307,13 @@ async def with_retries_async(
     raise AssertionError("unreachable")
 
 
-def read_bytes(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> bytes:
+def read_bytes(url: str, policy: RetryPolicy | None = None) -> bytes:
     """The whole object at ``url``. Raises FileNotFoundError if absent, StorageError on failure."""
     fs, path = resolve(url)
     return with_retries("read", url, lambda: fs.cat_file(path), policy)
 
 
-def write_bytes(url: str, data: bytes, policy: RetryPolicy = DEFAULT_RETRY) -> None:
+def write_bytes(url: str, data: bytes, policy: RetryPolicy | None = None) -> None:
     """Write ``data`` as the whole object at ``url``, atomically (readers see the old or the new object).
 
     Local paths: temporary file in the same directory, fsync, ``os.replace``, fsync of the directory.
@@ -337,13 +357,13 @@ def fsync_local(path: str | Path) -> None:
         os.close(fd)
 
 
-def exists(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> bool:
+def exists(url: str, policy: RetryPolicy | None = None) -> bool:
     """Whether an object (or directory/prefix) exists at ``url``."""
     fs, path = resolve(url)
     return with_retries("stat", url, lambda: fs.exists(path), policy)
 
 
-def size(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> int:
+def size(url: str, policy: RetryPolicy | None = None) -> int:
     """Size in bytes of the object at ``url``."""
     fs, path = resolve(url)
     return int(with_retries("stat", url, lambda: fs.size(path), policy))
@@ -361,7 +381,7 @@ def _fresh_listing(url: str, op: Callable[[Any, str], Any], policy: RetryPolicy)
         return path, None
 
 
-def list_objects(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> dict[str, int]:
+def list_objects(url: str, policy: RetryPolicy | None = None) -> dict[str, int]:
     """Every object under the prefix ``url``, recursively, as ``{path relative to url: size}``.
 
     Returns an empty dict when nothing exists under ``url``.
@@ -377,7 +397,7 @@ def list_objects(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> dict[str, int
     }
 
 
-def delete(url: str, recursive: bool = False, policy: RetryPolicy = DEFAULT_RETRY) -> None:
+def delete(url: str, recursive: bool = False, policy: RetryPolicy | None = None) -> None:
     """Delete the object (or, with ``recursive``, the prefix) at ``url``; absent is not an error."""
     fs, path = resolve(url)
     try:
@@ -456,7 +476,7 @@ def absolute(url: str | None) -> str | None:
     return os.path.abspath(url.removeprefix("file://"))
 
 
-def list_dir(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> list[str]:
+def list_dir(url: str, policy: RetryPolicy | None = None) -> list[str]:
     """Names of the immediate children (objects and prefixes) of ``url``; empty when nothing is there."""
     _, entries = _fresh_listing(url, lambda fs, p: fs.ls(p, detail=False), policy)
     if entries is None:

@@ -224,11 +224,11 @@ class ImageSource:
         in_chans: The model's input channels, 1 or 3.
         storage_options: fsspec options for non-local URLs; by default those of :mod:`infra.storage` (endpoint,
             region and timeouts from the environment; credentials resolved by botocore, never passed here).
-        retry: back-off for transient read failures.
+        retry: back-off for transient read failures (default :data:`infra.storage.DEFAULT_RETRY`).
     """
 
     def __init__(self, in_chans: int, storage_options: dict | None = None,
-                 retry: storage.RetryPolicy = storage.DEFAULT_RETRY) -> None:
+                 retry: storage.RetryPolicy | None = None) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
         self.in_chans = in_chans

@@ -25,7 +25,9 @@ botocore's own retries reduced to 2 attempts (``AWS_MAX_ATTEMPTS``) so each faul
 from __future__ import annotations
 
 import http.client
+import json
 import logging
+import os
 import re
 import socket
 import threading
@@ -65,6 +67,7 @@ class Rule:
         method: HTTP method to match, None for any.
         path: regular expression searched in the request path, None for any.
         count: how many matching requests it fires for; None for every one until removed.
+        every: fire on every ``every``-th matching request only (1: each one), for sustained partial faults.
         status: HTTP status of a ``status`` rule.
         delay_s: seconds a ``delay`` rule waits before forwarding.
         fired: how many times it fired so far.
@@ -76,15 +79,20 @@ class Rule:
     count: int | None = 1
     status: int = 503
     delay_s: float = 0.0
+    every: int = 1
     fired: int = 0
+    seen: int = 0
 
     def matches(self, method: str, path: str) -> bool:
-        """Whether the rule applies to this request (and has firings left)."""
+        """Whether the rule fires for this request (it matches, has firings left, and it is its turn)."""
         if self.count is not None and self.fired >= self.count:
             return False
         if self.method is not None and self.method != method:
             return False
-        return self.path is None or re.search(self.path, path) is not None
+        if self.path is not None and re.search(self.path, path) is None:
+            return False
+        self.seen += 1
+        return (self.seen - 1) % self.every == 0
 
 
 @dataclass
@@ -135,11 +143,11 @@ class FaultProxy:
         return f"http://{LOOPBACK}:{self._server.server_address[1]}"
 
     def add(self, kind: str, method: str | None = None, path: str | None = None, count: int | None = 1,
-            status: int = 503, delay_s: float = 0.0) -> Rule:
+            status: int = 503, delay_s: float = 0.0, every: int = 1) -> Rule:
         """Add a rule (see :class:`Rule`) and return it."""
         if kind not in ("status", "delay", "drop"):
             raise ValueError(f"unknown fault kind {kind!r}")
-        rule = Rule(kind, method, path, count, status, delay_s)
+        rule = Rule(kind, method, path, count, status, delay_s, every)
         with self._lock:
             self.rules.append(rule)
         return rule
@@ -352,3 +360,39 @@ def faulty_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultyS3]:
         storage.clear_filesystem_cache()
         proxy.close()
         moto.stop()
+
+
+def record(section: str, **fields: Any) -> None:
+    """Append one result row (``section`` plus ``fields``) to ``$TEC_FAULT_REPORT`` (JSON lines), if set.
+
+    docs/reliability_inputs.md is built from these rows (:func:`summarize`); without the variable nothing is written.
+    """
+    path = os.environ.get("TEC_FAULT_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"section": section, **fields}, sort_keys=True) + "\n")
+
+
+def summarize(path: str) -> str:
+    """Markdown tables of the rows :func:`record` wrote: faults by kind, and bad inputs by outcome."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    faults: dict[str, list[int]] = {}
+    for r in (r for r in rows if r["section"] == "fault"):
+        agg = faults.setdefault(r["kind"], [0, 0, 0, 0])
+        agg[0] += r["injected"]
+        agg[1] += r["injected"] if r["survived"] else 0
+        agg[2] += r["data_lost"]
+        agg[3] += 0 if r["survived"] else 1
+    out = ["| fault kind | injected | survived by retry | runs ending in a clear error | data lost |",
+           "|---|---|---|---|---|"]
+    out += [f"| {k} | {v[0]} | {v[1]} | {v[3]} | {v[2]} |" for k, v in sorted(faults.items())]
+    out += ["", "| bad input | how it ended |", "|---|---|"]
+    out += [f"| {r['input']} | {r['outcome']} |" for r in rows if r["section"] == "input"]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(summarize(sys.argv[1]))
