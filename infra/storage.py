@@ -407,11 +407,11 @@ def delete(url: str, recursive: bool = False, policy: RetryPolicy | None = None)
 
 
 class RetryingFsspecStore(FsspecStore):
-    """An :class:`~zarr.storage.FsspecStore` whose reads retry transient failures (:func:`with_retries_async`).
+    """An :class:`~zarr.storage.FsspecStore` that retries transient failures (:func:`with_retries_async`).
 
-    ``get``, ``get_partial_values``, ``exists`` and ``getsize`` are retried with :data:`DEFAULT_RETRY` and end in
-    :class:`StorageError` naming the key. Writes are not retried here: writers retry whole, idempotent assignments
-    (one unit's slice of an array) around the zarr call, so that a failure is never retried at two levels at once.
+    ``get``, ``get_partial_values``, ``exists``, ``getsize``, ``set`` and ``delete`` are retried with
+    :data:`DEFAULT_RETRY` and end in :class:`StorageError` naming the key. Called inside a :func:`with_retries` loop
+    (a writer retrying a whole, idempotent assignment) each makes one attempt, so attempts never multiply.
     """
 
     def _url(self, key: str) -> str:
@@ -439,6 +439,15 @@ class RetryingFsspecStore(FsspecStore):
         """Retried :meth:`FsspecStore.getsize`."""
         return await with_retries_async("stat", self._url(key),
                                         lambda: super(RetryingFsspecStore, self).getsize(key))
+
+    async def set(self, key: str, value: Buffer, byte_range: tuple[int, int] | None = None) -> None:
+        """Retried :meth:`FsspecStore.set` (a whole-object PUT: idempotent)."""
+        await with_retries_async("write", self._url(key), lambda: super(RetryingFsspecStore, self).set(
+            key, value, byte_range))
+
+    async def delete(self, key: str) -> None:
+        """Retried :meth:`FsspecStore.delete`."""
+        await with_retries_async("delete", self._url(key), lambda: super(RetryingFsspecStore, self).delete(key))
 
 
 def zarr_store(url: str, read_only: bool = False) -> Store:

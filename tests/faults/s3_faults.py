@@ -3,7 +3,8 @@
 Everything listens on 127.0.0.1 only. :class:`FaultProxy` forwards every request to the moto server and applies
 per-request rules, first match wins:
 
-* ``status``: answer an S3-style XML error (default 503 SlowDown-free ``ServiceUnavailable``) without forwarding;
+* ``status``: answer an S3-style XML error (default 503 ``ServiceUnavailable``; 403 is ``SignatureDoesNotMatch``
+  echoing the access key id as AWS does) without forwarding;
 * ``delay``: sleep, then forward (a slow server; past the client's read timeout it becomes a timeout);
 * ``drop``: a GET is forwarded and its response cut off mid-body (headers announce the full length, half the body
   is sent, the socket is closed); any other method is read and the connection closed without an answer (the
@@ -48,7 +49,9 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer",
                          "upgrade", "content-length"})
-_ERROR_CODES = {500: "InternalError", 502: "BadGateway", 503: "ServiceUnavailable", 504: "GatewayTimeout"}
+_ERROR_CODES = {403: "SignatureDoesNotMatch", 500: "InternalError", 502: "BadGateway", 503: "ServiceUnavailable",
+                504: "GatewayTimeout"}
+_KEY_ID = re.compile(r"Credential=([^/,\s]+)/")
 
 
 def free_port() -> int:
@@ -239,9 +242,14 @@ def _read_body(h: BaseHTTPRequestHandler) -> bytes:
 
 
 def _send_error(h: BaseHTTPRequestHandler, status: int) -> None:
+    """An S3-style XML error; a 403 echoes the request's access key id in ``AWSAccessKeyId``, as AWS does."""
     code = _ERROR_CODES.get(status, "InternalError")
+    extra = ""
+    if status == 403:
+        found = _KEY_ID.search(h.headers.get("Authorization", ""))
+        extra = f"<AWSAccessKeyId>{found.group(1) if found else ''}</AWSAccessKeyId>"
     payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>injected fault '
-               f"{status}</Message><RequestId>fault</RequestId></Error>").encode()
+               f"{status}</Message>{extra}<RequestId>fault</RequestId></Error>").encode()
     h.send_response(status)
     h.send_header("Content-Type", "application/xml")
     h.send_header("Content-Length", str(len(payload)))
