@@ -1,9 +1,18 @@
-"""Connecting to Ray: an existing cluster when asked (``address`` / ``RAY_ADDRESS``), else a local one."""
+"""Connecting to Ray: an existing cluster when asked (``address`` / ``RAY_ADDRESS``), else a local one.
+
+Inside a job submitted with ``ray job submit`` (or a KubeRay ``RayJob``) Ray sets ``RAY_ADDRESS`` for the entrypoint,
+so the CLI joins the job's cluster without any flag. ``python -m infra.ray_cluster --wait GPU=8`` blocks until the
+connected cluster has those resources (asking an autoscaler for them first); the cluster manifests run it before a
+stage, so that extraction never starts on CPUs while GPU nodes are still joining.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
+import time
 
 import ray
 
@@ -14,6 +23,30 @@ LOOPBACK = "127.0.0.1"
 # workers read those from their own environment or credential files, exactly as the driver does).
 _FORWARDED_ENV = ("TEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "TEC_S3_REGION",
                   "AWS_DEFAULT_REGION", "TEC_LOG_LEVEL")
+# Set by Ray in the entrypoint of a submitted job: the job's config, runtime_env included.
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_env_vars() -> dict[str, str]:
+    """The ``env_vars`` of the runtime environment of the submitted Ray job this process runs in (else empty).
+
+    Every worker of such a job already receives them; ``ray.init`` refuses a driver runtime environment that sets
+    any of the same names again.
+    """
+    raw = os.environ.get(_JOB_CONFIG_ENV)
+    if not raw:
+        return {}
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return dict(runtime_env.get("env_vars") or {})
+
+
+def forwarded_env() -> dict[str, str]:
+    """The variables of ``_FORWARDED_ENV`` set here and not already provided by the job's runtime environment."""
+    already = job_env_vars()
+    return {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ and k not in already}
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -27,7 +60,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    env = forwarded_env()
     kwargs: dict = {"runtime_env": {"env_vars": env}} if env else {}
     if address:
         log.info("connecting to Ray cluster at %s", address)
@@ -43,3 +76,82 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 def gpus_available() -> int:
     """GPUs in the connected cluster (0 on a CPU-only machine)."""
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def wait_for_resources(required: dict[str, float], timeout_s: float = 1800.0, poll_s: float = 5.0) -> dict:
+    """Block until the connected cluster's total resources cover ``required``.
+
+    An autoscaling cluster (cluster launcher, KubeRay with ``enableInTreeAutoscaling``) is asked for the
+    resources first, one bundle per unit of each resource, and the request is withdrawn once they are there.
+
+    Args:
+        required: e.g. ``{"GPU": 8}`` or ``{"CPU": 2}``.
+        timeout_s: give up after this many seconds.
+        poll_s: seconds between checks.
+
+    Returns:
+        The cluster's total resources when they sufficed.
+
+    Raises:
+        TimeoutError: the resources did not appear in time (the message lists what is there).
+    """
+    from ray.autoscaler.sdk import request_resources
+
+    def short(have: dict) -> dict:
+        return {k: have.get(k, 0) for k in required}
+
+    bundles = [{name: 1.0} for name, amount in required.items() for _ in range(int(amount))]
+    requested = False
+    try:
+        request_resources(bundles=bundles)
+        requested = True
+    except Exception as exc:  # a cluster without an autoscaler still serves the wait below
+        log.debug("request_resources not available: %s", exc)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            have = ray.cluster_resources()
+            if all(have.get(name, 0) >= amount for name, amount in required.items()):
+                log.info("cluster resources ready: %s", short(have))
+                return have
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the cluster has {short(have)} after {timeout_s:.0f}s, needs {required}")
+            log.info("waiting for cluster resources %s (have %s)", required, short(have))
+            time.sleep(poll_s)
+    finally:
+        if requested:
+            request_resources(bundles=[])
+
+
+def _parse_requirement(text: str) -> tuple[str, float]:
+    name, sep, amount = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT (e.g. GPU=8), got {text!r}")
+    try:
+        return name, float(amount)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: AMOUNT must be a number") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m infra.ray_cluster [--address A] --wait GPU=8 [--wait CPU=16] [--timeout S]``."""
+    parser = argparse.ArgumentParser(prog="python -m infra.ray_cluster", description=main.__doc__)
+    parser.add_argument("--address", default=None, help="cluster address (default $RAY_ADDRESS)")
+    parser.add_argument("--wait", type=_parse_requirement, action="append", required=True,
+                        metavar="NAME=AMOUNT", help="a resource total to wait for (repeatable)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up (exit 1)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        parser.error("no cluster to wait for: pass --address or set RAY_ADDRESS")
+    ensure_ray(address)
+    try:
+        wait_for_resources(dict(args.wait), timeout_s=args.timeout)
+    except TimeoutError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
