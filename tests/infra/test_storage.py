@@ -143,3 +143,77 @@ def test_read_bytes_retries_a_failing_backend(s3_url: str, monkeypatch: pytest.M
     monkeypatch.setattr(fs, "cat_file", once_down)
     assert storage.read_bytes(url, NO_WAIT) == b"data"
     assert len(failures) == 1
+
+
+def test_s3_timeouts_come_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEC_S3_READ_TIMEOUT_S", "7.5")
+    monkeypatch.setenv("TEC_S3_CONNECT_TIMEOUT_S", "2")
+    assert storage.storage_options("s3")["config_kwargs"] == {"read_timeout": 7.5, "connect_timeout": 2.0}
+    monkeypatch.setenv("TEC_S3_READ_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="TEC_S3_READ_TIMEOUT_S must be a number of seconds, got 'soon'"):
+        storage.storage_options("s3")
+
+
+def test_persistent_transient_failure_is_marked_transient() -> None:
+    def down() -> None:
+        raise ConnectionResetError("reset")
+
+    with pytest.raises(storage.StorageError) as info:
+        storage.with_retries("read", "s3://b/k", down, NO_WAIT)
+    assert info.value.transient
+    with pytest.raises(storage.StorageError) as info:
+        storage.with_retries("read", "s3://b/k", lambda: (_ for _ in ()).throw(PermissionError("no")), NO_WAIT)
+    assert not info.value.transient
+
+
+def test_retries_nested_in_a_retry_loop_do_not_multiply() -> None:
+    """An async retried call inside a with_retries loop makes one attempt per outer attempt (3, not 3 x 3)."""
+    import asyncio
+
+    calls = []
+
+    async def flaky() -> None:
+        calls.append(1)
+        raise TimeoutError("slow")
+
+    assert_raises = pytest.raises(storage.StorageError, match="failed after 3 attempts")
+    with assert_raises:
+        asyncio.run(storage.with_retries_async("read", "s3://b/k", flaky, NO_WAIT))
+    assert len(calls) == 3
+    calls.clear()
+    with assert_raises:
+        storage.with_retries("write", "s3://b/k", lambda: asyncio.run(
+            storage.with_retries_async("read", "s3://b/k", flaky, NO_WAIT)), NO_WAIT)
+    assert len(calls) == 3
+
+
+def test_default_policy_is_looked_up_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage, "DEFAULT_RETRY", storage.RetryPolicy(attempts=2, base_delay_s=0.0))
+    calls = []
+
+    def down() -> None:
+        calls.append(1)
+        raise TimeoutError("slow")
+
+    with pytest.raises(storage.StorageError, match="after 2 attempts"):
+        storage.with_retries("read", "s3://b/k", down)
+    assert len(calls) == 2
+
+
+def test_zarr_store_retries_a_transient_read(s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = storage.zarr_store(s3_url)
+    assert isinstance(store, storage.RetryingFsspecStore)
+    zarr.create_array(store, name="a", shape=(4,), dtype="int32")[:] = [1, 2, 3, 4]
+    reader = storage.zarr_store(s3_url, read_only=True)
+    real, failures = reader.fs._cat_file, []
+
+    async def once_down(path: str, *args: object, **kwargs: object) -> bytes:
+        if not failures:
+            failures.append(path)
+            raise OSError(errno.EREMOTEIO, "500 InternalError")
+        return await real(path, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "DEFAULT_RETRY", NO_WAIT)
+    monkeypatch.setattr(reader.fs, "_cat_file", once_down)
+    assert zarr.open_array(reader, path="a")[:].tolist() == [1, 2, 3, 4]
+    assert len(failures) == 1
