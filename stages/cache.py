@@ -333,7 +333,10 @@ def _create(url: str, spec: CacheSpec, compressor: str) -> None:
     would write is kept (with whatever unit data it already holds); one with other metadata (a half-finished creation
     for another spec, which cannot hold complete units since the group attribute was never written) is replaced.
     """
-    group = zarr.open_group(storage.zarr_store(url), mode="a", zarr_format=3)
+    try:
+        group = zarr.open_group(storage.zarr_store(url), mode="a", zarr_format=3)
+    except zarr.errors.ContainsGroupError:  # a concurrent creator made the group between our check and our write
+        group = zarr.open_group(storage.zarr_store(url), mode="r+", zarr_format=3)
     wanted = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
     for name, (shape, dtype) in array_shapes(spec).items():
         kwargs = {
