@@ -44,7 +44,8 @@ def submit(cluster: Any, runtime_env: dict, *argv: str) -> str:
                       "--log-level", "INFO", "--address", "auto", *argv, timeout=400)
     status = cluster.ray("job", "status", "--address", url, job_id).stdout
     logs = cluster.ray("job", "logs", "--address", url, job_id).stdout
-    assert "succeeded" in status.lower(), f"job {job_id}: {status}\n--- submit ---\n{sub.stdout[-3000:]}\n--- logs ---\n{logs}"
+    assert "succeeded" in status.lower(), \
+        f"job {job_id}: {status}\n--- submit ---\n{sub.stdout[-3000:]}\n--- logs ---\n{logs}"
     return logs
 
 
