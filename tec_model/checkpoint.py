@@ -166,7 +166,8 @@ def load_encoder_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     if nonfinite:
         problems.append(f"weights holding NaN or inf ({len(nonfinite)}): {', '.join(nonfinite[:20])}")
     if problems:
-        raise CheckpointError("checkpoint does not fit the architecture — " + " | ".join(problems))
+        what = "does not fit the architecture" if missing or unexpected or shapes else "is unusable"
+        raise CheckpointError(f"checkpoint {what} — " + " | ".join(problems))
     model.load_state_dict({k: state_dict[k] for k in own}, strict=True)
     if ignored:
         log.info("ignored %d non-encoder checkpoint weights (heads/decoder): %s", len(ignored), ", ".join(ignored[:8]))

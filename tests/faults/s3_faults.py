@@ -396,7 +396,8 @@ def summarize(path: str) -> str:
            "|---|---|---|---|---|"]
     out += [f"| {k} | {v[0]} | {v[1]} | {v[3]} | {v[2]} |" for k, v in sorted(faults.items())]
     out += ["", "| bad input | how it ended |", "|---|---|"]
-    out += [f"| {r['input']} | {r['outcome']} |" for r in rows if r["section"] == "input"]
+    tmp = re.compile(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/]+/")
+    out += [f"| {r['input']} | {tmp.sub('<tmp>/', r['outcome'])} |" for r in rows if r["section"] == "input"]
     return "\n".join(out) + "\n"
 
 
