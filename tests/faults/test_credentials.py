@@ -37,7 +37,7 @@ def fake_keys() -> tuple[str, str]:
 
 
 def leaks(blob: bytes | str, values: tuple[str, ...]) -> list[str]:
-    """Which of ``values`` occur in ``blob`` (also URL-encoded)."""
+    """Which of ``values`` occur in ``blob`` (the fake keys are URL-safe, so this also covers URL-encoded text)."""
     data = blob.encode() if isinstance(blob, str) else blob
     return [v for v in values if v.encode() in data]
 
