@@ -1,9 +1,13 @@
 """Connecting to Ray: an existing cluster when asked (``address`` / ``RAY_ADDRESS``), else a local one.
 
 Inside a job submitted with ``ray job submit`` (or a KubeRay ``RayJob``) Ray sets ``RAY_ADDRESS`` for the entrypoint,
-so the CLI joins the job's cluster without any flag. ``python -m infra.ray_cluster --wait GPU=8`` blocks until the
-connected cluster has those resources (asking an autoscaler for them first); the cluster manifests run it before a
-stage, so that extraction never starts on CPUs while GPU nodes are still joining.
+so the CLI joins the job's cluster without any flag.
+
+``python -m infra.ray_cluster --wait GPU=8 -- tec-pipeline extract ...`` blocks until the connected cluster has
+those resources (asking an autoscaler for them first), then replaces itself with the command after ``--``. The
+cluster manifests start every stage this way, so that extraction never starts on CPUs while GPU nodes are still
+joining. It is one command, not ``wait && stage``: KubeRay pastes a RayJob's entrypoint into a shell line of its
+submitter pod, where ``&&`` would run the stage in that pod instead of in the job.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 
 import ray
@@ -134,23 +139,35 @@ def _parse_requirement(text: str) -> tuple[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m infra.ray_cluster [--address A] --wait GPU=8 [--wait CPU=16] [--timeout S]``."""
+    """``python -m infra.ray_cluster [--address A] --wait GPU=8 [--wait CPU=16] [--timeout S] [-- COMMAND ...]``."""
     parser = argparse.ArgumentParser(prog="python -m infra.ray_cluster", description=main.__doc__)
     parser.add_argument("--address", default=None, help="cluster address (default $RAY_ADDRESS)")
     parser.add_argument("--wait", type=_parse_requirement, action="append", required=True,
                         metavar="NAME=AMOUNT", help="a resource total to wait for (repeatable)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up (exit 1)")
+    parser.add_argument("command", nargs=argparse.REMAINDER,
+                        help="after --: the command to run (in place of this process) once the resources are there")
     args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     address = args.address or os.environ.get("RAY_ADDRESS")
     if not address:
         parser.error("no cluster to wait for: pass --address or set RAY_ADDRESS")
+    cwd = os.getcwd()  # the job's working directory; connecting a driver to a job's cluster can move it
     ensure_ray(address)
     try:
         wait_for_resources(dict(args.wait), timeout_s=args.timeout)
     except TimeoutError as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
+    finally:
+        ray.shutdown()
+    if command:
+        os.chdir(cwd)
+        log.info("starting %s in %s", command[0], cwd)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvp(command[0], command)
 
 
 if __name__ == "__main__":

@@ -91,19 +91,25 @@ class LocalRayCluster:
     def dashboard_url(self) -> str:
         return f"http://{LOOPBACK}:{self.dashboard_port}"
 
-    def _start(self, args: list[str]) -> None:
+    def _start(self, args: list[str], attempts: int = 2) -> None:
+        """``ray start <args>`` as a new session; on a busy machine Ray's fixed 30 s raylet start-up wait can run
+        out, so a failed start is killed (its session only) and tried once more."""
         node_ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
                       "--metrics-export-port", "--node-manager-port", "--object-manager-port"]
-        cmd = [RAY, "start", *args, f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-               *[f"{flag}={free_port()}" for flag in node_ports]]
-        # Output to a file, not a pipe: the daemons inherit the descriptor and would hold a pipe open forever.
-        log_path = self.temp_dir / f"ray-start-{len(self.sessions)}.log"
-        with log_path.open("w") as log:
-            proc = subprocess.Popen(cmd, env=self.env, start_new_session=True,
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        self.sessions.add(proc.pid)
-        if proc.wait(timeout=120) != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
+        for attempt in range(attempts):
+            cmd = [RAY, "start", *args, f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+                   *[f"{flag}={free_port()}" for flag in node_ports]]
+            # Output to a file, not a pipe: the daemons inherit the descriptor and would hold a pipe open forever.
+            log_path = self.temp_dir / f"ray-start-{len(self.sessions)}.log"
+            with log_path.open("w") as log:
+                proc = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdin=subprocess.DEVNULL,
+                                        stdout=log, stderr=subprocess.STDOUT)
+            self.sessions.add(proc.pid)
+            if proc.wait(timeout=180) == 0:
+                return
+            _signal_all(processes_in_sessions({proc.pid}), signal.SIGKILL)
+            if attempt + 1 == attempts:
+                raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
 
     def start(self) -> None:
         """``ray start --head`` (1 CPU, dashboard on 127.0.0.1), then one worker node (1 CPU) joining it."""
@@ -172,3 +178,7 @@ def local_ray_cluster() -> Iterator[LocalRayCluster]:
         left = processes_in_sessions(cluster.sessions)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"Ray processes of the test cluster survived the stop: {left}"
+        import ray
+
+        if ray.is_initialized():  # the stop left this process's own Ray (the session's local cluster) alone
+            assert ray.cluster_resources().get("CPU", 0) > 0

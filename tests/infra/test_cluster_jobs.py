@@ -36,12 +36,14 @@ def last_json(text: str) -> dict[str, Any]:
 
 
 def submit(cluster: Any, runtime_env: dict, *argv: str) -> str:
-    """Submit ``run_pipeline.py --address auto <argv>`` as a job, wait for it; returns its logs."""
+    """Submit ``run_pipeline.py --address auto <argv>`` as a job, behind the manifests' resource wait (both nodes'
+    CPUs), and wait for it; returns its logs."""
     job_id = f"tec-{argv[0]}-{uuid.uuid4().hex[:8]}"
     url = cluster.dashboard_url
+    entrypoint = [sys.executable, "-m", "infra.ray_cluster", "--wait", "CPU=2", "--timeout", "120", "--",
+                  sys.executable, "run_pipeline.py", "--log-level", "INFO", "--address", "auto", *argv]
     sub = cluster.ray("job", "submit", "--address", url, "--submission-id", job_id, "--working-dir", str(REPO),
-                      "--runtime-env-json", json.dumps(runtime_env), "--", sys.executable, "run_pipeline.py",
-                      "--log-level", "INFO", "--address", "auto", *argv, timeout=400)
+                      "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint, timeout=400)
     status = cluster.ray("job", "status", "--address", url, job_id).stdout
     logs = cluster.ray("job", "logs", "--address", url, job_id).stdout
     assert "succeeded" in status.lower(), \
@@ -67,7 +69,8 @@ def s3_root(moto_endpoint: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def two_jobs(local_ray_cluster, moto_endpoint: str, s3_root: str, fmnist_dir) -> dict[str, Any]:
+def two_jobs(ray_cluster, local_ray_cluster, moto_endpoint: str, s3_root: str, fmnist_dir) -> dict[str, Any]:
+    """Both jobs, while the test session's own local Ray (``ray_cluster``, in this process) keeps running."""
     runtime_env = {
         "env_vars": {"TEC_S3_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing",
                      "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"},
@@ -94,6 +97,7 @@ def test_train_job_reuses_the_extract_jobs_cache_on_s3(two_jobs, s3_root):
     run_config = json.loads(storage.read_bytes(storage.join(train["run_dir"], "config.json")))
     assert run_config["cache_url"] == cache  # the second job trained from the first job's cache
     assert "extract done" not in two_jobs["train_logs"]  # and extracted nothing itself
+    assert "cluster resources ready" in two_jobs["train_logs"]  # the stage ran behind the resource wait
     assert storage.list_dir(f"{s3_root}/caches") == [cache.rsplit("/", 1)[1]]
     assert storage.list_dir(f"{s3_root}/runs") == [RUN_NAME]
     extractions, runs = read_ledger(cache)
@@ -129,3 +133,18 @@ def test_address_flag_sets_ray_address():
         assert run_pipeline._config(args).ray.address == address
     args = parser.parse_args(["train", "--config", str(REPO / TINY)])
     assert run_pipeline._config(args).ray.address is None
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_the_job_cluster_shares_nothing_with_the_sessions_local_ray(two_jobs, local_ray_cluster):
+    import ray
+
+    session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
+    assert local_ray_cluster.temp_dir not in session_dir.parents
+    ours = {n["node_id"] for n in local_ray_cluster.nodes()}
+    assert ours.isdisjoint(n["NodeID"] for n in ray.nodes())
+    assert (local_ray_cluster.temp_dir / "ray_current_cluster").read_text().endswith(f":{local_ray_cluster.gcs_port}")
+    default_address_file = Path("/tmp/ray/ray_current_cluster")
+    if default_address_file.exists():
+        assert not default_address_file.read_text().endswith(f":{local_ray_cluster.gcs_port}")

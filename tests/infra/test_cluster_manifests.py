@@ -39,7 +39,7 @@ def image_workdir() -> str:
 
 @dataclass
 class Entrypoint:
-    """A RayJob entrypoint: ``python -m infra.ray_cluster --wait ... && tec-pipeline <stage> ...``."""
+    """A RayJob entrypoint: ``python -m infra.ray_cluster --wait ... -- tec-pipeline <stage> ...``."""
 
     wait: dict[str, float]
     args: Any  # the CLI's argparse namespace
@@ -47,7 +47,9 @@ class Entrypoint:
 
 
 def parse_entrypoint(text: str) -> Entrypoint:
-    wait_cmd, main_cmd = (shlex.split(part) for part in text.split("&&"))
+    tokens = shlex.split(text)
+    split = tokens.index("--")
+    wait_cmd, main_cmd = tokens[:split], tokens[split + 1:]
     assert wait_cmd[:3] == ["python", "-m", "infra.ray_cluster"], wait_cmd
     wait = dict(_parse_requirement(wait_cmd[i + 1]) for i, tok in enumerate(wait_cmd) if tok == "--wait")
     assert main_cmd[0] == "tec-pipeline", main_cmd
@@ -97,6 +99,8 @@ def rayjob_problems(job: dict) -> list[str]:
     if job.get("apiVersion") != "ray.io/v1" or job.get("kind") != "RayJob" or not job.get("metadata", {}).get("name"):
         out.append("apiVersion ray.io/v1, kind RayJob and metadata.name are required")
     spec = job["spec"]
+    if re.search(r"&&|\|\||[;|&<>`$]", spec["entrypoint"]):  # KubeRay pastes it into its submitter's shell line
+        out.append("the entrypoint must be one command without shell operators (they would run in the submitter pod)")
     if spec.get("shutdownAfterJobFinishes") is not True:
         out.append("shutdownAfterJobFinishes must be true (GPU pods must not outlive the job)")
     if not spec.get("backoffLimit", 0) >= 1:
@@ -121,7 +125,10 @@ def rayjob_problems(job: dict) -> list[str]:
         if p["gpu_request"] != p["gpus"]:
             out.append(f"group {p['group']}: GPU requests must equal limits")
     gpus = sum(p["replicas"] * p["gpus"] for p in pods)
-    ep = parse_entrypoint(spec["entrypoint"])
+    try:
+        ep = parse_entrypoint(spec["entrypoint"])
+    except (ValueError, AssertionError, SystemExit) as exc:  # SystemExit: the CLI's parser refused it
+        return [*out, f"the entrypoint does not parse as `python -m infra.ray_cluster ... -- tec-pipeline ...`: {exc}"]
     cfg, stage = ep.cfg, ep.args.command
     if ep.wait.get("GPU") != gpus:
         out.append(f"--wait GPU={ep.wait.get('GPU')} but the worker groups hold {gpus} GPUs")
@@ -170,6 +177,7 @@ def test_extract_and_train_jobs_share_config_output_root_and_image():
 @pytest.mark.parametrize(("edit", "expected"), [
     (lambda s: s["rayClusterSpec"]["workerGroupSpecs"][0].update(replicas=1, minReplicas=1), "num_actors 2 != 1"),
     (lambda s: s.update(entrypoint=s["entrypoint"].replace("GPU=2", "GPU=4")), "--wait GPU=4"),
+    (lambda s: s.update(entrypoint=s["entrypoint"].replace(" -- ", " && ")), "without shell operators"),
     (lambda s: s.update(entrypoint=s["entrypoint"] + " train.threads_per_worker=9"), "threads_per_worker 9"),
     (lambda s: s.update(entrypoint=s["entrypoint"] + " train.use_gpu=false"), "use_gpu is false"),
     (lambda s: s.update(entrypoint=s["entrypoint"].replace("s3://", "/mnt/")), "must be on s3://"),
