@@ -395,6 +395,8 @@ def summarize(path: str) -> str:
     out = ["| fault kind | injected | survived by retry | runs ending in a clear error | data lost |",
            "|---|---|---|---|---|"]
     out += [f"| {k} | {v[0]} | {v[1]} | {v[3]} | {v[2]} |" for k, v in sorted(faults.items())]
+    totals = [sum(v[i] for v in faults.values()) for i in range(4)]
+    out.append(f"| **total** | {totals[0]} | {totals[1]} | {totals[3]} | {totals[2]} |")
     out += ["", "| bad input | how it ended |", "|---|---|"]
     tmp = re.compile(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/]+/")
     out += [f"| {r['input']} | {tmp.sub('<tmp>/', r['outcome'])} |" for r in rows if r["section"] == "input"]
