@@ -78,6 +78,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Pipel
             text = Path(path).read_text()
         except OSError as exc:
             raise ConfigError([f"{path}: cannot read config file ({exc.strerror or exc})"]) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{path}: cannot read config file (not UTF-8 text: {exc})"]) from exc
         try:
             raw = yaml.load(text, _Loader)  # a SafeLoader subclass
         except yaml.YAMLError as exc:

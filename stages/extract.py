@@ -182,7 +182,8 @@ class UnitExtractor:
         if sha256_hex(checkpoint) != spec.checkpoint_sha256:
             raise RuntimeError(f"{job.checkpoint_url} changed while the extraction was running (SHA-256 differs)")
         self.model = BaseModel.from_checkpoint(checkpoint, job.timm_kwargs, job.last_layers, job.k_max,
-                                               checkpoint_key=job.checkpoint_key).to(self.device)
+                                               checkpoint_key=job.checkpoint_key,
+                                               name=job.checkpoint_url).to(self.device)
         table, _ = read_manifest(job.manifest_url)
         self.uris: list[str] = table.column("uri").to_pylist()
         self.source = ImageSource(in_chans=job.timm_kwargs.get("in_chans", 3))
@@ -264,10 +265,35 @@ class UnitExtractor:
         }
         for name, value in zip(full, (features, attn, topk), strict=True):
             full[name][valid] = value.reshape(int(valid.sum()), v, *value.shape[1:])
+        check_finite(unit_id, self.cache.unit_size, full["features"], full["attn_logits"])
         timings = {"load_s": t1 - t0, "wait_s": t_fwd - t1, "forward_s": t2 - t_fwd, "device": self.device.type}
         marker = self.cache.write_unit(unit_id, full["features"], full["attn_logits"], full["topk_index"],
                                        boxes, valid, failures, extra={"timings": timings}, owner=owner)
         return {**marker, "write_s": time.perf_counter() - t2, "wall_s": time.perf_counter() - t0}
+
+
+class NonFiniteTargetsError(FloatingPointError):
+    """The base model produced NaN/inf targets (after the float16 cast); the unit is not written."""
+
+
+def check_finite(unit_id: int, unit_size: int, features: np.ndarray, attn_logits: np.ndarray) -> None:
+    """Refuse a unit whose float16 targets are not all finite (an overflowing or broken base model).
+
+    Args:
+        unit_id: the unit. unit_size: images per unit (to name the images).
+        features: (n, V, L, C) float16. attn_logits: (n, V, K+1, H, L) float16.
+
+    Raises:
+        NonFiniteTargetsError: naming the unit and the first affected image indices.
+    """
+    bad = ~(np.isfinite(features).reshape(len(features), -1).all(1) &
+            np.isfinite(attn_logits).reshape(len(attn_logits), -1).all(1))
+    if bad.any():
+        images = (unit_id * unit_size + np.flatnonzero(bad)).tolist()
+        raise NonFiniteTargetsError(
+            f"unit {unit_id}: the base model gave NaN/inf targets (float16) for {len(images)} image(s), first "
+            f"{images[:5]}; nothing written. Check the base checkpoint and preprocessing (float16 overflows above "
+            "65504)")
 
 
 def prepare(job: ExtractJob) -> tuple[CacheSpec, TargetCache]:

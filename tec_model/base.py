@@ -117,10 +117,12 @@ class BaseModel(nn.Module):
         last_layers: int = 2,
         k_max: int = 15,
         checkpoint_key: str | None = None,
+        name: str | None = None,
     ) -> BaseModel:
-        """Build the architecture and load encoder weights from any supported checkpoint format."""
+        """Build the architecture and load encoder weights from any supported checkpoint format (``name``: the
+        checkpoint's URL, for error messages when ``src`` is bytes)."""
         model = cls(timm_kwargs, last_layers=last_layers, k_max=k_max)
-        state_dict, fmt = unwrap_state_dict(read_checkpoint(src), key=checkpoint_key)
+        state_dict, fmt = unwrap_state_dict(read_checkpoint(src, name=name), key=checkpoint_key)
         load_encoder_weights(model.vit, state_dict)
         log.info("base model loaded (%s format, %d tensors)", fmt, len(state_dict))
         return model

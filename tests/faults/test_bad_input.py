@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError, load_config
 from stages.cache import create_or_open
-from stages.extract import UnitExtractor, prepare
+from stages.extract import NonFiniteTargetsError, UnitExtractor, prepare
 from stages.manifest import ManifestError, validate_manifest, write_manifest
 from stages.train import NonFiniteLossError, TargetSource, _optimizer_step
 from stages.train_job import TrainJob
@@ -145,7 +145,7 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "tab_indentation": ("train:\n\tepochs: 2\n", "malformed YAML"),
     "bad_indentation": ("train:\n  epochs: 2\n   blr: 1e-3\n", "malformed YAML"),
     "python_object_tag": ("name: !!python/object/apply:os.system ['touch {marker}']\n", "malformed YAML"),
-    "binary_garbage": ("\x00\x01\x02\xff", "malformed YAML"),
+    "binary_garbage": ("\x00\x01\x02\xff", "not UTF-8 text"),
     "top_level_list": ("- train\n- epochs\n", "expected a mapping at the top level"),
     "epochs_is_a_string": ("train:\n  epochs: three\n", "train.epochs: expected int"),
     "epochs_is_a_list": ("train:\n  epochs: [1]\n", "train.epochs: expected int"),
@@ -156,16 +156,7 @@ CONFIGS: dict[str, tuple[str, str]] = {
 }
 
 
-NOT_UTF8 = pytest.mark.xfail(
-    strict=True, raises=UnicodeDecodeError,
-    reason="pipeline/config.py load_config reads the file with read_text() and lets UnicodeDecodeError out; the fix "
-    "(catch it beside OSError and raise ConfigError '<path>: cannot read config file (not UTF-8 text ...)') is the "
-    "config owner's",
-)
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=NOT_UTF8) if c == "binary_garbage" else c
-                                  for c in sorted(CONFIGS)])
+@pytest.mark.parametrize("case", sorted(CONFIGS))
 def test_bad_config_files_raise_config_error(case: str, tmp_path: Path) -> None:
     marker = tmp_path / "executed"
     text, fragment = CONFIGS[case]
@@ -283,6 +274,23 @@ def test_non_finite_targets_in_a_cache_stop_training(value: float, tmp_path: Pat
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     record("input", input=f"cache target holding {value}", outcome=f"`NonFiniteLossError` at the first step reading "
            f"it: {_first_line(info.value)[:70]}")
+
+
+def test_a_base_model_overflowing_float16_is_refused_at_extraction(tmp_path: Path,
+                                                                    fmnist_manifest: Callable[[int], str]) -> None:
+    """Finite weights whose activations overflow float16 (> 65504): the unit is refused, nothing is written."""
+    sd = build_vit(base_kwargs()).state_dict()
+    sd = {k: v * 1e7 if k.startswith("blocks.0.mlp.fc2.") else v for k, v in sd.items()}
+    checkpoint = tmp_path / "overflowing.pth"
+    torch.save({"model": sd}, checkpoint)
+    job = make_job(tmp_path / "cache", fmnist_manifest(16), checkpoint, unit_size=16)
+    spec, _ = prepare(job)
+    with pytest.raises(NonFiniteTargetsError, match=r"unit 0: the base model gave NaN/inf targets") as info:
+        UnitExtractor(job, spec, device="cpu", threads=1).run_unit(0)
+    cache = create_or_open(job.cache_url, spec)
+    assert cache.complete_units() == [] and not (tmp_path / "cache" / "units").exists()
+    record("input", input="base model overflowing float16", outcome=f"`NonFiniteTargetsError`, unit not written: "
+           f"{_first_line(info.value)[:60]}")
 
 
 def _first_line(exc: BaseException) -> str:
