@@ -141,7 +141,7 @@ class LocalRayCluster:
             time.sleep(1)
         raise TimeoutError(f"{n} Ray nodes did not come up within {timeout}s")
 
-    def stop(self, grace_s: float = 10) -> list[int]:
+    def stop(self, grace_s: float = 5) -> list[int]:
         """Terminate every process of this cluster (and only those); returns PIDs that still had to be killed."""
         _signal_all(processes_in_sessions(self.sessions), signal.SIGTERM)
         deadline = time.monotonic() + grace_s
