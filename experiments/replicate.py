@@ -10,9 +10,9 @@ the script runs again) and ``--table`` prints them as the README's Markdown tabl
 
 Variants (the issue's a-d):
     base                   the pixel-MAE base (pre-trained here: ``base.pretrain``)
-    tec, tec_seed1         TEC from the base's cache (V=4), two seeds
+    tec, tec_seed1/2       TEC from the base's cache (V=4), three seeds (model init, sample order, masks)
     norm_channel/none      feature-target normalisation ablation (default ``patch``)
-    no_attention           attention target off
+    no_attention(_seed1)   attention target off (two seeds)
     no_adapters            input and encoder adapters off
     views1, views16        views per image V=1 and 16 (V=4 is ``tec``)
     online                 the base model run every step on the views V=16 plans (no cache)
@@ -56,6 +56,8 @@ VARIANTS: dict[str, list[str]] = {
     "round2": [],  # base.checkpoint set to tec's export at run time
     "tec_seed1": ["train.seed=1"],
     "mae_continued": [],  # base.pretrain.epochs raised at run time
+    "tec_seed2": ["train.seed=2"],
+    "no_attention_seed1": ["model.attention_target=false", "train.seed=1"],
 }
 ORDER = ["base", *VARIANTS]
 

@@ -82,6 +82,16 @@ def ray_address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
+def alive_actors(class_name: str) -> dict[str, int]:
+    """actor id → pid of the live actors of ``class_name`` in this test session's cluster (Ray's state API; never
+    another cluster's processes)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray_address(), limit=100,
+                         filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+    return {a.actor_id: a.pid for a in actors if a.pid}
+
+
 def driver_env() -> dict[str, str]:
     """Environment of a driver subprocess: the test's, joined to the session's Ray cluster, repo on the path."""
     return os.environ | {"RAY_ADDRESS": ray_address(), "PYTHONPATH": str(REPO), "TEC_LOG_LEVEL": "INFO"}

@@ -14,13 +14,13 @@ import pytest
 from stages.extract import run_extract
 from tests.faults.conftest import (
     ROUNDS,
+    alive_actors,
     assert_markers_kept,
     assert_same_cache,
     claimed_units,
     fault_seed,
     kill_group,
     markers,
-    ray_address,
     spawn_extract,
     wait_until,
 )
@@ -74,15 +74,6 @@ def test_driver_killed_repeatedly_then_resumed_is_byte_identical(
                    bound_per_kill=IN_FLIGHT, lost=0, byte_identical=True)
 
 
-def _alive_extractors() -> dict[str, int]:
-    """actor id → pid of live UnitExtractor actors of this test session's cluster (Ray's state API)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=ray_address(), limit=100,
-                         filters=[("class_name", "=", "UnitExtractor"), ("state", "=", "ALIVE")])
-    return {a.actor_id: a.pid for a in actors if a.pid}
-
-
 @pytest.mark.parametrize("rounds", ROUNDS)
 def test_actors_killed_repeatedly_are_replaced_and_the_cache_is_byte_identical(
     rounds, fmnist_manifest, base_checkpoint, reference_cache, fault_rng, record_figures, tmp_path
@@ -105,8 +96,8 @@ def test_actors_killed_repeatedly_are_replaced_and_the_cache_is_byte_identical(
                 delay = float(fault_rng.uniform(0.0, 0.3))
                 wait_until(lambda t=target: len(markers(cache)) >= t, 180, what=f"{target} units complete")
                 time.sleep(delay)
-                wait_until(lambda: bool(set(_alive_extractors()) - seen), 120, what="a live actor")
-                alive = _alive_extractors()
+                wait_until(lambda: bool(set(alive_actors("UnitExtractor")) - seen), 120, what="a live actor")
+                alive = alive_actors("UnitExtractor")
                 victim = sorted(set(alive) - seen)[int(fault_rng.integers(0, len(set(alive) - seen)))]
                 seen.add(victim)
                 in_flight = claimed_units(cache) - set(markers(cache))

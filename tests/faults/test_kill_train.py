@@ -15,7 +15,7 @@ import torch
 
 from infra import storage
 from stages.train import run_train
-from tests.faults.conftest import fault_seed, kill_group, ray_address, spawn_train, wait_until
+from tests.faults.conftest import alive_actors, fault_seed, kill_group, spawn_train, wait_until
 from tests.stages.test_train import STEPS_PER_EPOCH, final_state, make_train_job
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -86,15 +86,6 @@ def test_driver_killed_at_random_steps_resumes_to_identical_weights(
                    checkpointed_step_at_kills=kill_steps, lost=0, weights_identical=True)
 
 
-def _alive_train_workers() -> dict[str, int]:
-    """actor id → pid of live Ray Train workers of this test session's cluster (Ray's state API)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=ray_address(), limit=100,
-                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    return {a.actor_id: a.pid for a in actors if a.pid}
-
-
 @pytest.mark.parametrize("rounds", TRAIN_ROUNDS)
 def test_workers_killed_at_random_steps_are_restarted_to_identical_weights(
     rounds, train_reference, fault_rng, record_figures, tmp_path
@@ -114,8 +105,8 @@ def test_workers_killed_at_random_steps_are_restarted_to_identical_weights(
                 delay = float(fault_rng.uniform(0.0, 2.0))
                 wait_until(lambda t=target: steps_checkpointed(str(run_dir)) >= t, 300, what=f"step {target}")
                 time.sleep(delay)
-                wait_until(lambda: bool(set(_alive_train_workers()) - killed), 120, what="live train workers")
-                alive = _alive_train_workers()
+                wait_until(lambda: bool(set(alive_actors("RayTrainWorker")) - killed), 120, what="live train workers")
+                alive = alive_actors("RayTrainWorker")
                 candidates = sorted(set(alive) - killed)
                 victim = candidates[int(fault_rng.integers(0, len(candidates)))]
                 killed.update(alive)  # the whole group is replaced after a failure
