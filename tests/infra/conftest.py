@@ -91,7 +91,7 @@ class LocalRayCluster:
     def dashboard_url(self) -> str:
         return f"http://{LOOPBACK}:{self.dashboard_port}"
 
-    def _start(self, args: list[str], attempts: int = 2) -> None:
+    def _start(self, args: list[str], attempts: int = 3) -> None:
         """``ray start <args>`` as a new session; on a busy machine Ray's fixed 30 s raylet start-up wait can run
         out, so a failed start is killed (its session only) and tried once more."""
         node_ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
