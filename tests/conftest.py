@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.data",
     "tests.fixtures.extract",
+    "tests.fixtures.images",
 ]
 
 # Two cores: keep each test process to one intra-op thread so parallel Ray workers do not thrash.
