@@ -1,9 +1,12 @@
 """infra/cluster/ and infra/docker/: the manifests parse, carry the required fields, and ask for the resources the
-configs they run will request (GPUs per actor / worker, actor and worker counts, CPUs per worker)."""
+configs they run will request (GPUs per actor / worker, actor and worker counts, CPUs per worker); every Ray cluster
+runs with token auth (the token from a Secret or a file, never a literal) and a NetworkPolicy lets only the cluster's
+own pods in, plus the job's submitters on the jobs API."""
 
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
 import tomllib
@@ -18,11 +21,17 @@ import yaml
 import run_pipeline
 from infra.ray_cluster import _parse_requirement
 from pipeline.config_schema import PipelineConfig
+from tests.infra.security_checks import Pod, allows, covering, secret_findings
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "infra" / "cluster"
 DOCKERFILE = REPO / "infra" / "docker" / "Dockerfile"
 GPU = "nvidia.com/gpu"
+TOKEN_KEY = "auth_token"  # the key KubeRay reads from an authOptions Secret
+JOBS_PORT = 8265
+RAY_PORTS = {JOBS_PORT: "dashboard / jobs API", 6379: "GCS", 10001: "Ray client", 52365: "dashboard agent",
+             10002: "a Ray worker"}
+JOBS_NAMESPACE = "jobs-ns"  # the namespace the manifests are applied in (they name none)
 
 
 def documents(path: Path) -> list[dict]:
@@ -31,6 +40,10 @@ def documents(path: Path) -> list[dict]:
 
 def rayjobs() -> dict[str, dict]:
     return {p.name: d for p in sorted(CLUSTER.glob("*.yaml")) for d in documents(p) if d.get("kind") == "RayJob"}
+
+
+def policies() -> list[dict]:
+    return [d for p in sorted(CLUSTER.glob("*.yaml")) for d in documents(p) if d.get("kind") == "NetworkPolicy"]
 
 
 def image_workdir() -> str:
@@ -148,11 +161,117 @@ def rayjob_problems(job: dict) -> list[str]:
     return out
 
 
+def ray_templates(spec: dict) -> dict[str, dict]:
+    """The pod templates of a RayJob's cluster by role: ``head`` and ``worker <group>``."""
+    rc = spec["rayClusterSpec"]
+    return {"head": rc["headGroupSpec"]["template"],
+            **{f"worker {g['groupName']}": g["template"] for g in rc["workerGroupSpecs"]}}
+
+
+def auth_problems(job: dict) -> list[str]:
+    """Token auth: ``authOptions`` token mode with a Secret; no container turns it off or holds a token literally;
+    no secret in the job's runtime env (stored in the cluster, shown by the dashboard)."""
+    name, spec = job["metadata"]["name"], job["spec"]
+    auth = spec["rayClusterSpec"].get("authOptions") or {}
+    secret = auth.get("secretName")
+    out = [] if auth.get("mode") == "token" else [f"{name}: rayClusterSpec.authOptions.mode must be token"]
+    if not secret:
+        out.append(f"{name}: rayClusterSpec.authOptions.secretName must name the Secret holding the token")
+    for role, template in ray_templates(spec).items():
+        for c in template["spec"]["containers"]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            if env.get("RAY_AUTH_MODE", {"value": "token"}).get("value") != "token":
+                out.append(f"{name} {role}: env RAY_AUTH_MODE must be token (KubeRay keeps a container's own value)")
+            token = env.get("RAY_AUTH_TOKEN")
+            if token is not None and token.get("valueFrom", {}).get("secretKeyRef") != {"name": secret,
+                                                                                       "key": TOKEN_KEY}:
+                out.append(f"{name} {role}: env RAY_AUTH_TOKEN must come from secretKeyRef {secret}/{TOKEN_KEY}, "
+                           "never a literal value")
+            literals = {k: e["value"] for k, e in env.items() if "value" in e}
+            out += [f"{name} {role}: env {f}" for f in secret_findings(literals)]
+    runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "") or {}
+    return out + [f"{name}: runtimeEnvYAML {f}" for f in secret_findings(runtime_env)]
+
+
+def cluster_pods(job: dict) -> dict[str, Pod]:
+    """The Ray pods KubeRay makes of a RayJob: template labels plus its own (the RayCluster's name is generated)."""
+    name = job["metadata"]["name"]
+    ns = job["metadata"].get("namespace") or JOBS_NAMESPACE
+    pods = {}
+    for role, template in ray_templates(job["spec"]).items():
+        kuberay = {"ray.io/is-ray-node": "yes", "ray.io/cluster": f"{name}-x7k2p", "ray.io/node-type": role.split()[0],
+                   "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+        ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])
+                 if "name" in p}
+        pods[role] = Pod(f"{name} {role}", {**(template.get("metadata") or {}).get("labels", {}), **kuberay}, ns,
+                         ports=ports)
+    return pods
+
+
+def outsiders(job: dict, others: list[dict]) -> dict[str, Pod]:
+    """Sources that must reach none of the job's ports (besides the jobs API for the entitled ones)."""
+    ns = job["metadata"].get("namespace") or JOBS_NAMESPACE
+    out = {"an unlabelled pod of the namespace": Pod("plain", {}, ns),
+           "a pod of another namespace": Pod("foreign", {}, "elsewhere"),
+           "a Ray pod of another KubeRay cluster": Pod("ray", {"ray.io/is-ray-node": "yes", "ray.io/cluster": "other",
+                                                                "app.kubernetes.io/name": "kuberay"}, ns)}
+    for other in others:
+        out.update({f"the {p.name} pod": p for p in cluster_pods(other).values()})
+    return out
+
+
+def network_problems(job: dict, policies: list[dict], others: list[dict]) -> list[str]:
+    """The NetworkPolicies select every Ray pod of the job; its own pods reach each other; its submitter pod reaches
+    the jobs API of the head; nothing else reaches a Ray port, and the submitter nothing but the jobs API."""
+    name = job["metadata"]["name"]
+    pods = cluster_pods(job)
+    submitter = Pod("submitter", {"batch.kubernetes.io/job-name": name, "job-name": name,
+                                  "ray.io/originated-from-cr-name": name}, pods["head"].namespace)
+    out = []
+    for role, target in pods.items():
+        if not covering(policies, target):
+            out.append(f"{name}: no NetworkPolicy selects its {role} pod, so every port of it is open")
+            continue
+        for port, what in RAY_PORTS.items():
+            out += [f"{name}: its {src} pod cannot reach {role} port {port} ({what})"
+                    for src, pod in pods.items() if not allows(policies, target, port, pod)]
+            entitled = role == "head" and port == JOBS_PORT
+            if entitled and not allows(policies, target, port, submitter):
+                out.append(f"{name}: its submitter pod cannot reach the jobs API (head port {port})")
+            blocked = {**outsiders(job, others), **({} if entitled else {"the submitter pod": submitter})}
+            out += [f"{name}: {role} port {port} ({what}) is open to {src}"
+                    for src, pod in blocked.items() if allows(policies, target, port, pod)]
+    return out
+
+
+def launcher_auth_problems(launcher: dict) -> list[str]:
+    """Every node container runs with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH on a file mounted from outside the
+    repository; no command or option sets the token, or another mode, inline."""
+    options = " ".join(launcher.get("docker", {}).get("run_options", []))
+    env = dict(re.findall(r"(?:--env|-e)[ =](\w+)=(\S+)", options))
+    out = [] if env.get("RAY_AUTH_MODE") == "token" else ["docker.run_options: --env RAY_AUTH_MODE=token missing"]
+    path, mounts = env.get("RAY_AUTH_TOKEN_PATH"), launcher.get("file_mounts") or {}
+    if not path:
+        out.append("docker.run_options: --env RAY_AUTH_TOKEN_PATH=<node path of the token file> missing")
+    elif path not in mounts:
+        out.append(f"RAY_AUTH_TOKEN_PATH {path} is not a file_mounts target: the nodes would have no token")
+    elif (REPO / os.path.expanduser(mounts[path])).resolve().is_relative_to(REPO):
+        out.append(f"file_mounts {path}: the source {mounts[path]} lies inside the repository (never commit a token)")
+    text = yaml.safe_dump(launcher)
+    if "RAY_AUTH_TOKEN=" in text:
+        out.append("RAY_AUTH_TOKEN is set inline; the token comes only from the mounted file")
+    out += [f"RAY_AUTH_MODE={mode} turns token auth off" for mode in re.findall(r"RAY_AUTH_MODE=(\w+)", text)
+            if mode != "token"]
+    return out
+
+
 def test_every_file_parses_and_is_known():
     kinds = {p.name: [d.get("kind", "launcher" if "cluster_name" in d else None) for d in documents(p)]
              for p in CLUSTER.glob("*.yaml")}
-    assert all(k in ("RayJob", "ServiceAccount", "launcher") for ks in kinds.values() for k in ks), kinds
-    assert {"rayjob-extract.yaml", "rayjob-train.yaml", "serviceaccount.yaml", "aws-launcher.yaml"} <= set(kinds)
+    assert all(k in ("RayJob", "ServiceAccount", "NetworkPolicy", "launcher") for ks in kinds.values() for k in ks), \
+        kinds
+    assert {"rayjob-extract.yaml", "rayjob-train.yaml", "serviceaccount.yaml", "networkpolicy.yaml",
+            "aws-launcher.yaml"} <= set(kinds)
 
 
 @pytest.mark.parametrize("name", sorted(rayjobs()))  # every RayJob in infra/cluster/, a user's own ones included
@@ -229,3 +348,88 @@ def test_dockerfile_holds_what_the_manifests_run():
         cfg = parse_entrypoint(job["spec"]["entrypoint"]).cfg
         if cfg.data.path.startswith("/usr/share/datasets/fashion-mnist/"):
             assert "dataset-fashion-mnist" in text
+
+
+@pytest.mark.parametrize("name", sorted(rayjobs()))
+def test_rayjob_runs_with_token_auth_from_a_secret(name):
+    assert auth_problems(rayjobs()[name]) == []
+
+
+@pytest.mark.parametrize("name", sorted(rayjobs()))
+def test_networkpolicy_admits_only_the_cluster_and_its_submitters(name):
+    jobs = rayjobs()
+    assert network_problems(jobs[name], policies(), [j for n, j in jobs.items() if n != name]) == []
+
+
+def test_launcher_runs_with_token_auth_from_a_file():
+    assert launcher_auth_problems(documents(CLUSTER / "aws-launcher.yaml")[0]) == []
+
+
+def env_entry(spec: dict, role: str, name: str) -> dict:
+    return next(e for e in ray_templates(spec)[role]["spec"]["containers"][0]["env"] if e["name"] == name)
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda s: s["rayClusterSpec"].pop("authOptions"), "authOptions.mode must be token"),
+    (lambda s: s["rayClusterSpec"]["authOptions"].pop("secretName"), "secretName must name the Secret"),
+    (lambda s: env_entry(s, "head", "RAY_AUTH_MODE").update(value="disabled"), "head: env RAY_AUTH_MODE must be"),
+    (lambda s: env_entry(s, "worker gpu", "RAY_AUTH_TOKEN").update(value="abc", valueFrom={}), "never a literal"),
+    (lambda s: env_entry(s, "head", "RAY_AUTH_TOKEN")["valueFrom"]["secretKeyRef"].update(name="x"), "tec-ray-auth"),
+    (lambda s: s.update(runtimeEnvYAML="env_vars:\n  AWS_SECRET_ACCESS_KEY: abc\n"), "runtimeEnvYAML env_vars.AWS"),
+    (lambda s: ray_templates(s)["head"]["spec"]["containers"][0]["env"].append(
+        {"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"}), "head: env AWS_SECRET_ACCESS_KEY: the name"),
+])
+def test_the_auth_check_catches_a_cluster_without_it(edit, expected):
+    job = copy.deepcopy(rayjobs()["rayjob-extract.yaml"])
+    edit(job["spec"])
+    assert any(expected in problem for problem in auth_problems(job)), auth_problems(job)
+
+
+def ray_policy(pols: list[dict]) -> dict:
+    """The extract job's policy for its own pods' traffic."""
+    return next(p for p in pols if p["metadata"]["name"] == "tec-extract-ray")
+
+
+def api_policy(pols: list[dict]) -> dict:
+    """The extract job's policy for its jobs API."""
+    return next(p for p in pols if p["metadata"]["name"] == "tec-extract-jobs-api")
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda ps: ps.clear(), "no NetworkPolicy selects its head pod"),
+    (lambda ps: ray_policy(ps)["spec"]["podSelector"]["matchLabels"].update({"app.kubernetes.io/instance": "x"}),
+     "no NetworkPolicy selects its worker gpu pod"),
+    (lambda ps: ray_policy(ps)["spec"]["ingress"].append({}), "head port 6379 (GCS) is open to a pod of another"),
+    (lambda ps: api_policy(ps)["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}}),
+     "head port 8265 (dashboard / jobs API) is open to a pod of another namespace"),
+    (lambda ps: api_policy(ps)["spec"]["ingress"][0]["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}}),
+     "head port 8265 (dashboard / jobs API) is open to an unlabelled pod"),
+    (lambda ps: api_policy(ps)["spec"]["ingress"][0].pop("ports"), "head port 6379 (GCS) is open to the submitter"),
+    (lambda ps: api_policy(ps)["spec"]["podSelector"]["matchLabels"].pop("ray.io/node-type"),
+     "worker gpu port 8265 (dashboard / jobs API) is open to the submitter"),
+    (lambda ps: api_policy(ps)["spec"]["ingress"][0]["from"].pop(0), "submitter pod cannot reach the jobs API"),
+    (lambda ps: ray_policy(ps)["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"].pop(
+        "app.kubernetes.io/instance"), "head port 6379 (GCS) is open to the tec-train head pod"),
+    (lambda ps: ray_policy(ps)["spec"]["ingress"][0]["from"][0].update(podSelector={}),
+     "worker gpu port 10002 (a Ray worker) is open to an unlabelled pod of the namespace"),
+    (lambda ps: ray_policy(ps)["spec"]["ingress"].pop(0), "its worker gpu pod cannot reach head port 6379"),
+])
+def test_the_network_check_catches_a_policy_opened_or_missing(edit, expected):
+    pols = copy.deepcopy(policies())
+    edit(pols)
+    jobs = rayjobs()
+    problems = network_problems(jobs["rayjob-extract.yaml"], pols, [jobs["rayjob-train.yaml"]])
+    assert any(expected in problem for problem in problems), problems
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda c: c["docker"]["run_options"].remove("--env RAY_AUTH_MODE=token"), "RAY_AUTH_MODE=token missing"),
+    (lambda c: c["head_start_ray_commands"].append("RAY_AUTH_MODE=disabled ray start --head"), "disabled turns"),
+    (lambda c: c["worker_start_ray_commands"].insert(0, "export RAY_AUTH_TOKEN=abc123"), "set inline"),
+    (lambda c: c.update(file_mounts={"/etc/ray-auth/auth_token": "infra/cluster/auth_token"}), "inside the repo"),
+    (lambda c: c.update(file_mounts={}), "not a file_mounts target"),
+])
+def test_the_launcher_auth_check_catches_a_cluster_without_it(edit, expected):
+    launcher = copy.deepcopy(documents(CLUSTER / "aws-launcher.yaml")[0])
+    edit(launcher)
+    assert any(expected in problem for problem in launcher_auth_problems(launcher)), launcher_auth_problems(launcher)
