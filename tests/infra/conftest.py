@@ -15,6 +15,10 @@ Isolation from every other Ray on the machine (the test session's in-process clu
   The dashboard and the jobs API listen on 127.0.0.1, and the GCS (which Ray binds to every interface) refuses
   callers without the cluster's token.
 
+Node environment: ``cluster_node_env`` (a fixture a test module may override) adds variables to the ``ray start``
+processes only, as a real node has its own credentials (instance role, files, environment): the raylets pass them
+to every job driver and worker they start, and no ``ray`` command on the submitting side sees them.
+
 Stopping: ``ray stop`` kills every Ray process of the user on the machine, other clusters included, so it is not
 used. Each ``ray start`` runs as the leader of a new session (``setsid``); every daemon and worker it spawns
 inherits that session id. Teardown sends SIGTERM to the processes of exactly those sessions, waits, SIGKILLs what
@@ -75,10 +79,12 @@ def _signal_all(pids: list[int], sig: int) -> None:
 
 @dataclass
 class LocalRayCluster:
-    """A running head plus worker node; ``env`` is the environment every ``ray`` command against it needs."""
+    """A running head plus worker node; ``env`` is the environment every ``ray`` command against it needs,
+    ``node_env`` what only the nodes (``ray start``) get on top of it."""
 
     temp_dir: Path
     env: dict[str, str]
+    node_env: dict[str, str] = field(default_factory=dict)
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     sessions: set[int] = field(default_factory=set)
@@ -91,6 +97,10 @@ class LocalRayCluster:
     def dashboard_url(self) -> str:
         return f"http://{LOOPBACK}:{self.dashboard_port}"
 
+    def secret_values(self) -> list[str]:
+        """The values no job submission may carry: the cluster's token and everything in the nodes' environment."""
+        return [self.env["RAY_AUTH_TOKEN"], *self.node_env.values()]
+
     def _start(self, args: list[str], attempts: int = 3) -> None:
         """``ray start <args>`` as a new session; on a busy machine Ray's fixed 30 s raylet start-up wait can run
         out, so a failed start is killed (its session only) and tried once more."""
@@ -102,8 +112,8 @@ class LocalRayCluster:
             # Output to a file, not a pipe: the daemons inherit the descriptor and would hold a pipe open forever.
             log_path = self.temp_dir / f"ray-start-{len(self.sessions)}.log"
             with log_path.open("w") as log:
-                proc = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdin=subprocess.DEVNULL,
-                                        stdout=log, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(cmd, env={**self.env, **self.node_env}, start_new_session=True,
+                                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
             self.sessions.add(proc.pid)
             if proc.wait(timeout=180) == 0:
                 return
@@ -157,7 +167,8 @@ class LocalRayCluster:
 
 def cluster_env() -> dict[str, str]:
     """This process's environment for Ray commands: no inherited Ray address or token, a fresh token, the venv
-    first on PATH, and no S3 settings (a job must bring its own, as on a cluster whose nodes have none)."""
+    first on PATH, and none of the session's S3 settings (the nodes get theirs from ``cluster_node_env``, a job its
+    endpoint and region from its runtime env)."""
     env = {k: v for k, v in os.environ.items()
            if k not in _DROPPED_ENV and not k.startswith(("AWS_", "TEC_S3_"))}
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0",
@@ -166,10 +177,17 @@ def cluster_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def local_ray_cluster() -> Iterator[LocalRayCluster]:
-    """A two-node Ray cluster on 127.0.0.1, stopped (by session id) after the module."""
+def cluster_node_env() -> dict[str, str]:
+    """Variables for the nodes' own environment (none here; a test module overrides this fixture)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def local_ray_cluster(cluster_node_env: dict[str, str]) -> Iterator[LocalRayCluster]:
+    """A two-node Ray cluster on 127.0.0.1 whose nodes also get ``cluster_node_env``, stopped (by session id) after
+    the module."""
     temp_dir = Path(tempfile.mkdtemp(prefix="tecray-", dir="/tmp"))
-    cluster = LocalRayCluster(temp_dir=temp_dir, env=cluster_env())
+    cluster = LocalRayCluster(temp_dir=temp_dir, env=cluster_env(), node_env=dict(cluster_node_env))
     try:
         cluster.start()
         yield cluster
