@@ -1,7 +1,7 @@
 """Benchmark of the train stage's step throughput (issue 4): cached targets vs the online base model, in one run.
 
 Same model, same global batch, same torch thread count, one process; every step goes through the train stage's
-own ``_optimizer_step`` (``stages/train.py``), with batches from:
+own ``optimizer_step`` (``stages/train.py``), with batches from:
 
 (a) the target cache on local disk: ``TrainBatches(cache_url=<local>)`` through ``make_loader`` (spawned workers);
 (b) the same cache on a moto S3 server on 127.0.0.1 (``TrainBatches(cache_url="s3://...")``; the manifest stays
@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.flops import base_macs_per_view, tec_step_macs
 from stages.extract import ExtractJob, run_extract
-from stages.train import TargetSource, _optimizer_step, make_plan, run_train
+from stages.train import TargetSource, make_plan, optimizer_step, run_train
 from stages.train_data import SamplePlan, TrainBatches, make_loader
 from stages.train_job import TrainJob
 from stages.views import Preprocess
@@ -200,7 +200,7 @@ def make_setup(args: argparse.Namespace, say: Callable[[str], None]) -> Setup:
 
 
 def batches_of(job: TrainJob, plan: SamplePlan, cached: bool, num_workers: int) -> Iterable[dict[str, Any]]:
-    """The train loop's batches of epoch 0 from step 0, as ``train_loop_per_worker`` builds them (rank 0)."""
+    """The train loop's batches of epoch 0 from step 0, as ``train_worker`` builds them (rank 0)."""
     data = TrainBatches(plan, 0, 0, 0, manifest_url=job.manifest_url, preprocess=job.preprocess_obj(),
                         in_chans=job.base_timm_kwargs.get("in_chans", 3),
                         cache_url=job.cache_url if cached else None, view_seed=job.view_seed)
@@ -212,7 +212,7 @@ def run_variant(kind: str, job: TrainJob, plan: SamplePlan, args: argparse.Names
                 ram: list[dict[str, Any]] | None = None, groups: dict[str, set[int]] | None = None) -> dict[str, Any]:
     """Warm up ``--warmup`` steps, then time ``--steps`` optimiser steps of one variant with a fresh model.
 
-    Each step: ``next(batches)`` (time spent waiting on the loader) then ``_optimizer_step`` (compute). The timed
+    Each step: ``next(batches)`` (time spent waiting on the loader) then ``optimizer_step`` (compute). The timed
     window runs from the request of the first timed batch to the end of the last step; the machine's busy cores
     are metered over it (and split by :class:`ProcessCpu`; ``groups`` names child pids such as moto's).
     """
@@ -242,7 +242,7 @@ def run_variant(kind: str, job: TrainJob, plan: SamplePlan, args: argparse.Names
         t0 = time.perf_counter()
         batch = next(it)
         t1 = time.perf_counter()
-        _optimizer_step(job, core, opt, scaler, source, batch, device, False, torch.bfloat16, step, 0, 1)
+        optimizer_step(job, core, opt, scaler, source, batch, device, "float32", step, 0, 1)
         t2 = time.perf_counter()
         if step == 0:
             t_first = t2 - started
@@ -304,7 +304,7 @@ def loader_probe(job: TrainJob, plan: SamplePlan, cached: bool, args: argparse.N
 
 def profile_step(job: TrainJob, batch: dict[str, Any], online: bool, repeats: int = 3) -> dict[str, float]:
     """Milliseconds of the parts of one step on ``batch`` (this process, after a warm-up step): the base forward
-    (online only), the TEC forward, backward, ``opt.step`` + ``zero_grad``; and the whole ``_optimizer_step`` on the
+    (online only), the TEC forward, backward, ``opt.step`` + ``zero_grad``; and the whole ``optimizer_step`` on the
     same batch, whose excess over the parts is the train loop's per-step overhead (copies, casts, mask RNG, item()).
     """
     device = torch.device("cpu")
@@ -337,8 +337,8 @@ def profile_step(job: TrainJob, batch: dict[str, Any], online: bool, repeats: in
     whole = []
     for r in range(repeats + 1):
         t0 = time.perf_counter()
-        _optimizer_step(step_job, model, opt, torch.amp.GradScaler("cpu", enabled=False), source, batch, device,
-                        False, torch.bfloat16, r, 0, 1)
+        optimizer_step(step_job, model, opt, torch.amp.GradScaler("cpu", enabled=False), source, batch, device,
+                       "float32", r, 0, 1)
         if r:
             whole.append(1e3 * (time.perf_counter() - t0))
     out["optimizer_step_ms"] = float(np.median(whole))
@@ -523,7 +523,7 @@ def render(results: dict[str, Any]) -> str:
         parts = {k: v for k, v in p.items() if k not in ("optimizer_step_ms", "overhead_ms")}
         lines.append(_row(name, f"{sum(parts.values()):.0f} ms",
                           "  ".join(f"{k.removesuffix('_ms')} {v:.0f}" for k, v in parts.items()) +
-                          f"; whole _optimizer_step {p['optimizer_step_ms']:.0f} (overhead {p['overhead_ms']:+.0f})"))
+                          f"; whole optimizer_step {p['optimizer_step_ms']:.0f} (overhead {p['overhead_ms']:+.0f})"))
     e = results["extract"]
     lines.append(_row("extraction (setup)", f"{e['views'] / e['work_seconds']:.0f} views/s",
                       f"{e['views']} views, {e['stored_mb']:.1f} MB stored ({e['raw_mb']:.1f} MB raw)"))

@@ -23,20 +23,20 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from infra.redaction import REDACTED, redact_text
 from pipeline.config_schema import PipelineConfig
 from stages.extract import ExtractJob
 from stages.train_job import TrainJob
+from stages.uri_policy import UriPolicy
 from stages.views import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from tec_model.archs import vit_kwargs
 from tec_model.masking import num_visible
 
 log = logging.getLogger(__name__)
 
-REDACTED = "<redacted>"
 SECRET_KEY = re.compile(r"secret|password|token|credential|access_key|key_id|session|signature", re.IGNORECASE)
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
-_QUERY_PARAM = re.compile(r"([?&])([^=&#]+)=([^&#]*)")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_MAX = 128
 _VIT_INTS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
 
 
@@ -248,8 +248,8 @@ def _cross_checks(cfg: PipelineConfig, bad: set[str]) -> list[str]:
         return not any(k in bad or any(b.startswith(k + ".") or k.startswith(b + ".") for b in bad) for k in keys)
 
     for key, value in (("name", cfg.name), ("train.run_name", cfg.train.run_name)):
-        if ok(key) and value is not None and not _NAME.match(value):
-            out.append(f"{key}: {value!r} must be letters, digits, '.', '_' or '-' (a directory name)")
+        if ok(key) and value is not None and (problem := name_problem(value, key)):
+            out.append(problem)
     for key, value in (("output_root", cfg.output_root), ("data.path", cfg.data.path)):
         if ok(key) and not value.strip():
             out.append(f"{key}: must not be empty")
@@ -287,7 +287,7 @@ def _cross_checks(cfg: PipelineConfig, bad: set[str]) -> list[str]:
         out += _masked_model_checks(sec, obj, base_len, ok)
     for sec, obj, accum in (("train", t, t.accum_steps), ("base.pretrain", p, 1)):
         if ok(f"{sec}.global_batch", "train.num_workers", "train.accum_steps") and \
-                obj.global_batch % (t.num_workers * accum):
+                obj.global_batch % (max(1, t.num_workers) * accum):
             out.append(f"{sec}.global_batch: {obj.global_batch} is not divisible by train.num_workers × "
                        f"{sec}.accum_steps ({t.num_workers} × {accum})" if sec == "train" else
                        f"{sec}.global_batch: {obj.global_batch} is not divisible by train.num_workers "
@@ -372,6 +372,32 @@ def _preprocess_checks(cfg: PipelineConfig, in_chans: int) -> list[str]:
     return out
 
 
+def name_problem(value: Any, key: str) -> str | None:
+    """Why ``value`` cannot be the name ``key`` (a name that becomes one directory or object name), or None.
+
+    A name is 1 to :data:`NAME_MAX` letters, digits, ``.``, ``_`` or ``-``, starts with a letter or digit (so it is
+    never empty, ``.``, ``..`` or hidden) and holds no ``..``; ``/`` is refused, so it stays one path component.
+    """
+    if not isinstance(value, str) or not _NAME.match(value) or ".." in value:
+        return (f"{key}: {value!r} must be letters, digits, '.', '_' or '-', start with a letter or digit and hold "
+                "no '..' (a directory name)")
+    if len(value) > NAME_MAX:
+        return f"{key}: {value[:16]!r}... is {len(value)} characters long, at most {NAME_MAX} (a directory name)"
+    return None
+
+
+def check_name(value: Any, key: str) -> str:
+    """``value`` when it is a valid name for ``key`` (see :func:`name_problem`).
+
+    Raises:
+        ConfigError: naming ``key`` and what a name must look like.
+    """
+    problem = name_problem(value, key)
+    if problem:
+        raise ConfigError([problem])
+    return value
+
+
 # ------------------------------------------------------------------------------------------- derived values
 def base_timm_kwargs(cfg: PipelineConfig) -> dict[str, Any]:
     """The base model's ``VisionTransformer`` kwargs."""
@@ -410,7 +436,8 @@ def to_extract_job(cfg: PipelineConfig, cache_url: str, manifest_url: str, check
         timm_kwargs=base_timm_kwargs(cfg), preprocess=preprocess(cfg), views_per_image=ex.views_per_image,
         view_seed=ex.seed, last_layers=ex.last_layers, k_max=ex.k_max, unit_size=ex.unit_size,
         batch_size=ex.batch_size, checkpoint_key=cfg.base.checkpoint_key, compressor=ex.compressor,
-        amp_dtype=cfg.train.amp_dtype,
+        precision=ex.precision, max_failed_fraction=ex.max_failed_fraction,
+        uri_policy=UriPolicy.of(cfg.data),
     )
 
 
@@ -422,10 +449,11 @@ def to_train_job(cfg: PipelineConfig, cache_url: str | None, run_name: str, stor
                                                                                                "timm_overrides")}
     train_fields = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name != "run_name"}
     return TrainJob(
-        run_name=run_name, storage_path=storage_path, timm_kwargs=model_timm_kwargs(cfg),
+        run_name=check_name(run_name, "run_name"), storage_path=storage_path, timm_kwargs=model_timm_kwargs(cfg),
         base_timm_kwargs=base_timm_kwargs(cfg), preprocess=preprocess(cfg).to_dict(), cache_url=cache_url,
         manifest_url=manifest_url, checkpoint_url=checkpoint_url, views_per_image=ex.views_per_image,
-        view_seed=ex.seed, last_layers=ex.last_layers, k_max=ex.k_max, **model_fields, **train_fields,
+        view_seed=ex.seed, last_layers=ex.last_layers, k_max=ex.k_max, base_precision=ex.precision, **model_fields,
+        **train_fields,
     )
 
 
@@ -437,7 +465,8 @@ def to_pretrain_job(cfg: PipelineConfig, run_name: str, storage_path: str, manif
                                             "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
                                             "amp_dtype", "shuffle_window")}
     return TrainJob(
-        run_name=run_name, storage_path=storage_path, timm_kwargs=kwargs, base_timm_kwargs=kwargs,
+        run_name=check_name(run_name, "run_name"), storage_path=storage_path, timm_kwargs=kwargs,
+        base_timm_kwargs=kwargs,
         preprocess=preprocess(cfg).to_dict(), target_source="pixel", manifest_url=manifest_url,
         views_per_image=max(1, p.epochs), view_seed=p.seed, adapters="none", feature_norm="channel",
         attention_target=False, topk=1, k_max=1, mask_ratio=p.mask_ratio, decoder_dim=p.decoder_dim,
@@ -448,16 +477,15 @@ def to_pretrain_job(cfg: PipelineConfig, run_name: str, storage_path: str, manif
 
 # ----------------------------------------------------------------------------------------- resolved output
 def redact(value: Any) -> Any:
-    """A copy of ``value`` without secrets: secret-named keys become ``<redacted>``, URLs lose their userinfo
-    and secret-named query parameters."""
+    """A copy of ``value`` without secrets: secret-named keys become ``<redacted>``, every URL inside a string
+    loses its userinfo and its secret-named parameters' values (:func:`infra.redaction.redact_text`)."""
     if isinstance(value, dict):
         return {k: REDACTED if SECRET_KEY.search(str(k)) and value[k] is not None else redact(v)
                 for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
     if isinstance(value, str):
-        value = _USERINFO.sub(r"\1", value)
-        return _QUERY_PARAM.sub(lambda mt: f"{mt[1]}{mt[2]}={REDACTED}" if SECRET_KEY.search(mt[2]) else mt[0], value)
+        return redact_text(value)
     return value
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stages.cache import COMPRESSORS
+from stages.device import AMP_DTYPES, PRECISIONS
+from stages.uri_policy import DEFAULT_MAX_IDX_BYTES, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SCHEMES
 from tec_model.archs import ARCHS
 from tec_model.tec import ADAPTERS, FEATURE_NORMS
 
@@ -18,7 +20,6 @@ DATA_SOURCES = ("idx", "image_folder", "uri_list")
 NORMS = ("imagenet", "fashion_mnist", "custom")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 TARGET_SOURCES = ("cache", "online")  # "pixel" is internal: base.pretrain uses it
-AMP_DTYPES = ("bfloat16", "float16")
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
@@ -34,12 +35,21 @@ def _at_least(low: float) -> dict[str, Any]:
 
 @dataclass
 class DataConfig:
-    """The images: a manifest is built from ``path`` by ``source`` (IDX file, ImageFolder tree or URI list)."""
+    """The images: a manifest is built from ``path`` by ``source`` (IDX file, ImageFolder tree or URI list).
+
+    The manifest's URIs are read under an input policy (:class:`stages.uri_policy.UriPolicy`): ``allowed_schemes``
+    (plain paths are ``file``; link-local and metadata addresses are refused whatever the scheme), ``max_image_bytes``
+    per encoded image, ``max_image_pixels`` per decoded image, ``max_idx_bytes`` per IDX file.
+    """
 
     source: str = field(default="idx", metadata=_one_of(DATA_SOURCES))
     path: str = f"{FMNIST_DIR}/train-images-idx3-ubyte.gz"
     limit: int | None = field(default=None, metadata=_at_least(1))
     test_path: str | None = f"{FMNIST_DIR}/t10k-images-idx3-ubyte.gz"
+    allowed_schemes: list[str] = field(default_factory=lambda: list(DEFAULT_SCHEMES))
+    max_image_bytes: int = field(default=DEFAULT_MAX_IMAGE_BYTES, metadata=_at_least(1))
+    max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata=_at_least(1))
+    max_idx_bytes: int = field(default=DEFAULT_MAX_IDX_BYTES, metadata=_at_least(1))
 
 
 @dataclass
@@ -96,9 +106,11 @@ class ExtractConfig:
     last_layers: int = field(default=2, metadata=_at_least(1))
     unit_size: int = field(default=64, metadata=_at_least(1))
     batch_size: int = field(default=64, metadata=_at_least(1))
-    num_actors: int = field(default=1, metadata=_at_least(1))
+    num_actors: int = field(default=1, metadata=_at_least(0))  # 0: extract in this process, without Ray
     threads_per_actor: int = field(default=1, metadata=_at_least(1))
     compressor: str = field(default="shuffle", metadata=_one_of(COMPRESSORS))
+    precision: str = field(default="auto", metadata=_one_of(PRECISIONS))  # auto: bfloat16 on CUDA, float32 on CPU
+    max_failed_fraction: float = field(default=0.05, metadata=_at_least(0.0))  # a unit losing more stops the job
 
 
 @dataclass
@@ -133,7 +145,7 @@ class TrainConfig:
     min_lr: float = field(default=0.0, metadata=_at_least(0.0))
     seed: int = field(default=0, metadata=_at_least(0))
     shuffle_window: int = field(default=8, metadata=_at_least(1))
-    num_workers: int = field(default=2, metadata=_at_least(1))
+    num_workers: int = field(default=2, metadata=_at_least(0))  # 0: train in this process, without Ray
     use_gpu: bool = False
     threads_per_worker: int = field(default=1, metadata=_at_least(1))
     loader_workers: int = field(default=1, metadata=_at_least(0))

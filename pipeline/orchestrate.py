@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from infra import storage
-from infra.ray_cluster import ensure_ray
 from pipeline import config as C
 from pipeline import ledger
 from pipeline.flops import tec_step_macs
@@ -31,9 +30,19 @@ from stages.cache_spec import CacheSpec
 from stages.extract import ExtractJob, ExtractResult, build_spec, run_extract
 from stages.train import TrainResult, latest_checkpoint_state, run_train, write_export
 from stages.train_job import TrainJob
+from stages.uri_policy import UriPolicy
 from tec_model import build_vit, num_patches
 
 log = logging.getLogger(__name__)
+
+
+def _start_ray(cfg: C.PipelineConfig, needed: bool) -> None:
+    """Start (or join) Ray when a stage will use it; the in-process modes (``extract.num_actors: 0``,
+    ``train.num_workers: 0``) never import it."""
+    if needed:
+        from infra.ray_cluster import ensure_ray
+
+        ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
 
 
 def prepare_manifest(cfg: C.PipelineConfig) -> tuple[str, str, int]:
@@ -48,7 +57,7 @@ def prepare_manifest(cfg: C.PipelineConfig) -> tuple[str, str, int]:
     elif d.source == "image_folder":
         table = M.manifest_from_image_folder(d.path)
     else:
-        table = M.manifest_from_uri_list(d.path)
+        table = M.manifest_from_uri_list(d.path, policy=UriPolicy.of(d))
     if d.limit is not None and d.source != "idx":
         table = table.slice(0, d.limit)
     data = M.manifest_to_bytes(table)
@@ -103,7 +112,7 @@ def pretrain_base(cfg: C.PipelineConfig, manifest_url: str, manifest_sha: str) -
         return url
     job = C.to_pretrain_job(cfg, run_name=name, storage_path=root, manifest_url=manifest_url)
     log.info("pre-training the base model: pixel MAE %s for %d epochs (%s)", cfg.base.arch, job.epochs, name)
-    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    _start_ray(cfg, cfg.train.num_workers > 0)
     started = time.perf_counter()
     run_train(job, address=cfg.ray.address)
     write_run_logs(storage.join(root, name))
@@ -145,22 +154,24 @@ def locate_cache(cfg: C.PipelineConfig, cache_url: str | None = None) -> CacheRe
     if len(cache.complete_units()) != cache.n_units:
         raise RuntimeError(f"{job.cache_url}: extraction unfinished ({len(cache.complete_units())}/{cache.n_units} "
                            "units); re-run `extract` to finish it")
-    return CacheReady(job.cache_url, cache.spec, None, reused=True)
+    return CacheReady(job.cache_url, cache.spec.with_working_urls(job.checkpoint_url, job.manifest_url), None,
+                      reused=True)
 
 
 def ensure_cache(cfg: C.PipelineConfig, cache_url: str | None = None) -> CacheReady:
     """Extract the configuration's cache, or reuse the complete cache with the same key (registry or
     ``cache_url``); a half-finished cache is resumed."""
     job, key = _extract_job(cfg, cache_url)
-    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    _start_ray(cfg, cfg.extract.num_actors > 0)
     with contextlib.suppress(FileNotFoundError):
         cache = open_cache(job.cache_url)
         if cache.spec.key == key and len(cache.complete_units()) == cache.n_units:
             log.info("reusing complete cache %s (key %s)", job.cache_url, key[:12])
-            return CacheReady(job.cache_url, cache.spec, None, reused=True)
+            return CacheReady(job.cache_url, cache.spec.with_working_urls(job.checkpoint_url, job.manifest_url),
+                              None, reused=True)
     result = run_extract(job, num_actors=cfg.extract.num_actors, address=cfg.ray.address,
                          threads_per_actor=cfg.extract.threads_per_actor)
-    spec = open_cache(job.cache_url).spec
+    spec = open_cache(job.cache_url).spec.with_working_urls(job.checkpoint_url, job.manifest_url)
     write_config_attr(job.cache_url, C.resolved_dict(cfg))
     if result.units_written:
         ledger.record_extraction(job.cache_url, result, spec)
@@ -174,7 +185,7 @@ def train_from(cfg: C.PipelineConfig, cache: CacheReady, run_name: str | None = 
                          manifest_url=cache.spec.manifest_uri, checkpoint_url=cache.spec.checkpoint)
     run_dir = storage.join(job.storage_path, name)
     storage.write_bytes(storage.join(run_dir, "config.yaml"), C.dump_yaml(cfg).encode())
-    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    _start_ray(cfg, cfg.train.num_workers > 0)
     started = time.perf_counter()
     result = run_train(job, address=cfg.ray.address)
     wall = time.perf_counter() - started

@@ -410,6 +410,11 @@ def _check(url: str, existing: CacheSpec, wanted: CacheSpec) -> None:
     if existing.key != wanted.key:
         raise CacheMismatchError(url, diff_specs(existing, wanted) or [f"key: cache has {existing.key}, "
                                                                         f"config asks {wanted.key}"])
+    if existing.precision != wanted.precision:
+        raise CacheMismatchError(url, [
+            f"targets.precision: cache was extracted in {existing.precision}, this job computes "
+            f"{wanted.precision} (set extract.precision={existing.precision} to continue it, or extract into "
+            "another cache: units of two precisions would differ under one key)"])
     if existing.unit_size != wanted.unit_size:
         logger.warning("%s: cache has unit_size %d, config asks %d: using the cache's layout", url,
                        existing.unit_size, wanted.unit_size)

@@ -5,7 +5,7 @@ one from its own config and refuses a cache whose :func:`diff_specs` is not empt
 
     {format_version, key,
      base_model: {checkpoint, checkpoint_sha256, timm_kwargs},
-     targets: {last_layers, k_max},
+     targets: {last_layers, k_max, precision},
      preprocess: {output_size, crop_scale, crop_ratio, interpolation, mean, std},
      views: {seed, per_image},
      manifest: {uri, sha256},
@@ -14,7 +14,12 @@ one from its own config and refuses a cache whose :func:`diff_specs` is not empt
 
 The key is the SHA-256 of a canonical JSON of every field that changes the stored bytes. It leaves out where things
 live (the checkpoint URL, the manifest URI: their SHA-256 stand for them), the FLOPs bookkeeping and the layout
-(``unit_size``: chunking changes the objects, not the values).
+(``unit_size``: chunking changes the objects, not the values). A credential inside one of those URLs therefore
+never changes the key.
+
+The attribute stores the two URLs redacted (:func:`infra.redaction.redact_url`: no userinfo, no presigned
+signature or token): a spec built from a job keeps the working URLs in memory, a spec read back from a cache holds
+the redacted ones (:meth:`CacheSpec.with_working_urls` puts the working ones back).
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from infra.redaction import redact_url
+
 FORMAT_VERSION = 1
 ATTR_NAME = "tec_cache"
+_ABSENT = object()
 
 
 class CacheFormatError(ValueError):
@@ -69,8 +77,12 @@ _LAYOUT: tuple[tuple[str, str, bool], ...] = (
     ("shapes.embed_dim", "embed_dim", True),
     ("shapes.num_heads", "num_heads", True),
     ("shapes.unit_size", "unit_size", False),
+    ("targets.precision", "precision", False),
 )
 _KEY_PATHS = tuple(path for path, _, in_key in _LAYOUT if in_key)
+_URL_FIELDS = frozenset({"checkpoint", "manifest_uri"})  # stored redacted
+# Fields that caches written before they existed lack, with the value those caches have.
+_DEFAULTS_WHEN_ABSENT = {"targets.precision": "float32"}
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,9 @@ class CacheSpec:
         num_heads: H, attention heads of the base model's last block.
         base_forward_macs_per_view: multiply-accumulates of one base forward (bookkeeping, not part of the key).
         unit_size: U, images per work unit and per shard (layout, not part of the key).
+        precision: the dtype the base model's forward ran in (``float32`` on CPU, ``bfloat16`` autocast on GPU by
+            default). Not part of the key, so one configuration finds its cache on any device, but fixed per cache:
+            a writer of another precision is refused (:func:`stages.cache.create_or_open`), so units never mix.
     """
 
     checkpoint: str
@@ -126,6 +141,7 @@ class CacheSpec:
     interpolation: str = "bicubic"
     base_forward_macs_per_view: int = 0
     unit_size: int = field(default=64)
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("crop_scale", "crop_ratio", "mean", "std"):
@@ -139,10 +155,11 @@ class CacheSpec:
         return cache_key(self)
 
     def to_attrs(self) -> dict[str, Any]:
-        """The ``tec_cache`` group attribute (a JSON object) for this spec, key included."""
+        """The ``tec_cache`` group attribute (a JSON object) for this spec, key included, URLs redacted."""
         out: dict[str, Any] = {"format_version": FORMAT_VERSION, "key": self.key}
         for path, name, _ in _LAYOUT:
-            _set_dotted(out, path, _json_normal(getattr(self, name)))
+            value = getattr(self, name)
+            _set_dotted(out, path, redact_url(value) if name in _URL_FIELDS else _json_normal(value))
         out["shapes"]["views_per_image"] = self.views_per_image
         return out
 
@@ -157,7 +174,8 @@ class CacheSpec:
         if version != FORMAT_VERSION:
             raise CacheFormatError(f"tec_cache format_version {version!r}: this code reads {FORMAT_VERSION}")
         try:
-            values = {name: _get_dotted(attrs, path) for path, name, _ in _LAYOUT}
+            values = {name: _get_dotted(attrs, path, _DEFAULTS_WHEN_ABSENT.get(path, _ABSENT))
+                      for path, name, _ in _LAYOUT}
         except KeyError as exc:
             raise CacheFormatError(f"tec_cache attribute lacks {exc.args[0]}") from exc
         return cls(**values)
@@ -165,6 +183,13 @@ class CacheSpec:
     def replace(self, **changes: Any) -> CacheSpec:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def with_working_urls(self, checkpoint: str | None, manifest_uri: str | None) -> CacheSpec:
+        """A copy whose checkpoint / manifest URL is the given working one (credentials included) wherever the
+        stored one is its redacted form; any other stored URL (another location) is kept."""
+        changes = {name: url for name, url in (("checkpoint", checkpoint), ("manifest_uri", manifest_uri))
+                   if url and redact_url(url) == getattr(self, name)}
+        return self.replace(**changes) if changes else self
 
 
 def _validate(spec: CacheSpec) -> None:
@@ -195,11 +220,14 @@ def _set_dotted(out: dict[str, Any], path: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _get_dotted(attrs: Mapping[str, Any], path: str) -> Any:
+def _get_dotted(attrs: Mapping[str, Any], path: str, default: Any = _ABSENT) -> Any:
+    """The value at a dotted path; ``default`` when absent (``_ABSENT``: raise ``KeyError``)."""
     node: Any = attrs
     for part in path.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            raise KeyError(path)
+            if default is _ABSENT:
+                raise KeyError(path)
+            return default
         node = node[part]
     return node
 
@@ -229,8 +257,6 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
         return out
     return {prefix: value}
 
-
-_ABSENT = object()
 
 
 def _show(value: Any) -> str:

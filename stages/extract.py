@@ -32,7 +32,6 @@ import torch
 
 from infra import storage
 from stages.cache import (
-    CacheFullError,
     ClaimLostError,
     TargetCache,
     create_or_open,
@@ -40,9 +39,12 @@ from stages.cache import (
     no_space_guard,
     open_cache,
 )
-from stages.cache_spec import CacheSpec
-from stages.images import BadImageError, FailureRecord, ImageSource
+from stages.cache_spec import CacheMismatchError, CacheSpec
+from stages.device import autocast, configure_matmul, extraction_precision, resolve_device
+from stages.extract_pool import InProcessPool, RayActorPool, WorkerLostError
+from stages.images import BadImageError, FailureRecord, ImageSource, check_failure_rate
 from stages.manifest import read_manifest
+from stages.uri_policy import DEFAULT_POLICY, UriPolicy
 from stages.views import Preprocess
 from tec_model import BaseModel, num_patches
 from tec_model.flops import vit_forward_macs
@@ -68,7 +70,11 @@ class ExtractJob:
         batch_size: views per base-model forward.
         checkpoint_key: force a checkpoint entry (``teacher``/``student``/…) instead of auto-detection.
         compressor: the cache's Blosc shuffle mode (``shuffle``, ``bitshuffle`` or ``none``).
-        amp_dtype: autocast dtype on GPU (``bfloat16`` or ``float16``); CPU runs in float32.
+        precision: the base model's forward precision (``auto``: bfloat16 autocast on CUDA, float32 on the CPU;
+            see :mod:`stages.device`). It changes the bytes, so it is recorded in the cache and fixed per cache.
+        max_failed_fraction: a unit in which more of its images fail stops the job, nothing of it written (at least
+            one failure is allowed when above 0; see :func:`stages.failures.allowed_failures`).
+        uri_policy: which manifest URIs may be read and how much of them (:class:`stages.uri_policy.UriPolicy`).
     """
 
     cache_url: str
@@ -84,7 +90,9 @@ class ExtractJob:
     batch_size: int = 64
     checkpoint_key: str | None = None
     compressor: str = "shuffle"
-    amp_dtype: str = "bfloat16"
+    precision: str = "auto"
+    max_failed_fraction: float = 0.05
+    uri_policy: UriPolicy = DEFAULT_POLICY
 
 
 @dataclass(frozen=True)
@@ -142,8 +150,10 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def build_spec(job: ExtractJob, manifest_sha: str, n_images: int, checkpoint_sha: str) -> CacheSpec:
-    """The cache identity of a job (the base model's shapes are derived from its kwargs)."""
+def build_spec(job: ExtractJob, manifest_sha: str, n_images: int, checkpoint_sha: str,
+               precision: str = "float32") -> CacheSpec:
+    """The cache identity of a job (the base model's shapes are derived from its kwargs); ``precision`` is the
+    resolved forward precision of the workers that will write it (recorded, not part of the key)."""
     kw = job.timm_kwargs
     if kw["img_size"] != job.preprocess.output_size:
         raise ValueError(f"preprocess.output_size {job.preprocess.output_size} differs from the base model's "
@@ -158,7 +168,7 @@ def build_spec(job: ExtractJob, manifest_sha: str, n_images: int, checkpoint_sha
         interpolation=p.interpolation, mean=p.mean, std=p.std, view_seed=job.view_seed,
         views_per_image=job.views_per_image, manifest_uri=job.manifest_url, manifest_sha256=manifest_sha,
         n_images=n_images, num_patches=num_patches(kw), embed_dim=kw["embed_dim"], num_heads=kw["num_heads"],
-        base_forward_macs_per_view=vit_forward_macs(kw), unit_size=job.unit_size,
+        base_forward_macs_per_view=vit_forward_macs(kw), unit_size=job.unit_size, precision=precision,
     )
 
 
@@ -176,8 +186,15 @@ class UnitExtractor:
         if threads:
             torch.set_num_threads(threads)
         self.job, self.spec = job, spec
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = resolve_device("auto") if device == "auto" else torch.device(device)
+        self.precision = extraction_precision(job.precision, self.device)
+        if self.precision != spec.precision:
+            raise CacheMismatchError(job.cache_url, [
+                f"targets.precision: this worker computes {self.precision} on {self.device.type}, the driver "
+                f"resolved {spec.precision} for the cache (extract.precision={job.precision!r}); set "
+                "extract.precision explicitly when the driver and the workers see different devices"])
+        if self.device.type == "cuda" and self.precision == "float32":
+            configure_matmul(allow_tf32=False)  # float32 asked for: no TF32, so the bytes match a CPU forward
         checkpoint = storage.read_bytes(job.checkpoint_url)
         if sha256_hex(checkpoint) != spec.checkpoint_sha256:
             raise RuntimeError(f"{job.checkpoint_url} changed while the extraction was running (SHA-256 differs)")
@@ -206,9 +223,10 @@ class UnitExtractor:
         boxes = np.zeros((len(rows), v, 5), np.int32)
         valid = np.zeros(len(rows), bool)
         pixels, failures = [], []
+        source = self.source.with_policy(self.job.uri_policy)
         for j, index in enumerate(rows):
             try:
-                image = self.source.read(self.uris[index])
+                image = source.read(self.uris[index])
             except BadImageError as err:
                 failures.append(FailureRecord(index, err.uri, err.reason, err.message))
                 log.warning("image %d skipped: %s", index, err)
@@ -224,11 +242,9 @@ class UnitExtractor:
     def forward(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Targets for (M, C, S, S) views in batches: features, attn_logits (float16), topk_index (int16)."""
         outs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        amp = self.device.type == "cuda"
-        dtype = getattr(torch, self.job.amp_dtype)
         for start in range(0, len(pixels), self.job.batch_size):
             batch = pixels[start : start + self.job.batch_size].to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=dtype, enabled=amp):
+            with autocast(self.device, self.precision):
                 t = self.model(batch)
             outs.append((t.features.half().cpu().numpy(), t.attn_logits.half().cpu().numpy(),
                          t.topk_index.to(torch.int16).cpu().numpy()))
@@ -249,9 +265,14 @@ class UnitExtractor:
             unit_id: the unit.
             owner: the claim owner the unit is written for; the write is refused (:class:`ClaimLostError`) if the
                 claim has meanwhile passed to another job.
+
+        Raises:
+            stages.failures.TooManyBadImagesError: more images failed than ``job.max_failed_fraction`` allows.
+            infra.storage.StorageError: the image store failed (nothing is recorded as a skip for it).
         """
         t0 = time.perf_counter()
         pixels, boxes, valid, failures = self.load_unit(unit_id)
+        check_failure_rate(unit_id, len(valid), failures, self.job.max_failed_fraction)
         t1 = time.perf_counter()
         with self._forward_lock:
             t_fwd = time.perf_counter()
@@ -268,7 +289,8 @@ class UnitExtractor:
         check_finite(unit_id, self.cache.unit_size, full["features"], full["attn_logits"])
         timings = {"load_s": t1 - t0, "wait_s": t_fwd - t1, "forward_s": t2 - t_fwd, "device": self.device.type}
         marker = self.cache.write_unit(unit_id, full["features"], full["attn_logits"], full["topk_index"],
-                                       boxes, valid, failures, extra={"timings": timings}, owner=owner)
+                                       boxes, valid, failures, owner=owner,
+                                       extra={"timings": timings, "precision": self.precision})
         return {**marker, "write_s": time.perf_counter() - t2, "wall_s": time.perf_counter() - t0}
 
 
@@ -296,11 +318,22 @@ def check_finite(unit_id: int, unit_size: int, features: np.ndarray, attn_logits
             "65504)")
 
 
-def prepare(job: ExtractJob) -> tuple[CacheSpec, TargetCache]:
-    """Resolve the job's identity and create (or check) the cache. Refuses a mismatching existing cache."""
+def resolve_spec(job: ExtractJob, device: torch.device | None = None) -> CacheSpec:
+    """The job's cache spec (reads the manifest and hashes the checkpoint), for workers on ``device``
+    (default: the CPU)."""
     table, manifest_sha = read_manifest(job.manifest_url)
     checkpoint_sha = sha256_hex(storage.read_bytes(job.checkpoint_url))
-    spec = build_spec(job, manifest_sha, table.num_rows, checkpoint_sha)
+    precision = extraction_precision(job.precision, device or torch.device("cpu"))
+    return build_spec(job, manifest_sha, table.num_rows, checkpoint_sha, precision)
+
+
+def prepare(job: ExtractJob, device: torch.device | None = None,
+            spec: CacheSpec | None = None) -> tuple[CacheSpec, TargetCache]:
+    """Resolve the job's identity (unless ``spec`` is given) and create (or check) the cache.
+
+    Refuses an existing cache of another key or of another precision (:class:`CacheMismatchError`).
+    """
+    spec = spec or resolve_spec(job, device)
     with no_space_guard(job.cache_url, "creating it"):
         cache = create_or_open(job.cache_url, spec, compressor=job.compressor)
     return spec, cache
@@ -380,9 +413,14 @@ class _ClaimKeeper:
                             "refused", lost)
 
 
-def _task_cause(err: BaseException) -> BaseException:
-    """The exception a Ray task raised (``RayTaskError.cause``), or ``err`` itself."""
-    return getattr(err, "cause", None) or err
+def _worker_device(num_actors: int, address: str | None) -> tuple[torch.device, bool]:
+    """Where the units will be computed: (device, on Ray?). Starts (or joins) Ray for an actor pool."""
+    if num_actors == 0:
+        return resolve_device("auto"), False
+    from infra.ray_cluster import ensure_ray, gpus_available
+
+    ensure_ray(address)
+    return torch.device("cuda" if gpus_available() > 0 else "cpu"), True
 
 
 def run_extract(
@@ -395,14 +433,16 @@ def run_extract(
     lease: LeaseConfig | None = None,
     max_unit_attempts: int = 4,
 ) -> ExtractResult:
-    """Extract every incomplete unit of the job's cache with a pool of Ray actors.
+    """Extract every incomplete unit of the job's cache with a pool of Ray actors, or in this process.
 
     Safe to run concurrently with other jobs on the same cache (they share the work unit by unit) and to re-run
-    after any crash (it redoes only units that were not complete).
+    after any crash (it redoes only units that were not complete). A cache that is already complete is reported
+    without starting Ray or loading the base model.
 
     Args:
         job: the extraction job.
-        num_actors: actors in the pool (one GPU each when the cluster has GPUs, else ``threads_per_actor`` CPUs).
+        num_actors: actors in the pool (one GPU each when the cluster has GPUs, else ``threads_per_actor`` CPUs);
+            0 extracts in this process (CUDA when available), with the same unit worker and claims, without Ray.
         address: Ray cluster address (default ``$RAY_ADDRESS`` or a local cluster).
         unit_order: process units in this order (default ascending); complete units are skipped either way.
         in_flight_per_actor: units queued per actor, so reading the next unit overlaps the current forward.
@@ -415,94 +455,24 @@ def run_extract(
 
     Raises:
         CacheFullError: the cache's storage ran out of space (completed units are intact; re-run to resume).
+        CacheMismatchError: the cache exists with another key or precision.
         RuntimeError: a unit killed its actor ``max_unit_attempts`` times.
     """
-    import ray  # the driver needs Ray; the in-process UnitExtractor does not
-
-    from infra.ray_cluster import ensure_ray, gpus_available
-
     started = time.perf_counter()
-    lease = lease or LeaseConfig()
     job = dataclasses.replace(job, cache_url=storage.absolute(job.cache_url),
                               manifest_url=storage.absolute(job.manifest_url),
                               checkpoint_url=storage.absolute(job.checkpoint_url))
-    spec, cache = prepare(job)
-    done = set(cache.complete_units())
-    order = list(unit_order) if unit_order is not None else list(range(cache.n_units))
-    todo = [u for u in order if u not in done]
-    owner = new_owner_id()
-    result = ExtractResult(job.cache_url, spec.key, cache.n_units, units_skipped=sorted(done), owner=owner)
-    log.info("extract %s: %d units (%d complete, %d to do), key %s, owner %s", job.cache_url, cache.n_units,
-             len(done), len(todo), spec.key[:12], owner)
-    if todo:
-        ensure_ray(address)
-        gpu = gpus_available() > 0
-        actor_cls = ray.remote(UnitExtractor).options(
-            num_gpus=1 if gpu else 0, num_cpus=0 if gpu else threads_per_actor,
-            max_concurrency=in_flight_per_actor, max_restarts=0, max_task_retries=0,
-        )
-
-        def new_actor() -> Any:
-            return actor_cls.remote(job, spec, "auto", None if gpu else threads_per_actor)
-
-        actors = [new_actor() for _ in range(max(1, min(num_actors, len(todo))))]
-        ray.get([actor.ready.remote() for actor in actors])
-        log.info("extract: %d actor(s) ready on %s", len(actors), "GPU" if gpu else "CPU")
-        keeper = _ClaimKeeper(cache, owner, lease)
-        keeper.start()
-        work_started = time.perf_counter()
-        in_flight: dict[Any, tuple[int, Any, int]] = {}
-        attempts: dict[int, int] = {}
-        try:
-            while todo or in_flight:
-                _claim_and_submit(cache, owner, lease, todo, actors, in_flight, in_flight_per_actor, keeper,
-                                  result)
-                if not in_flight:
-                    if todo:  # everything left is held by other live jobs: wait for them (or for their leases)
-                        time.sleep(lease.poll_s)
-                    continue
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=lease.poll_s if todo else None)
-                if not ready:
-                    continue
-                slot, actor, unit = in_flight.pop(ready[0])
-                try:
-                    stats = ray.get(ready[0])
-                except ray.exceptions.RayActorError as err:
-                    attempts[unit] = attempts.get(unit, 0) + 1
-                    if attempts[unit] >= max_unit_attempts:
-                        raise RuntimeError(f"extract {job.cache_url}: unit {unit} lost its actor "
-                                           f"{attempts[unit]} times") from err
-                    log.warning("extract: actor of unit %d died (%s); resubmitting", unit, type(err).__name__)
-                    result.units_retried.append(unit)
-                    if actors[slot] is actor:
-                        ray.kill(actor)
-                        actors[slot] = new_actor()
-                        result.actors_replaced += 1
-                    todo.insert(0, unit)
-                    continue
-                except ray.exceptions.RayTaskError as err:
-                    cause = _task_cause(err)
-                    if isinstance(cause, CacheFullError):
-                        raise CacheFullError(cause.errno, cause.strerror) from None
-                    if isinstance(cause, ClaimLostError):
-                        log.warning("extract: %s", cause)
-                        keeper.forget(unit)
-                        todo.append(unit)  # now another job's; we wait for it (or for its lease to go stale)
-                        continue
-                    raise
-                keeper.release(unit)
-                result.units_written.append(unit)
-                result.images_written += stats["n_valid"]
-                result.views_written += stats["n_valid"] * job.views_per_image
-                kind = stats["timings"]["device"]
-                result.device_seconds[kind] = result.device_seconds.get(kind, 0.0) + stats["timings"]["forward_s"]
-                log.info("extract: %s", _progress(len(result.units_written), len(result.units_written) + len(todo)
-                                                  + len(in_flight), result.images_written, work_started))
-            result.work_seconds = time.perf_counter() - work_started
-        finally:
-            keeper.close()
-            for actor in actors:
-                ray.kill(actor)
+    spec = resolve_spec(job)
+    cache = _existing_cache(job.cache_url, spec)
+    if cache is not None and len(done := cache.complete_units()) == cache.n_units:
+        result = ExtractResult(job.cache_url, spec.key, cache.n_units, units_skipped=sorted(done))
+    else:
+        device, on_ray = _worker_device(num_actors, address)
+        spec, cache = prepare(job, spec=spec.replace(precision=extraction_precision(job.precision, device)))
+        result = _extract_units(job, spec, cache, unit_order, lease or LeaseConfig(), max_unit_attempts,
+                                lambda: InProcessPool(job, spec) if not on_ray else RayActorPool(
+                                    job, spec, num_actors, device.type == "cuda", threads_per_actor,
+                                    in_flight_per_actor))
     swept = cache.sweep_claims()
     if swept:
         log.info("extract: removed leftover claims on complete units %s", swept)
@@ -518,18 +488,97 @@ def run_extract(
     return result
 
 
+def _existing_cache(url: str, spec: CacheSpec) -> TargetCache | None:
+    """The existing cache at ``url`` if it has ``spec``'s key (None when absent or of another key, which
+    :func:`prepare` then refuses, naming the fields)."""
+    try:
+        cache = open_cache(url)
+    except FileNotFoundError:
+        return None
+    return cache if cache.spec.key == spec.key else None
+
+
+def _extract_units(job: ExtractJob, spec: CacheSpec, cache: TargetCache, unit_order: list[int] | None,
+                   lease: LeaseConfig, max_unit_attempts: int, make_pool: Any) -> ExtractResult:
+    """Claim and extract the cache's incomplete units with the pool ``make_pool()`` builds (if any are left)."""
+    done = set(cache.complete_units())
+    order = list(unit_order) if unit_order is not None else list(range(cache.n_units))
+    todo = [u for u in order if u not in done]
+    owner = new_owner_id()
+    result = ExtractResult(job.cache_url, spec.key, cache.n_units, units_skipped=sorted(done), owner=owner)
+    log.info("extract %s: %d units (%d complete, %d to do), key %s, precision %s, owner %s", job.cache_url,
+             cache.n_units, len(done), len(todo), spec.key[:12], spec.precision, owner)
+    if not todo:
+        return result
+    pool = make_pool()
+    log.info("extract: %d worker(s) ready on %s (%s)", len(pool.workers), pool.device,
+             "in this process" if isinstance(pool, InProcessPool) else "Ray actors")
+    keeper = _ClaimKeeper(cache, owner, lease)
+    keeper.start()
+    work_started = time.perf_counter()
+    try:
+        _drive(job, cache, owner, lease, todo, pool, keeper, result, max_unit_attempts, work_started)
+        result.work_seconds = time.perf_counter() - work_started
+    finally:
+        keeper.close()
+        pool.close()
+    return result
+
+
+def _drive(job: ExtractJob, cache: TargetCache, owner: str, lease: LeaseConfig, todo: list[int], pool: Any,
+           keeper: _ClaimKeeper, result: ExtractResult, max_unit_attempts: int, work_started: float) -> None:
+    """The driver loop: keep the pool's slots busy with claimed units until none is left (mutates ``result``)."""
+    in_flight: dict[Any, tuple[int, Any, int]] = {}
+    attempts: dict[int, int] = {}
+    while todo or in_flight:
+        _claim_and_submit(cache, owner, lease, todo, pool, in_flight, keeper, result)
+        if not in_flight:
+            if todo:  # everything left is held by other live jobs: wait for them (or for their leases)
+                time.sleep(lease.poll_s)
+            continue
+        ref = pool.next_done(list(in_flight), timeout=lease.poll_s if todo else None)
+        if ref is None:
+            continue
+        slot, worker, unit = in_flight.pop(ref)
+        try:
+            stats = pool.outcome(ref)
+        except WorkerLostError as err:
+            attempts[unit] = attempts.get(unit, 0) + 1
+            if attempts[unit] >= max_unit_attempts:
+                raise RuntimeError(f"extract {job.cache_url}: unit {unit} lost its actor "
+                                   f"{attempts[unit]} times") from err
+            log.warning("extract: actor of unit %d died (%s); resubmitting", unit, err)
+            result.units_retried.append(unit)
+            result.actors_replaced += int(pool.replace(slot, worker))
+            todo.insert(0, unit)
+            continue
+        except ClaimLostError as err:
+            log.warning("extract: %s", err)
+            keeper.forget(unit)
+            todo.append(unit)  # now another job's; we wait for it (or for its lease to go stale)
+            continue
+        keeper.release(unit)
+        result.units_written.append(unit)
+        result.images_written += stats["n_valid"]
+        result.views_written += stats["n_valid"] * job.views_per_image
+        kind = stats["timings"]["device"]
+        result.device_seconds[kind] = result.device_seconds.get(kind, 0.0) + stats["timings"]["forward_s"]
+        log.info("extract: %s", _progress(len(result.units_written), len(result.units_written) + len(todo)
+                                          + len(in_flight), result.images_written, work_started))
+
+
 def _claim_and_submit(
-    cache: TargetCache, owner: str, lease: LeaseConfig, todo: list[int], actors: list[Any],
-    in_flight: dict[Any, tuple[int, Any, int]], per_actor: int, keeper: _ClaimKeeper, result: ExtractResult,
+    cache: TargetCache, owner: str, lease: LeaseConfig, todo: list[int], pool: Any,
+    in_flight: dict[Any, tuple[int, Any, int]], keeper: _ClaimKeeper, result: ExtractResult,
 ) -> None:
-    """Claim as many units of ``todo`` as there are free actor slots and submit them (mutates the arguments).
+    """Claim as many units of ``todo`` as there are free worker slots and submit them (mutates the arguments).
 
     Units found complete are moved to ``result.units_by_others``; units held by other live jobs stay in ``todo``.
     """
-    load = [0] * len(actors)
+    load = [0] * len(pool.workers)
     for slot, _, _ in in_flight.values():
         load[slot] += 1
-    free = len(actors) * per_actor - len(in_flight)
+    free = len(pool.workers) * pool.per_slot - len(in_flight)
     if free <= 0 or not todo:
         return
     outcome = cache.claim_units(list(todo), owner, free, lease.ttl_s, lease.confirm_delay_s)
@@ -540,7 +589,6 @@ def _claim_and_submit(
     result.units_taken_over.extend(u for u in outcome.taken_over if u not in result.units_taken_over)
     for unit in outcome.claimed:
         todo.remove(unit)
-        slot = min(range(len(actors)), key=load.__getitem__)
+        slot = min(range(len(pool.workers)), key=load.__getitem__)
         load[slot] += 1
-        actor = actors[slot]
-        in_flight[actor.run_unit.remote(unit, owner)] = (slot, actor, unit)
+        in_flight[pool.submit(slot, unit, owner)] = (slot, pool.workers[slot], unit)

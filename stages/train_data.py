@@ -58,7 +58,7 @@ from infra import storage
 from stages.cache import TargetCache, UnitIncompleteError, open_cache, raw_bytes_per_view
 from stages.cache_spec import CacheMismatchError, CacheSpec, expected_differences
 from stages.images import ImageSource
-from stages.manifest import read_manifest
+from stages.manifest import expected_sizes, read_manifest
 from stages.views import Preprocess
 
 logger = logging.getLogger(__name__)
@@ -325,6 +325,9 @@ class _Reader:
         self.ds, self.plan = ds, ds.plan
         table, _ = read_manifest(ds.manifest_url, storage.storage_options(storage.protocol_of(ds.manifest_url)))
         self.uris: list[str] = table.column("uri").to_pylist()
+        # Each source's size as the manifest recorded it: an image that changed since is refused, not paired with
+        # targets of its old pixels (SourceChangedError naming it).
+        self.sizes = expected_sizes(table)
         first = self.uris[0] if self.uris else ""
         self.source = ImageSource(ds.in_chans, storage.storage_options(storage.protocol_of(first)))
         self.cache = open_cache(ds.cache_url) if ds.cache_url is not None else None
@@ -338,7 +341,7 @@ class _Reader:
 
     def batch(self, step: int) -> dict[str, object]:
         idx, views = self.plan.rank_batch(self.ds.epoch, step, self.ds.rank)
-        images = [self.source.read(self.uris[i]) for i in idx.tolist()]
+        images = [self.source.read(self.uris[i], expected_size=self.sizes[i]) for i in idx.tolist()]
         out: dict[str, object] = {"step": step, "indices": torch.from_numpy(idx), "views": torch.from_numpy(views)}
         if self.cache is None:
             boxes = np.stack([self.ds.preprocess.plan(self.ds.view_seed, i, v, *img.shape[:2]) for i, v, img
@@ -382,15 +385,18 @@ class _Reader:
         return out, fetched
 
 
-def make_loader(dataset: TrainBatches, num_workers: int = 1, prefetch: int = 2) -> DataLoader:
+def make_loader(dataset: TrainBatches, num_workers: int = 1, prefetch: int = 2,
+                pin_memory: bool = False) -> DataLoader:
     """A DataLoader over ``dataset``'s ready-made batches; workers use ``spawn`` and read ahead.
 
     Args:
         dataset: the epoch's batches.
         num_workers: reader processes (0: read in this process, for tests and debugging).
         prefetch: batches each worker reads ahead (``prefetch_factor``), so reading overlaps compute.
+        pin_memory: pin batches in page-locked memory (when feeding a CUDA device, so ``non_blocking`` copies
+            overlap compute).
     """
     if num_workers == 0:
-        return DataLoader(dataset, batch_size=None, num_workers=0)
+        return DataLoader(dataset, batch_size=None, num_workers=0, pin_memory=pin_memory)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, multiprocessing_context="spawn",
-                      prefetch_factor=prefetch)
+                      prefetch_factor=prefetch, pin_memory=pin_memory)

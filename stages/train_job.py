@@ -39,10 +39,13 @@ class TrainJob:
         epochs / global_batch / accum_steps / blr / weight_decay / warmup_epochs / min_lr: MAE's recipe;
             ``global_batch`` counts samples per optimiser step over all ranks and accumulation micro-steps.
         seed: model init, sample order and masks.
-        num_workers / use_gpu / threads_per_worker / loader_workers: resources.
+        num_workers / use_gpu / threads_per_worker / loader_workers: resources; ``num_workers: 0`` trains in the
+            calling process on one device (CUDA when ``use_gpu``), without Ray.
         checkpoint_every / keep_checkpoints / max_failures / log_every: checkpointing and reporting (in steps).
         max_steps: stop after this many optimiser steps (the schedule still spans ``epochs``).
         amp_dtype: autocast dtype on GPU.
+        base_precision: the online base model's precision (``extract.precision``: ``auto`` = bfloat16 on CUDA,
+            float32 on the CPU), so online targets match a cache extracted on the same device.
         log_indices: each rank writes the sample indices it trained on to ``<run>/indices/`` at every report.
     """
 
@@ -87,6 +90,7 @@ class TrainJob:
     log_every: int = 10
     max_steps: int | None = None
     amp_dtype: str = "bfloat16"
+    base_precision: str = "auto"
     log_indices: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -103,13 +107,20 @@ class TrainJob:
                 problems.append("pixel mode needs manifest_url (the images to pre-train on)")
             if self.attention_target:
                 problems.append("pixel mode has no attention target: set attention_target false")
-        if self.global_batch % (self.num_workers * self.accum_steps):
+        if self.num_workers < 0:
+            problems.append(f"num_workers must be >= 0 (0: one worker in this process), got {self.num_workers}")
+        elif self.global_batch % (self.world_size * self.accum_steps):
             problems.append(f"global_batch {self.global_batch} must be divisible by num_workers × accum_steps "
-                            f"({self.num_workers} × {self.accum_steps})")
+                            f"({self.world_size} × {self.accum_steps})")
         if self.topk > self.k_max:
             problems.append(f"topk {self.topk} exceeds k_max {self.k_max}")
         if problems:
             raise ValueError("invalid training job: " + "; ".join(problems))
+
+    @property
+    def world_size(self) -> int:
+        """Ranks that train: ``num_workers`` Ray workers, or 1 in-process (``num_workers == 0``)."""
+        return max(1, self.num_workers)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

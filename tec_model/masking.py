@@ -20,7 +20,8 @@ def random_masking(
     Args:
         x: (N, L, D) patch tokens (position embedding already added).
         mask_ratio: fraction of tokens to drop, in [0, 1).
-        generator: optional RNG, on ``x``'s device, for reproducible masks.
+        generator: optional RNG for reproducible masks. The noise is drawn on the generator's device and moved to
+            ``x``'s, so a CPU generator gives the same mask whether ``x`` lives on the CPU or on a GPU.
 
     Returns:
         x_visible: (N, L_vis, D) the kept tokens, L_vis = int(L * (1 - mask_ratio)).
@@ -30,7 +31,8 @@ def random_masking(
     """
     n, length, dim = x.shape
     len_keep = num_visible(length, mask_ratio)
-    noise = torch.rand(n, length, device=x.device, generator=generator)
+    draw_on = generator.device if generator is not None else x.device
+    noise = torch.rand(n, length, device=draw_on, generator=generator).to(x.device, non_blocking=True)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]

@@ -25,7 +25,7 @@ from pipeline.config import ConfigError, load_config
 from stages.cache import create_or_open
 from stages.extract import NonFiniteTargetsError, UnitExtractor, prepare
 from stages.manifest import ManifestError, validate_manifest, write_manifest
-from stages.train import NonFiniteLossError, TargetSource, _optimizer_step
+from stages.train import NonFiniteLossError, TargetSource, optimizer_step
 from stages.train_job import TrainJob
 from tec_model import CheckpointError, build_vit, vit_kwargs
 from tests.faults.s3_faults import record
@@ -268,9 +268,9 @@ def test_non_finite_targets_in_a_cache_stop_training(value: float, tmp_path: Pat
              "attn_logits": torch.from_numpy(read.attn_logits), "topk_index": torch.from_numpy(read.topk_index)}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.raises(NonFiniteLossError, match=r"run nonfinite: non-finite loss (nan|inf) at step 0") as info:
-        _optimizer_step(train_job, model, opt, torch.amp.GradScaler("cpu", enabled=False),
-                        TargetSource(train_job, torch.device("cpu")), batch, torch.device("cpu"), False,
-                        torch.bfloat16, step=0, rank=0, world=1)
+        optimizer_step(train_job, model, opt, torch.amp.GradScaler("cpu", enabled=False),
+                       TargetSource(train_job, torch.device("cpu")), batch, torch.device("cpu"), "float32", step=0,
+                       rank=0, world=1)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     record("input", input=f"cache target holding {value}", outcome=f"`NonFiniteLossError` at the first step reading "
            f"it: {_first_line(info.value)[:70]}")

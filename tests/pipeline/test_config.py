@@ -12,6 +12,7 @@ import yaml
 from pipeline.config import (
     ConfigError,
     base_timm_kwargs,
+    check_name,
     default_run_name,
     dump_yaml,
     load_config,
@@ -179,10 +180,11 @@ def test_non_mapping_file_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_secrets_never_reach_the_resolved_config() -> None:
-    secrets = ["AKIAFAKEKEYID", "sUp3rS3cretValue", "hunter2pass", "sig-0123456789"]
+    secrets = ["AKIAFAKEKEYID", "sUp3rS3cretValue", "hunter2pass", "sig-0123456789", "sas-sig-4242", "AKIAV2KEYID"]
     cfg = load_config(TINY, [
         f"base.checkpoint=s3://{secrets[0]}:{secrets[1]}@bucket/base.pth",
         f"output_root=https://alice:{secrets[2]}@example.invalid/tec?X-Amz-Signature={secrets[3]}&part=1",
+        f"data.test_path=https://acct.blob.core.windows.net/c/t10k.gz?sp=r&sig={secrets[4]}&AWSAccessKeyId={secrets[5]}",
     ])
     dumped = dump_yaml(cfg) + json.dumps(resolved_dict(cfg))
     for secret in secrets:
@@ -190,6 +192,7 @@ def test_secrets_never_reach_the_resolved_config() -> None:
     resolved = resolved_dict(cfg)
     assert resolved["base"]["checkpoint"] == "s3://bucket/base.pth"
     assert resolved["output_root"] == "https://example.invalid/tec?X-Amz-Signature=<redacted>&part=1"
+    assert resolved["data"]["test_path"].endswith("t10k.gz?sp=r&sig=<redacted>&AWSAccessKeyId=<redacted>")
     # the loaded config itself keeps the real values: only what is written out is redacted
     assert secrets[1] in cfg.base.checkpoint
 
@@ -219,7 +222,7 @@ def test_to_extract_job_matches_the_config() -> None:
     assert job.timm_kwargs == base_timm_kwargs(cfg)
     assert (job.views_per_image, job.view_seed, job.last_layers, job.k_max, job.unit_size, job.batch_size) == \
         (ex.views_per_image, 7, ex.last_layers, ex.k_max, ex.unit_size, ex.batch_size)
-    assert (job.checkpoint_key, job.compressor, job.amp_dtype) == ("teacher", "bitshuffle", cfg.train.amp_dtype)
+    assert (job.checkpoint_key, job.compressor, job.precision) == ("teacher", "bitshuffle", cfg.extract.precision)
     assert job.preprocess == Preprocess.fashion_mnist(32, 1)
 
 
@@ -268,3 +271,24 @@ def test_pretrain_job_is_a_pixel_mae_of_the_base_architecture():
     assert job.target_source == "pixel" and job.timm_kwargs == job.base_timm_kwargs == base_timm_kwargs(cfg)
     assert (job.adapters, job.feature_norm, job.attention_target) == ("none", "channel", False)
     assert job.views_per_image == 5 and job.epochs == 5  # a fresh view of every image each epoch
+
+
+@pytest.mark.parametrize("value", ["..", ".", ".hidden", "a/b", "../evil", "a..b", "-x", "a b", "é", "x" * 129])
+@pytest.mark.parametrize("key", ["name", "train.run_name"])
+def test_names_that_become_directories_are_one_safe_component(key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, [f"{key}={json.dumps(value)}"])
+    assert info.value.errors[0].startswith(f"{key}: ") and "directory name" in info.value.errors[0]
+
+
+def test_valid_names_pass_and_jobs_refuse_a_run_name_that_is_not_one_directory() -> None:
+    assert check_name("tiny-2024.01_a", "--run-name") == "tiny-2024.01_a"
+    assert load_config(TINY, ["name=A.b_c-1", "train.run_name=r1.v2"]).train.run_name == "r1.v2"
+    cfg = load_config(TINY)
+    for bad in ("../escape", "", ".ray", "runs/x"):
+        with pytest.raises(ConfigError, match=r"^run_name: .*directory name"):
+            to_train_job(cfg, "mem://cache", bad, "mem://runs")
+        with pytest.raises(ConfigError, match=r"^run_name: "):
+            to_pretrain_job(cfg, run_name=bad, storage_path="mem://bases", manifest_url="mem://m.parquet")
+    with pytest.raises(ConfigError, match=r"^--run-name: "):
+        check_name("../escape", "--run-name")

@@ -107,7 +107,7 @@ def test_attributes_readable_with_plain_zarr(url: str, moto_endpoint: str) -> No
     assert attrs["format_version"] == 1 and attrs["key"] == cache_key(spec)
     assert attrs["base_model"]["timm_kwargs"]["embed_dim"] == C
     assert set(attrs["preprocess"]) == {"output_size", "crop_scale", "crop_ratio", "interpolation", "mean", "std"}
-    assert attrs["targets"] == {"last_layers": 2, "k_max": K}
+    assert attrs["targets"] == {"last_layers": 2, "k_max": K, "precision": "float32"}
     assert attrs["views"] == {"seed": 7, "per_image": V}
     assert attrs["shapes"] == {"n_images": N, "views_per_image": V, "num_patches": L, "embed_dim": C,
                                "num_heads": H, "unit_size": U}
@@ -190,7 +190,7 @@ BYTE_CHANGES = {
     "last_layers": 1, "crop_scale": (0.3, 1.0), "crop_ratio": (0.5, 2.0), "interpolation": "bilinear",
 }
 NEUTRAL_CHANGES = {"checkpoint": "file:///elsewhere.pth", "manifest_uri": "s3://b/m.parquet",
-                   "base_forward_macs_per_view": 1, "unit_size": 2}
+                   "base_forward_macs_per_view": 1, "unit_size": 2, "precision": "bfloat16"}
 
 
 def test_key_covers_every_field_that_changes_bytes() -> None:
@@ -204,6 +204,21 @@ def test_key_covers_every_field_that_changes_bytes() -> None:
     for name, value in NEUTRAL_CHANGES.items():
         assert cache_key(make_spec(**{name: value})) == cache_key(base), name
     assert cache_key(make_spec(mean=[0.286], crop_scale=[0.2, 1])) == cache_key(base)
+
+
+def test_precision_is_recorded_and_another_precision_is_refused(tmp_path: Path) -> None:
+    url = str(tmp_path / "cache")
+    create_or_open(url, make_spec(precision="bfloat16"))
+    assert open_cache(url).spec.precision == "bfloat16"
+    with pytest.raises(CacheMismatchError, match=r"targets\.precision: cache was extracted in bfloat16, this job "
+                                                 r"computes float32 \(set extract\.precision=bfloat16"):
+        create_or_open(url, make_spec(precision="float32"))
+    with pytest.raises(CacheMismatchError, match=r"targets\.precision"):
+        open_cache(url, make_spec(precision="float32"))
+    # caches written before the field existed were all extracted in float32 (no GPU had run the code)
+    attrs = make_spec().to_attrs()
+    del attrs["targets"]["precision"]
+    assert CacheSpec.from_attrs(attrs).precision == "float32"
 
 
 def test_diff_names_fields_with_both_values() -> None:

@@ -98,7 +98,7 @@ def test_whole_extraction_on_s3_read_back_with_plain_zarr(s3_url, extracted):
     store = zarr.storage.FsspecStore(fs, path=s3_url.removeprefix("s3://"), read_only=True)
     group = zarr.open_group(store, mode="r")
     attrs = group.attrs["tec_cache"]
-    assert attrs["format_version"] == 1 and attrs["targets"] == {"last_layers": 2, "k_max": 6}
+    assert attrs["format_version"] == 1 and attrs["targets"] == {"last_layers": 2, "k_max": 6, "precision": "float32"}
     assert attrs["views"] == {"seed": 7, "per_image": 2}
     assert group["features"].shape == (40, 2, 64, 48) and group["features"].dtype == np.float16
     assert group["attn_logits"].shape == (40, 2, 7, 3, 64)

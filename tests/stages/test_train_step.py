@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from stages.train import NonFiniteLossError, TargetSource, _optimizer_step, mask_generator
+from stages.train import NonFiniteLossError, TargetSource, mask_generator, optimizer_step
 from stages.train_job import TrainJob
 from tec_model import vit_kwargs
 from tests.fixtures.models import make_base, make_tec
@@ -32,8 +32,8 @@ def run_step(model, job, batch):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     source = TargetSource(job, torch.device("cpu"))
-    return _optimizer_step(job, model, opt, scaler, source, batch, torch.device("cpu"), False, torch.bfloat16,
-                           step=3, rank=0, world=1)
+    return optimizer_step(job, model, opt, scaler, source, batch, torch.device("cpu"), "float32", step=3, rank=0,
+                          world=1)
 
 
 def test_accumulation_averages_micro_batch_gradients(tiny_images):

@@ -1,0 +1,136 @@
+"""Who runs the extraction's units: a pool of Ray actors, or one worker in the calling process.
+
+The driver (:func:`stages.extract.run_extract`) claims units and hands them to a pool through four calls, the same
+for both pools, so the in-process mode (``extract.num_actors: 0``) runs the very code the cluster runs:
+
+* ``submit(slot, unit, owner) -> ref``: queue a unit on a slot's worker;
+* ``next_done(refs, timeout) -> ref | None``: the first finished unit (None when none finished in time);
+* ``outcome(ref) -> stats``: the unit's marker stats, or the exception the unit raised (a Ray task's cause is
+  unwrapped for :class:`~stages.cache.CacheFullError`); a worker that died raises :class:`WorkerLostError`;
+* ``replace(slot, worker)``: start a fresh worker in place of a dead one (only if ``worker`` still holds the slot).
+
+:class:`RayActorPool` imports Ray when it is built; :class:`InProcessPool` never does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from typing import Any
+
+from stages.cache import CacheFullError
+from stages.cache_spec import CacheSpec
+
+log = logging.getLogger(__name__)
+
+
+class WorkerLostError(RuntimeError):
+    """The process running a unit died (a Ray actor killed or crashed) before the unit returned."""
+
+
+class InProcessPool:
+    """One :class:`~stages.extract.UnitExtractor` in this process; a queued unit runs when it is waited for.
+
+    Args:
+        job / spec: the extraction job and the cache spec the driver resolved.
+        device: ``cpu``, ``cuda`` or ``auto``.
+    """
+
+    per_slot = 1  # a queued unit holds a claim while it waits: queue one at a time
+
+    def __init__(self, job: Any, spec: CacheSpec, device: str = "auto") -> None:
+        from stages.extract import UnitExtractor  # extract imports this module
+
+        self.workers = [UnitExtractor(job, spec, device)]
+        self.device = self.workers[0].ready()
+        self._ids = itertools.count()
+        self._queue: deque[tuple[int, int, str]] = deque()
+        self._done: dict[int, tuple[bool, Any]] = {}
+
+    def submit(self, slot: int, unit: int, owner: str) -> int:
+        ref = next(self._ids)
+        self._queue.append((ref, unit, owner))
+        return ref
+
+    def next_done(self, refs: list[int], timeout: float | None = None) -> int | None:
+        """Run the oldest queued unit of ``refs`` now (``timeout`` is moot: the call returns when it is done)."""
+        for i, (ref, unit, owner) in enumerate(self._queue):
+            if ref in refs:
+                del self._queue[i]
+                try:
+                    self._done[ref] = (True, self.workers[0].run_unit(unit, owner))
+                except Exception as err:  # handed to the driver by outcome(), as a Ray task's error would be
+                    self._done[ref] = (False, err)
+                return ref
+        return None
+
+    def outcome(self, ref: int) -> dict[str, Any]:
+        ok, value = self._done.pop(ref)
+        if not ok:
+            raise value
+        return value
+
+    def replace(self, slot: int, worker: Any) -> bool:
+        return False  # an in-process worker cannot die without the driver
+
+    def close(self) -> None:
+        self._queue.clear()
+
+
+class RayActorPool:
+    """``size`` Ray actors, one GPU each when the cluster has GPUs (else ``threads`` CPUs each).
+
+    Args:
+        job / spec: the extraction job and the cache spec the driver resolved.
+        size: number of actors.
+        gpu: place the actors on GPUs.
+        threads: torch threads (and Ray CPUs) per CPU actor.
+        per_slot: units kept in flight per actor (reading the next unit overlaps the current forward).
+    """
+
+    def __init__(self, job: Any, spec: CacheSpec, size: int, gpu: bool, threads: int, per_slot: int) -> None:
+        import ray
+
+        from stages.extract import UnitExtractor
+
+        self.ray, self.per_slot = ray, per_slot
+        self._cls = ray.remote(UnitExtractor).options(
+            num_gpus=1 if gpu else 0, num_cpus=0 if gpu else threads, max_concurrency=per_slot, max_restarts=0,
+            max_task_retries=0,
+        )
+        self._args = (job, spec, "auto", None if gpu else threads)
+        self.workers = [self._cls.remote(*self._args) for _ in range(size)]
+        self.device = ray.get([w.ready.remote() for w in self.workers])[0]
+
+    def submit(self, slot: int, unit: int, owner: str) -> Any:
+        return self.workers[slot].run_unit.remote(unit, owner)
+
+    def next_done(self, refs: list[Any], timeout: float | None = None) -> Any | None:
+        ready, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
+        return ready[0] if ready else None
+
+    def outcome(self, ref: Any) -> dict[str, Any]:
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as err:
+            raise WorkerLostError(f"{type(err).__name__}: {err}") from err
+        except self.ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None) or err
+            if isinstance(cause, CacheFullError):
+                raise CacheFullError(cause.errno, cause.strerror) from None
+            if cause is not err and not isinstance(err, type(cause)):
+                raise cause from err
+            raise
+
+    def replace(self, slot: int, worker: Any) -> bool:
+        """Kill ``worker`` and start a fresh actor in its slot, unless the slot was already refilled."""
+        if self.workers[slot] is not worker:
+            return False
+        self.ray.kill(worker)
+        self.workers[slot] = self._cls.remote(*self._args)
+        return True
+
+    def close(self) -> None:
+        for worker in self.workers:
+            self.ray.kill(worker)
