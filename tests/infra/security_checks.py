@@ -3,7 +3,8 @@
 ``secret_findings`` walks a runtime environment (or any YAML/JSON-like structure) and names every key or string
 that looks like a credential. ``allows`` decides whether the ingress rules of the NetworkPolicies selecting a pod let
 a given source pod in on a given port, following the Kubernetes semantics (policies add up; a rule without ``from``
-admits every source; a peer without ``namespaceSelector`` means the policy's own namespace).
+admits every source; a peer without ``namespaceSelector`` means the policy's own namespace). ``network_problems``
+applies it to the pods KubeRay makes of a RayJob.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ _SECRET_NAME = re.compile(r"secret|token|passw|credential|private[_-]?key|access
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
 _URL_USERINFO = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 _OPAQUE = re.compile(r"^[A-Za-z0-9+/=_-]{32,}$")  # a long token-like string (hex, base64)
+
+JOBS_PORT = 8265  # the Ray ports the network check probes on every pod of a RayJob's cluster
+RAY_PORTS = {JOBS_PORT: "dashboard / jobs API", 6379: "GCS", 10001: "Ray client", 52365: "dashboard agent",
+             10002: "a Ray worker"}
+JOBS_NAMESPACE = "jobs-ns"  # the namespace the manifests are applied in (they name none)
 
 
 def _walk(value: Any, path: str = "") -> Iterator[tuple[str, str, Any]]:
@@ -142,3 +148,72 @@ def allows(policies: Iterable[Mapping[str, Any]], target: Pod, port: int, source
             if not peers or any(peer_admits(peer, source, target.namespace) for peer in peers):
                 return True
     return False
+
+
+def ray_templates(spec: dict) -> dict[str, dict]:
+    """The pod templates of a RayJob's cluster by role: ``head`` and ``worker <group>``."""
+    rc = spec["rayClusterSpec"]
+    return {"head": rc["headGroupSpec"]["template"],
+            **{f"worker {g['groupName']}": g["template"] for g in rc["workerGroupSpecs"]}}
+
+
+def cluster_pods(job: dict) -> dict[str, Pod]:
+    """The Ray pods KubeRay makes of a RayJob: template labels plus its own (the RayCluster's name is generated)."""
+    name = job["metadata"]["name"]
+    ns = job["metadata"].get("namespace") or JOBS_NAMESPACE
+    pods = {}
+    for role, template in ray_templates(job["spec"]).items():
+        kuberay = {"ray.io/is-ray-node": "yes", "ray.io/cluster": f"{name}-x7k2p", "ray.io/node-type": role.split()[0],
+                   "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+        ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])
+                 if "name" in p}
+        pods[role] = Pod(f"{name} {role}", {**(template.get("metadata") or {}).get("labels", {}), **kuberay}, ns,
+                         ports=ports)
+    return pods
+
+
+def outsiders(job: dict, others: list[dict]) -> dict[str, Pod]:
+    """Sources that must reach none of the job's ports (besides the jobs API for the entitled ones)."""
+    ns = job["metadata"].get("namespace") or JOBS_NAMESPACE
+    out = {"an unlabelled pod of the namespace": Pod("plain", {}, ns),
+           "a pod of another namespace": Pod("foreign", {}, "elsewhere"),
+           "a Ray pod of another KubeRay cluster": Pod("ray", {"ray.io/is-ray-node": "yes", "ray.io/cluster": "other",
+                                                                "app.kubernetes.io/name": "kuberay"}, ns)}
+    for other in others:
+        out.update({f"the {p.name} pod": p for p in cluster_pods(other).values()})
+    return out
+
+
+def network_problems(job: dict, policies: list[dict], others: list[dict]) -> list[str]:
+    """What is wrong with the ingress the NetworkPolicies give a RayJob's Ray pods.
+
+    Wanted: every Ray pod of the job is selected; its own pods reach each other on every port of ``RAY_PORTS``; its
+    submitter pod reaches the head's jobs API; nothing else reaches a Ray port, the submitter nothing but that API.
+
+    Args:
+        job: a parsed RayJob manifest.
+        policies: parsed NetworkPolicy manifests (applied in the job's namespace when they name none).
+        others: the other RayJobs of the namespace, whose pods count as outsiders.
+
+    Returns:
+        One line per problem, naming the job, the pod, the port and the source; empty when none.
+    """
+    name = job["metadata"]["name"]
+    pods = cluster_pods(job)
+    submitter = Pod("submitter", {"batch.kubernetes.io/job-name": name, "job-name": name,
+                                  "ray.io/originated-from-cr-name": name}, pods["head"].namespace)
+    out = []
+    for role, target in pods.items():
+        if not covering(policies, target):
+            out.append(f"{name}: no NetworkPolicy selects its {role} pod, so every port of it is open")
+            continue
+        for port, what in RAY_PORTS.items():
+            out += [f"{name}: its {src} pod cannot reach {role} port {port} ({what})"
+                    for src, pod in pods.items() if not allows(policies, target, port, pod)]
+            entitled = role == "head" and port == JOBS_PORT
+            if entitled and not allows(policies, target, port, submitter):
+                out.append(f"{name}: its submitter pod cannot reach the jobs API (head port {port})")
+            blocked = {**outsiders(job, others), **({} if entitled else {"the submitter pod": submitter})}
+            out += [f"{name}: {role} port {port} ({what}) is open to {src}"
+                    for src, pod in blocked.items() if allows(policies, target, port, pod)]
+    return out

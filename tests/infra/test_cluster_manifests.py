@@ -21,17 +21,13 @@ import yaml
 import run_pipeline
 from infra.ray_cluster import _parse_requirement
 from pipeline.config_schema import PipelineConfig
-from tests.infra.security_checks import Pod, allows, covering, secret_findings
+from tests.infra.security_checks import network_problems, ray_templates, secret_findings
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "infra" / "cluster"
 DOCKERFILE = REPO / "infra" / "docker" / "Dockerfile"
 GPU = "nvidia.com/gpu"
 TOKEN_KEY = "auth_token"  # the key KubeRay reads from an authOptions Secret
-JOBS_PORT = 8265
-RAY_PORTS = {JOBS_PORT: "dashboard / jobs API", 6379: "GCS", 10001: "Ray client", 52365: "dashboard agent",
-             10002: "a Ray worker"}
-JOBS_NAMESPACE = "jobs-ns"  # the namespace the manifests are applied in (they name none)
 
 
 def documents(path: Path) -> list[dict]:
@@ -161,13 +157,6 @@ def rayjob_problems(job: dict) -> list[str]:
     return out
 
 
-def ray_templates(spec: dict) -> dict[str, dict]:
-    """The pod templates of a RayJob's cluster by role: ``head`` and ``worker <group>``."""
-    rc = spec["rayClusterSpec"]
-    return {"head": rc["headGroupSpec"]["template"],
-            **{f"worker {g['groupName']}": g["template"] for g in rc["workerGroupSpecs"]}}
-
-
 def auth_problems(job: dict) -> list[str]:
     """Token auth: ``authOptions`` token mode with a Secret; no container turns it off or holds a token literally;
     no secret in the job's runtime env (stored in the cluster, shown by the dashboard)."""
@@ -191,57 +180,6 @@ def auth_problems(job: dict) -> list[str]:
             out += [f"{name} {role}: env {f}" for f in secret_findings(literals)]
     runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "") or {}
     return out + [f"{name}: runtimeEnvYAML {f}" for f in secret_findings(runtime_env)]
-
-
-def cluster_pods(job: dict) -> dict[str, Pod]:
-    """The Ray pods KubeRay makes of a RayJob: template labels plus its own (the RayCluster's name is generated)."""
-    name = job["metadata"]["name"]
-    ns = job["metadata"].get("namespace") or JOBS_NAMESPACE
-    pods = {}
-    for role, template in ray_templates(job["spec"]).items():
-        kuberay = {"ray.io/is-ray-node": "yes", "ray.io/cluster": f"{name}-x7k2p", "ray.io/node-type": role.split()[0],
-                   "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
-        ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])
-                 if "name" in p}
-        pods[role] = Pod(f"{name} {role}", {**(template.get("metadata") or {}).get("labels", {}), **kuberay}, ns,
-                         ports=ports)
-    return pods
-
-
-def outsiders(job: dict, others: list[dict]) -> dict[str, Pod]:
-    """Sources that must reach none of the job's ports (besides the jobs API for the entitled ones)."""
-    ns = job["metadata"].get("namespace") or JOBS_NAMESPACE
-    out = {"an unlabelled pod of the namespace": Pod("plain", {}, ns),
-           "a pod of another namespace": Pod("foreign", {}, "elsewhere"),
-           "a Ray pod of another KubeRay cluster": Pod("ray", {"ray.io/is-ray-node": "yes", "ray.io/cluster": "other",
-                                                                "app.kubernetes.io/name": "kuberay"}, ns)}
-    for other in others:
-        out.update({f"the {p.name} pod": p for p in cluster_pods(other).values()})
-    return out
-
-
-def network_problems(job: dict, policies: list[dict], others: list[dict]) -> list[str]:
-    """The NetworkPolicies select every Ray pod of the job; its own pods reach each other; its submitter pod reaches
-    the jobs API of the head; nothing else reaches a Ray port, and the submitter nothing but the jobs API."""
-    name = job["metadata"]["name"]
-    pods = cluster_pods(job)
-    submitter = Pod("submitter", {"batch.kubernetes.io/job-name": name, "job-name": name,
-                                  "ray.io/originated-from-cr-name": name}, pods["head"].namespace)
-    out = []
-    for role, target in pods.items():
-        if not covering(policies, target):
-            out.append(f"{name}: no NetworkPolicy selects its {role} pod, so every port of it is open")
-            continue
-        for port, what in RAY_PORTS.items():
-            out += [f"{name}: its {src} pod cannot reach {role} port {port} ({what})"
-                    for src, pod in pods.items() if not allows(policies, target, port, pod)]
-            entitled = role == "head" and port == JOBS_PORT
-            if entitled and not allows(policies, target, port, submitter):
-                out.append(f"{name}: its submitter pod cannot reach the jobs API (head port {port})")
-            blocked = {**outsiders(job, others), **({} if entitled else {"the submitter pod": submitter})}
-            out += [f"{name}: {role} port {port} ({what}) is open to {src}"
-                    for src, pod in blocked.items() if allows(policies, target, port, pod)]
-    return out
 
 
 def launcher_auth_problems(launcher: dict) -> list[str]:
