@@ -1,8 +1,11 @@
 """Named ViT sizes, from tiny test models to the paper's ViT-B/L, as kwargs for timm's VisionTransformer.
 
-Names follow timm's ``vit_<size>_patch<p>_<img>`` convention. The paper sizes are the ones timm ships; the small
-sizes (32×32 input, patch 4) are registered with timm's model registry on import, so
-``timm.create_model("vit_pico_patch4_32", num_classes=0)`` works wherever :mod:`tec_model` was imported.
+Names follow timm's ``vit_<size>_patch<p>_<img>`` convention. The paper sizes and the DINOv2 sizes are the ones
+timm ships (the DINOv2 ones with timm's 518×518 input, LayerScale ``init_values=1e-5`` and, for ``_reg4_``, four
+register tokens outside the position embedding); MoCo v3's ViT-S, which has 12 heads where timm's has 6, has its
+own name. The small sizes (32×32 input, patch 4; the DINOv2-like one 56×56, patch 14) are registered with timm's
+model registry on import, so ``timm.create_model("vit_pico_patch4_32", num_classes=0)`` works wherever
+:mod:`tec_model` was imported.
 """
 
 from __future__ import annotations
@@ -21,13 +24,33 @@ _SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "vit_nano_patch4_32": (96, 3, 6, 4, 32),  # B-like relative to pico: twice the width and heads
     "vit_micro_patch4_32": (128, 6, 4, 4, 32),  # demo new model / base model
     "vit_mini_patch4_32": (192, 6, 6, 4, 32),  # demo base model, larger
+    # tests: a DINOv2-with-registers-like ViT (56×56 input, patch 14 → 16 patches, 4 registers, LayerScale)
+    "vit_pico_patch14_reg4_dinov2": (48, 3, 3, 14, 56),
     # the paper's sizes, exactly as timm defines them
     "vit_tiny_patch16_224": (192, 12, 3, 16, 224),
     "vit_small_patch16_224": (384, 12, 6, 16, 224),
     "vit_base_patch16_224": (768, 12, 12, 16, 224),
     "vit_large_patch16_224": (1024, 24, 16, 16, 224),
+    # MoCo v3's ViT-S: timm's ViT-S width and depth with 12 heads (head dim 32)
+    "vit_small_patch16_224_mocov3": (384, 12, 12, 16, 224),
+    # DINOv2 bases, as timm defines them (518×518 input → 37×37 = 1369 patches)
+    "vit_small_patch14_dinov2": (384, 12, 6, 14, 518),
+    "vit_base_patch14_dinov2": (768, 12, 12, 14, 518),
+    "vit_small_patch14_reg4_dinov2": (384, 12, 6, 14, 518),
+    "vit_base_patch14_reg4_dinov2": (768, 12, 12, 14, 518),
 }
-_SMALL = [name for name, s in _SIZES.items() if s[4] == 32]
+# Kwargs beyond the size, as timm's own entrypoints set them.
+_DINOV2 = {"init_values": 1e-5}
+_DINOV2_REG4 = {"init_values": 1e-5, "reg_tokens": 4, "no_embed_class": True}
+_EXTRA: dict[str, dict[str, Any]] = {
+    "vit_pico_patch14_reg4_dinov2": _DINOV2_REG4,
+    "vit_small_patch14_dinov2": _DINOV2,
+    "vit_base_patch14_dinov2": _DINOV2,
+    "vit_small_patch14_reg4_dinov2": _DINOV2_REG4,
+    "vit_base_patch14_reg4_dinov2": _DINOV2_REG4,
+}
+_SMALL = ["vit_pico_patch4_32", "vit_nano_patch4_32", "vit_micro_patch4_32", "vit_mini_patch4_32",
+          "vit_pico_patch14_reg4_dinov2"]
 
 ARCHS: tuple[str, ...] = tuple(_SIZES)
 
@@ -56,6 +79,7 @@ def vit_kwargs(arch: str, **overrides: Any) -> dict[str, Any]:
         "qkv_bias": True,
         "num_classes": 0,
         "global_pool": "token",
+        **_EXTRA.get(arch, {}),
     }
     unknown = set(overrides) - _ALLOWED_OVERRIDES
     if unknown:
@@ -66,7 +90,8 @@ def vit_kwargs(arch: str, **overrides: Any) -> dict[str, Any]:
 
 _ALLOWED_OVERRIDES = {
     "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-    "qk_norm", "num_classes", "global_pool", "class_token", "reg_tokens", "init_values", "drop_path_rate",
+    "qk_norm", "num_classes", "global_pool", "class_token", "reg_tokens", "no_embed_class", "init_values",
+    "drop_path_rate",
 }
 
 

@@ -22,8 +22,10 @@ class BaseTargets:
     """What one base-model forward gives, for N views.
 
     Attributes:
-        features: (N, L, C_base) mean of the last ``last_layers`` block outputs, patch tokens, pre-final-norm.
-        attn_logits: (N, K+1, H, L) last-block pre-softmax logits; rows [cls, top-K patches], columns patch keys.
+        features: (N, L, C_base) mean of the last ``last_layers`` block outputs, patch tokens only (cls and register
+            tokens dropped), pre-final-norm.
+        attn_logits: (N, K+1, H, L) last-block pre-softmax logits; rows [cls, top-K patches] queries, columns the
+            patch keys only (cls and register keys dropped).
         topk_index: (N, K) long patch indices, descending by head-mean cls→patch logit.
     """
 
@@ -62,8 +64,13 @@ def compute_targets(vit: VisionTransformer, x: torch.Tensor, last_layers: int, k
 
     Returns:
         :class:`BaseTargets` in float32 (``topk_index`` long).
+
+    Raises:
+        ValueError: a ViT without a class token (its query row is a target), or impossible ``last_layers``/``k_max``.
     """
-    depth, n_prefix = len(vit.blocks), vit.num_prefix_tokens
+    depth, n_prefix = len(vit.blocks), vit.num_prefix_tokens  # prefix: cls first, then any register tokens
+    if vit.cls_token is None:
+        raise ValueError("the base model needs a class token (class_token=True): its attention row is a target")
     if not 1 <= last_layers <= depth:
         raise ValueError(f"last_layers must be in [1, {depth}], got {last_layers}")
     h = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))

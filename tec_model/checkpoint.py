@@ -4,6 +4,14 @@ Supported (detected from the object's keys):
 - MAE: ``{"model": state_dict}`` (decoder, mask token and heads are ignored);
 - DINO / iBOT: ``{"teacher" | "student" | "state_dict": state_dict}`` with ``module.`` / ``backbone.`` prefixes
   (projection heads ignored); ``teacher`` is preferred when several are present;
+- MoCo v3: ``{"state_dict": ...}`` of the DDP-wrapped MoCo model; the ViT is ``module.base_encoder.*`` (its
+  ``head.*`` projection MLP ignored), ``module.momentum_encoder.*`` and ``module.predictor.*`` are ignored.
+  MoCo v3's ViT-S has 12 heads: name it ``vit_small_patch16_224_mocov3`` (the weights cannot tell the head count);
+- DINOv2: the official layout (``cls_token``, ``pos_embed`` with a cls row, ``register_tokens``, a 2-D
+  ``mask_token``, ``blocks.N.ls1.gamma``), plain or as ``{"teacher": {"backbone.*", "dino_head.*", ...}}``, mapped
+  onto timm's ``VisionTransformer`` by timm's own ``checkpoint_filter_fn`` (registers become ``reg_token``, the cls
+  row of the position embedding is folded into ``cls_token``); a position embedding of another grid is resampled
+  (logged), a patch size other than the architecture's is refused;
 - a plain timm ``VisionTransformer`` state dict (what :func:`tec_model.export.export_encoder` writes);
 - a TEC training state dict (``encoder.*`` keys plus adapters and decoder): folded on the fly exactly as export does.
 
@@ -32,8 +40,10 @@ STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.", "encoder.")
 # Weights of the pre-training machinery around an encoder: present in real checkpoints, never needed here.
 IGNORED_PREFIXES = (
     "decoder", "mask_token", "head", "fc_norm", "masked_embed", "predictor", "projector", "dino_head",
-    "feature_head", "attention_head", "input_adapter", "encoder_adapter", "target",
+    "feature_head", "attention_head", "input_adapter", "encoder_adapter", "target", "ibot_head",
 )
+MOCO_ENCODER = "base_encoder."  # MoCo v3: the encoder that is kept; its siblings below are dropped
+MOCO_SIBLINGS = ("momentum_encoder.", "predictor.")
 
 
 class CheckpointError(ValueError):
@@ -120,7 +130,29 @@ def unwrap_state_dict(obj: Any, key: str | None = None) -> tuple[dict[str, torch
         from tec_model.export import fold_tec_state_dict  # local import: export imports this module
 
         return fold_tec_state_dict(obj), "tec"
-    return {_strip(k): v for k, v in obj.items()}, fmt
+    state_dict = {_strip(k): v for k, v in obj.items()}
+    if any(k.startswith(MOCO_ENCODER) for k in state_dict):
+        return _moco_base_encoder(state_dict), "moco v3"
+    if is_dinov2_layout(state_dict):
+        fmt = "dinov2" if fmt == "timm" else f"dinov2 {fmt}"
+    return state_dict, fmt
+
+
+def _moco_base_encoder(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MoCo v3's ``base_encoder`` weights; the momentum encoder and predictor go, anything else stays (and is then
+    reported as weights the architecture lacks)."""
+    kept = {k[len(MOCO_ENCODER):]: v for k, v in state_dict.items() if k.startswith(MOCO_ENCODER)}
+    dropped = [k for k in state_dict if k.startswith(MOCO_SIBLINGS)]
+    others = {k: v for k, v in state_dict.items() if not k.startswith((MOCO_ENCODER, *MOCO_SIBLINGS))}
+    log.info("MoCo v3 checkpoint: using base_encoder (%d tensors), ignoring %d momentum_encoder/predictor tensors",
+             len(kept), len(dropped))
+    return {**others, **kept}
+
+
+def is_dinov2_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether normalised keys are the official DINOv2 layout (its 2-D ``mask_token``; MAE's is 3-D)."""
+    token = state_dict.get("mask_token")
+    return token is not None and token.dim() == 2 and "cls_token" in state_dict
 
 
 def _keys(obj: Any) -> str:
@@ -139,8 +171,11 @@ def load_encoder_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor
 
     Raises:
         CheckpointError: listing missing encoder weights, unexpected weights (wrong architecture), shape
-            mismatches or weights holding NaN/inf.
+            mismatches or weights holding NaN/inf; a DINOv2 checkpoint whose register tokens the architecture
+            lacks (or the other way round).
     """
+    if is_dinov2_layout(state_dict):
+        state_dict = dinov2_to_timm(model, state_dict)
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state_dict)
     extra = [k for k in state_dict if k not in own]
@@ -172,3 +207,63 @@ def load_encoder_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     if ignored:
         log.info("ignored %d non-encoder checkpoint weights (heads/decoder): %s", len(ignored), ", ".join(ignored[:8]))
     return ignored
+
+
+def dinov2_to_timm(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map an official DINOv2 state dict onto a timm ViT with timm's own ``checkpoint_filter_fn``.
+
+    The patch embedding is kept out of timm's filter, which would resample it to another patch size: a checkpoint of
+    another patch size is reported as a shape mismatch instead.
+
+    Args:
+        model: the target timm ViT (its register tokens, ``no_embed_class`` and grid decide the mapping).
+        state_dict: normalised keys in the DINOv2 layout (see :func:`is_dinov2_layout`).
+
+    Returns:
+        timm keys: ``reg_token``, ``cls_token`` (with the cls position folded in), ``pos_embed`` over patches only
+        when the checkpoint has registers.
+
+    Raises:
+        CheckpointError: the checkpoint's register tokens do not match the architecture's, or its position
+            embedding cannot be resampled to the architecture's grid.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn  # keeps import time low for plain formats
+
+    no_embed_class = _check_dinov2_registers(model, state_dict.get("register_tokens"))
+    sd = dict(state_dict)
+    patch = sd.pop("patch_embed.proj.weight", None)
+    pos = sd.get("pos_embed")
+    if pos is None or pos.dim() != 3:
+        got = None if pos is None else tuple(pos.shape)
+        raise CheckpointError(f"DINOv2 checkpoint has no usable pos_embed (got {got}; expected (1, 1 + patches, C))")
+    try:
+        out = checkpoint_filter_fn(sd, model)
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"DINOv2 checkpoint does not fit the architecture — pos_embed {tuple(pos.shape)} vs "
+                              f"model {tuple(model.pos_embed.shape)}: {err}") from None
+    if patch is not None:
+        out["patch_embed.proj.weight"] = patch
+    ckpt_patches, model_patches = pos.shape[1] - 1, model.pos_embed.shape[1] - (not no_embed_class)
+    if ckpt_patches != model_patches:
+        log.warning("DINOv2 position embedding resampled by timm from %d to %d patch positions (grid %s)",
+                    ckpt_patches, model_patches, tuple(model.patch_embed.grid_size))
+    return out
+
+
+def _check_dinov2_registers(model: nn.Module, registers: torch.Tensor | None) -> bool:
+    """Refuse a DINOv2 checkpoint whose register tokens the architecture lacks, or the other way round (timm's
+    mapping assumes registers go with ``no_embed_class``). Returns the model's ``no_embed_class``."""
+    model_regs = int(getattr(model, "num_reg_tokens", 0))
+    no_embed_class = bool(getattr(model, "no_embed_class", False))
+    if registers is not None and not (model_regs and no_embed_class):
+        raise CheckpointError(
+            f"checkpoint is a DINOv2 ViT with register tokens (register_tokens {tuple(registers.shape)}) but the "
+            f"architecture has {model_regs} register tokens (no_embed_class {no_embed_class}): name a "
+            "vit_*_patch14_reg4_dinov2 arch or set reg_tokens and no_embed_class"
+        )
+    if registers is None and (model_regs or no_embed_class):
+        raise CheckpointError(
+            f"checkpoint is a DINOv2 ViT without register tokens but the architecture has {model_regs} register "
+            f"tokens (no_embed_class {no_embed_class}): name a vit_*_patch14_dinov2 arch"
+        )
+    return no_embed_class

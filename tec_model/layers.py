@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from timm.layers import Mlp
 from timm.models.vision_transformer import Block
@@ -9,6 +11,10 @@ from torch import nn
 
 from tec_model.masking import unshuffle_with_mask_tokens
 from tec_model.pos_embed import sincos_2d
+
+# The official TEC decoder (blocks and per-path norms) uses LayerNorm eps 1e-6, as the encoder does; its encoder
+# adapters are built with torch's default eps (1e-5), and so are ours.
+DECODER_LN_EPS = 1e-6
 
 
 def block_groups(depth: int, group_size: int = 3) -> list[range]:
@@ -100,10 +106,11 @@ class MultiTargetDecoder(nn.Module):
         self.embed = nn.ModuleDict({p: nn.Linear(embed_dim, decoder_dim) for p in paths})
         self.mask_token = nn.ParameterDict({p: nn.Parameter(torch.zeros(1, 1, decoder_dim)) for p in paths})
         self.register_buffer("pos_embed", sincos_2d(decoder_dim, grid_size).unsqueeze(0), persistent=False)
+        norm_layer = partial(nn.LayerNorm, eps=DECODER_LN_EPS)
         self.blocks = nn.ModuleList(
-            Block(decoder_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)
+            Block(decoder_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)
         )
-        self.norm = nn.ModuleDict({p: nn.LayerNorm(decoder_dim) for p in paths})
+        self.norm = nn.ModuleDict({p: norm_layer(decoder_dim) for p in paths})
         for token in self.mask_token.values():
             nn.init.normal_(token, std=0.02)
 
