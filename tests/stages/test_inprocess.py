@@ -1,0 +1,118 @@
+"""The in-process modes run the same code as Ray: same cache bytes, same weights, resumable across runners."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from infra import storage
+from stages.cache import cache_content, open_cache
+from stages.extract import run_extract
+from stages.train import run_train
+from stages.train_job import TrainJob
+from stages.train_session import checkpoint_names
+from tec_model import vit_kwargs
+from tests.fixtures.extract import EXTRACT_DEFAULTS, base_kwargs, make_job
+
+REPO = Path(__file__).resolve().parents[2]
+N_IMAGES, GLOBAL_BATCH = 48, 16  # 3 steps per epoch
+
+
+def train_job(cache_url: str, storage_path: str, name: str, **overrides) -> TrainJob:
+    fields = {
+        "run_name": name, "storage_path": storage_path, "cache_url": cache_url,
+        "timm_kwargs": vit_kwargs("vit_pico_patch4_32", in_chans=1), "base_timm_kwargs": base_kwargs(),
+        "preprocess": {"output_size": 32, "crop_scale": [0.2, 1.0], "crop_ratio": [0.75, 4 / 3],
+                       "interpolation": "bicubic", "mean": [0.2860405969887955], "std": [0.35302424451492254]},
+        "views_per_image": 2, "view_seed": EXTRACT_DEFAULTS["view_seed"], "k_max": EXTRACT_DEFAULTS["k_max"],
+        "topk": 4, "decoder_dim": 32, "decoder_heads": 4, "epochs": 2, "global_batch": GLOBAL_BATCH, "blr": 1.5e-3,
+        "num_workers": 0, "loader_workers": 0, "checkpoint_every": 2, "log_every": 1, "keep_checkpoints": 2,
+    }
+    return TrainJob(**(fields | overrides))
+
+
+def exported(run_dir: str) -> dict[str, torch.Tensor]:
+    data = storage.read_bytes(storage.join(run_dir, "export", "encoder.pth"))
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def metrics_rows(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in
+            storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).decode().splitlines()]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+@pytest.fixture(scope="module")
+def inprocess_cache(fmnist_manifest, base_checkpoint, tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("inproc") / "cache")
+    result = run_extract(make_job(url, fmnist_manifest(N_IMAGES), base_checkpoint), num_actors=0)
+    assert len(result.units_written) == result.units_total == 3 and result.device_seconds.keys() == {"cpu"}
+    return url
+
+
+def test_inprocess_extraction_writes_the_bytes_ray_actors_write(inprocess_cache, fmnist_manifest, base_checkpoint,
+                                                                ray_cluster, tmp_path):
+    on_ray = str(tmp_path / "ray_cache")
+    run_extract(make_job(on_ray, fmnist_manifest(N_IMAGES), base_checkpoint), num_actors=1)
+    ours, theirs = cache_content(inprocess_cache), cache_content(on_ray)
+    assert ours.keys() == theirs.keys() and len(ours) > 10
+    assert [k for k in ours if ours[k] != theirs[k]] == []
+    # the marker records the precision, and a complete cache is reported without loading the model
+    assert open_cache(inprocess_cache).marker(0)["precision"] == "float32"
+    again = run_extract(make_job(inprocess_cache, fmnist_manifest(N_IMAGES), base_checkpoint), num_actors=0)
+    assert again.units_skipped == [0, 1, 2] and again.units_written == []
+
+
+def test_a_run_begun_in_process_is_finished_on_ray_with_identical_weights(inprocess_cache, ray_cluster, tmp_path):
+    reference = run_train(train_job(inprocess_cache, str(tmp_path), "whole"))
+    assert reference.metrics["step"] == 6 and reference.checkpoint_path
+    assert len(checkpoint_names(reference.run_dir)) == 2  # keep_checkpoints pruned the older ones
+
+    half = train_job(inprocess_cache, str(tmp_path), "split", max_steps=3)
+    first = run_train(half)
+    assert first.metrics["step"] == 3 and first.export_path is None
+    before = metrics_rows(first.run_dir)
+    finished = run_train(half.replace(max_steps=None, num_workers=1))  # Ray Train, one worker: same world size
+    assert finished.metrics["step"] == 6
+    history = metrics_rows(finished.run_dir)
+    assert [row["step"] for row in history] == [1, 2, 3, 4, 5, 6]
+    # resumed, not restarted: the first three rows (their timings included) are the in-process run's own
+    assert history[:3] == before
+    assert_same_weights(exported(reference.run_dir), exported(finished.run_dir))
+
+
+def test_inprocess_pipeline_never_imports_ray(tmp_path):
+    script = (
+        "import sys, json\n"
+        "from pipeline import config as C, orchestrate as O\n"
+        f"cfg = C.load_config('configs/tiny.yaml', ['extract.num_actors=0', 'train.num_workers=0', "
+        f"'output_root={tmp_path}', 'data.limit=64', 'train.epochs=1', 'train.global_batch=32'])\n"
+        "out = O.run(cfg)\n"
+        "print(json.dumps({'ray': sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')),"
+        " 'export': out['export'], 'step': out['final']['step']}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                               "TEC_LOG_LEVEL": "WARNING"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["ray"] == [], f"the in-process path imported {out['ray'][:5]}"
+    assert out["step"] == 2 and Path(out["export"]).exists()
+
+
+def test_gpu_request_without_cuda_is_refused_naming_the_field(inprocess_cache, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match=r"train\.use_gpu is true but CUDA is not available"):
+        run_train(train_job(inprocess_cache, str(tmp_path), "gpu", use_gpu=True))
