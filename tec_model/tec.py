@@ -96,6 +96,10 @@ class TECModel(nn.Module):
             )
         if embed_dim % 4:
             problems.append(f"embed_dim {embed_dim} must be divisible by 4 (2-D sin-cos position embedding)")
+        if timm_kwargs.get("reg_tokens", 0) or not timm_kwargs.get("class_token", True) or \
+                timm_kwargs.get("no_embed_class", False):
+            problems.append("the new model is a plain ViT (a class token, no register tokens, position embedding "
+                            "over cls + patches): register/no-class-token architectures serve as base models only")
         if d_dec % 4 or d_dec % h_dec:
             problems.append(f"decoder_dim {d_dec} must be divisible by 4 and by decoder_heads {h_dec}")
         if adapters not in ADAPTERS:

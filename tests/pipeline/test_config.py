@@ -244,8 +244,10 @@ def test_to_train_job_maps_every_field() -> None:
     assert TrainJob.from_dict(job.to_dict()) == job  # the job's own validation passes on a round trip
     mapped = ({f.name for f in dataclasses.fields(ModelConfig)} | {f.name for f in dataclasses.fields(TrainConfig)}
               | {"run_name", "storage_path", "timm_kwargs", "base_timm_kwargs", "preprocess", "cache_url",
-                 "manifest_url", "checkpoint_url", "views_per_image", "view_seed", "last_layers", "k_max"})
+                 "manifest_url", "checkpoint_url", "views_per_image", "view_seed", "last_layers", "k_max",
+                 "base_precision"})
     assert {f.name for f in dataclasses.fields(TrainJob)} - mapped == {"log_indices", "extra"}
+    assert job.base_precision == cfg.extract.precision == "auto"
 
 
 def test_default_run_name() -> None:

@@ -117,3 +117,9 @@ def test_topk_below_kmax_uses_leading_rows(tiny_base, tiny_images):
     gen = torch.Generator().manual_seed(0)
     loss_cut, _, _ = model(tiny_images, t.features, t.attn_logits[:, :4], t.topk_index[:, :3], generator=gen)
     torch.testing.assert_close(loss_full, loss_cut)
+
+
+def test_register_token_architectures_are_refused_as_new_models():
+    kw = vit_kwargs("vit_pico_patch14_reg4_dinov2")
+    with pytest.raises(ValueError, match="register/no-class-token architectures serve as base models only"):
+        TECModel(kw, kw["embed_dim"], kw["num_heads"], 16)
