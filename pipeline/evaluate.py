@@ -28,6 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from infra import storage
+from stages.device import resolve_device
 from stages.images import ImageSource
 from stages.manifest import manifest_from_idx
 from stages.views import Preprocess
@@ -116,8 +117,9 @@ def extract_features(
         source: reads manifest URIs; default ``ImageSource(preprocess.channels)``.
 
     Returns:
-        float32 (N, D).
+        float32 (N, D) on the CPU (the probes run there, with CPU generators), whatever device the model is on.
     """
+    device = next(model.parameters()).device
     if feature not in FEATURES:
         raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
     if isinstance(images, pa.Table):
@@ -127,9 +129,10 @@ def extract_features(
     for lo in range(0, n, batch_size):
         batch = [_read(images, source, preprocess.channels, i) for i in range(lo, min(lo + batch_size, n))]
         boxes = np.array([(0, 0, img.shape[0], img.shape[1], 0) for img in batch], dtype=np.int32)
-        tokens = model.forward_features(preprocess.build_batch(batch, boxes))  # (B, prefix + L, D)
+        pixels = preprocess.build_batch(batch, boxes).to(device, non_blocking=True)
+        tokens = model.forward_features(pixels)  # (B, prefix + L, D)
         pooled = tokens[:, 0] if feature == "cls" else model.fc_norm(tokens[:, prefix:].mean(dim=1))
-        out.append(pooled.float())
+        out.append(pooled.float().cpu())
         now = time.perf_counter() - start
         if now - last_log > 10 or lo + batch_size >= n:
             log.info("features: %d/%d images in %.1f s", min(lo + batch_size, n), n, now)
@@ -258,6 +261,7 @@ def evaluate(
     feature: str = "cls",
     batch_size: int = 256,
     threads: int | None = None,
+    device: str = "auto",
 ) -> EvalResult:
     """k-NN (k=20, cosine) and linear-probe top-1 of a checkpoint's frozen features.
 
@@ -274,6 +278,8 @@ def evaluate(
         feature: ``"cls"`` or ``"mean"``.
         batch_size: images per forward pass.
         threads: ``torch.set_num_threads`` for the call (restored afterwards); None leaves it.
+        device: where the encoder runs (``auto``: CUDA when available); features are computed in float32 (TF32
+            matmuls on CUDA) and moved to the CPU, where the k-NN and the linear probe run.
 
     Returns:
         An :class:`EvalResult`.
@@ -283,7 +289,10 @@ def evaluate(
         torch.set_num_threads(threads)
     try:
         start = time.perf_counter()
-        model = load_encoder(checkpoint_url, timm_kwargs, checkpoint_key)
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"evaluate device must be auto, cpu or cuda, got {device!r}")
+        on = resolve_device("auto" if device == "auto" else device == "cuda", what="evaluate's device cuda")
+        model = load_encoder(checkpoint_url, timm_kwargs, checkpoint_key).to(on)
         train, train_labels = _labelled(train_images_idx, n_train)
         test, test_labels = _labelled(test_images_idx, n_test)
         train_feats = extract_features(model, train, preprocess, batch_size, feature)
