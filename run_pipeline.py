@@ -4,6 +4,7 @@
 Every job command takes ``--config FILE.yaml`` (see configs/; defaults when omitted) and ``key.sub=value``
 overrides, e.g.  ``python run_pipeline.py run --config configs/tiny.yaml train.epochs=3 model.topk=4``.
 Everything is written under ``output_root`` (default ./outputs): manifests, base checkpoints, caches, runs.
+URLs are printed and logged without their secrets (userinfo, presigned signatures and tokens).
 """
 
 from __future__ import annotations
@@ -29,8 +30,15 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, [*args.overrides, *address])
 
 
+def _show(text: str) -> None:
+    """Print ``text`` with every URL secret redacted."""
+    from infra.redaction import redact_text
+
+    print(redact_text(text))
+
+
 def _print(obj: object) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    _show(json.dumps(obj, indent=2, default=str))
 
 
 def cmd_manifest(args: argparse.Namespace) -> None:
@@ -42,13 +50,13 @@ def cmd_manifest(args: argparse.Namespace) -> None:
         table = manifest.manifest_from_image_folder(args.image_folder)
     else:
         table = manifest.manifest_from_uri_list(args.uri_list)
-    print(f"{args.out}: {table.num_rows} rows, sha256 {manifest.write_manifest(table, args.out)}")
+    _show(f"{args.out}: {table.num_rows} rows, sha256 {manifest.write_manifest(table, args.out)}")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from pipeline.orchestrate import prepare_base
 
-    print(prepare_base(_config(args)))
+    _show(prepare_base(_config(args)))
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
@@ -63,9 +71,12 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from pipeline.config import check_name
     from pipeline.orchestrate import locate_cache, train_from
 
     cfg = _config(args)
+    if args.run_name is not None:
+        check_name(args.run_name, "--run-name")
     result = train_from(cfg, locate_cache(cfg, cache_url=args.cache), run_name=args.run_name)
     _print({"run_dir": result.run_dir, "export": result.export_path, "metrics": result.metrics})
 
@@ -79,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from pipeline.orchestrate import export_run
 
-    print(export_run(args.run, args.out))
+    _show(export_run(args.run, args.out))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -196,8 +207,10 @@ COMMANDS = {"pretrain": cmd_pretrain, "extract": cmd_extract, "train": cmd_train
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from infra.logs import setup_logging
+    from infra.redaction import install_log_redaction
 
     setup_logging(args.log_level)
+    install_log_redaction()
     try:
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

@@ -48,6 +48,12 @@ from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, LocalStore
 
+# ------------------------------------------------------------------------------------- secrets in URLs
+# One owner for URL redaction (infra.redaction); re-exported here because every stored or shown URL passes through
+# this module. Messages of the errors raised here name the redacted URL, and a failure on a URL that carries a
+# secret is raised without its cause chain (whose third-party messages may repeat the URL as given).
+from infra.redaction import REDACTED, RedactingFilter, has_secret, redact_text, redact_url  # noqa: F401
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -236,17 +242,32 @@ def _is_transient_one(exc: BaseException) -> bool:
 
 
 def _give_up(op: str, url: str, exc: Exception, attempt: int, policy: RetryPolicy) -> StorageError | None:
-    """The error to raise after failed attempt ``attempt`` (0-based), or None to retry (after logging it)."""
+    """The error to raise after failed attempt ``attempt`` (0-based), or None to retry (after logging it).
+
+    Every URL in the message (``url``'s and any inside ``exc``'s text) is redacted."""
+    shown, cause = redact_url(url), redact_text(f"{type(exc).__name__}: {exc}")
     if not is_transient(exc):
-        return StorageError(f"{op} {url} failed: {type(exc).__name__}: {exc}")
+        return StorageError(f"{op} {shown} failed: {cause}")
     if attempt + 1 >= policy.attempts:
-        err = StorageError(f"{op} {url} failed after {policy.attempts} attempts (transient errors, the store "
-                           f"stayed unavailable): {type(exc).__name__}: {exc}")
+        err = StorageError(f"{op} {shown} failed after {policy.attempts} attempts (transient errors, the store "
+                           f"stayed unavailable): {cause}")
         err.transient = True
         return err
-    logger.warning("%s %s: transient %s (%s), retry %d/%d in %.2fs", op, url, type(exc).__name__, exc,
-                   attempt + 1, policy.attempts - 1, policy.delay(attempt))
+    logger.warning("%s %s: transient %s, retry %d/%d in %.2fs", op, shown, cause, attempt + 1, policy.attempts - 1,
+                   policy.delay(attempt))
     return None
+
+
+def _cause(url: str, exc: BaseException) -> BaseException | None:
+    """The cause to chain to an error about ``url``: ``exc``, or None when ``url`` carries a secret."""
+    return None if has_secret(url) else exc
+
+
+def _not_found(url: str, exc: FileNotFoundError) -> FileNotFoundError:
+    """``exc`` itself, or, when ``url`` carries a secret, a FileNotFoundError naming the redacted URL."""
+    if not has_secret(url) and not has_secret(str(exc)):
+        return exc
+    return FileNotFoundError(errno.ENOENT, "no such object", redact_url(url))
 
 
 def with_retries(
@@ -272,12 +293,15 @@ def with_retries(
         token = _IN_RETRY_LOOP.set(True)
         try:
             return func()
-        except FileNotFoundError:
-            raise
+        except FileNotFoundError as exc:
+            missing = _not_found(url, exc)
+            if missing is exc:
+                raise
+            raise missing from None
         except Exception as exc:
             err = _give_up(op, url, exc, attempt, policy)
             if err is not None:
-                raise err from exc
+                raise err from _cause(url, exc)
         finally:
             _IN_RETRY_LOOP.reset(token)
         time.sleep(policy.delay(attempt))
@@ -297,12 +321,15 @@ async def with_retries_async(
     for attempt in range(policy.attempts):
         try:
             return await func()
-        except FileNotFoundError:
-            raise
+        except FileNotFoundError as exc:
+            missing = _not_found(url, exc)
+            if missing is exc:
+                raise
+            raise missing from None
         except Exception as exc:
             err = _give_up(op, url, exc, attempt, policy)
             if err is not None:
-                raise err from exc
+                raise err from _cause(url, exc)
             await asyncio.sleep(policy.delay(attempt))
     raise AssertionError("unreachable")
 
@@ -491,3 +518,4 @@ def list_dir(url: str, policy: RetryPolicy | None = None) -> list[str]:
     if entries is None:
         return []
     return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries} - {""})
+

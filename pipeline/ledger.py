@@ -10,7 +10,8 @@ Layout: one Parquet **object per row**, so concurrent writers never share an obj
 - ``<cache_url>/ledger/run-<run_name>.parquet``, one per training run that used the cache (:data:`RUN_SCHEMA`);
   recording the same run again (after a resume) replaces its object.
 
-Every write goes through :mod:`infra.storage` (atomic whole-object writes, any fsspec URL).
+Every write goes through :mod:`infra.storage` (atomic whole-object writes, any fsspec URL). URLs in rows and log
+lines are redacted (:func:`infra.storage.redact_url`: no userinfo, no presigned signature or token).
 """
 
 from __future__ import annotations
@@ -126,12 +127,12 @@ def record_extraction(cache_url: str, result: ExtractResult, spec: CacheSpec) ->
         "device_seconds_json": json.dumps(result.device_seconds, sort_keys=True),
     }
     if not written:
-        log.info("ledger: extraction of %s wrote no unit; nothing recorded", cache_url)
+        log.info("ledger: extraction of %s wrote no unit; nothing recorded", storage.redact_url(cache_url))
         return {**row, "url": None}
     url = storage.join(ledger_url(cache_url), f"extract-{stamp}-{uuid.uuid4().hex[:8]}.parquet")
     _write_row(url, EXTRACT_SCHEMA, row)
     log.info("ledger: extraction of %d views spent %d base MACs (FLOPs = 2×MACs) -> %s",
-             row["views"], row["base_macs_total"], url)
+             row["views"], row["base_macs_total"], storage.redact_url(url))
     return {**row, "url": url}
 
 
@@ -152,7 +153,7 @@ def record_run(
     Args:
         cache_url: the cache the run used (for an online run: the cache it would have used, if any).
         run_name: the run's name; its object is ``ledger/run-<run_name>.parquet`` (unsafe characters → ``_``).
-        run_dir: where the run's checkpoints and metrics live.
+        run_dir: where the run's checkpoints and metrics live (stored redacted).
         target_source: ``cache`` (targets read from the cache) or ``online`` (base model run every step).
         views_served: training samples served over all ranks (one view each).
         bytes_read: target bytes read from the cache (whatever the caller measured; the train metrics'
@@ -169,7 +170,7 @@ def record_run(
         raise ValueError(f"target_source must be one of {TARGET_SOURCES}, got {target_source!r}")
     avoided = int(views_served) * int(base_macs_per_view) if target_source == "cache" else 0
     row = {
-        "run_name": run_name, "run_dir": str(run_dir), "target_source": target_source,
+        "run_name": run_name, "run_dir": storage.redact_url(str(run_dir)), "target_source": target_source,
         "views_served": int(views_served), "base_macs_per_view": int(base_macs_per_view),
         "base_macs_avoided": avoided, "bytes_read": int(bytes_read), "train_macs": int(train_macs),
         "wall_seconds": float(wall_seconds), "epochs": float(epochs), "timestamp": _now(),
@@ -177,7 +178,7 @@ def record_run(
     url = storage.join(ledger_url(cache_url), f"run-{_safe_name(run_name)}.parquet")
     _write_row(url, RUN_SCHEMA, row)
     log.info("ledger: run %s (%s) served %d views, avoided %d base MACs (FLOPs = 2×MACs) -> %s",
-             run_name, target_source, row["views_served"], avoided, url)
+             run_name, target_source, row["views_served"], avoided, storage.redact_url(url))
     return {**row, "url": url}
 
 

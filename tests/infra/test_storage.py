@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
+import logging
+import traceback
 from pathlib import Path
 
 import pytest
@@ -217,3 +220,76 @@ def test_zarr_store_retries_a_transient_read(s3_url: str, monkeypatch: pytest.Mo
     monkeypatch.setattr(reader.fs, "_cat_file", once_down)
     assert zarr.open_array(reader, path="a")[:].tolist() == [1, 2, 3, 4]
     assert len(failures) == 1
+
+
+# ------------------------------------------------------------------------------------- secrets in URLs
+SECRET = "S3CR3T-9f2e"
+REDACTED_CASES = [
+    (f"s3://AKIAEXAMPLE:{SECRET}@bucket/base.pth", "s3://bucket/base.pth"),
+    (f"https://alice:p@ss{SECRET}@example.com:8443/x", "https://example.com:8443/x"),  # raw '@' in the password
+    (f"https://b.s3.amazonaws.com/k.pth?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F{SECRET}"
+     f"&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Security-Token={SECRET}"
+     f"&X-Amz-Signature={SECRET}",
+     "https://b.s3.amazonaws.com/k.pth?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=<redacted>"
+     "&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Security-Token=<redacted>"
+     "&X-Amz-Signature=<redacted>"),
+    (f"https://b.s3.amazonaws.com/k?AWSAccessKeyId=AKIA{SECRET}&Expires=1&Signature={SECRET}",
+     "https://b.s3.amazonaws.com/k?AWSAccessKeyId=<redacted>&Expires=1&Signature=<redacted>"),
+    (f"https://storage.googleapis.com/b/o?X-Goog-Credential=sa{SECRET}&X-Goog-Signature={SECRET}",
+     "https://storage.googleapis.com/b/o?X-Goog-Credential=<redacted>&X-Goog-Signature=<redacted>"),
+    (f"https://acct.blob.core.windows.net/c/b?sv=2022-11-02&sp=r&sig={SECRET}",
+     "https://acct.blob.core.windows.net/c/b?sv=2022-11-02&sp=r&sig=<redacted>"),
+    (f"https://h/x?token={SECRET}&part=2#access_token={SECRET}", "https://h/x?token=<redacted>&part=2#access_token=<redacted>"),
+    (f"/data/train.gz?X-Amz-Signature={SECRET}", "/data/train.gz?X-Amz-Signature=<redacted>"),
+]
+CLEAN = ["s3://bucket/caches/ab12", "/tmp/outputs/runs/tiny-1", "idx:///data/train.gz#17", "memory://x/y?part=1",
+         "https://example.com/a/b.pth", "gs://bucket/o?generation=3"]
+
+
+@pytest.mark.parametrize(("url", "expected"), REDACTED_CASES)
+def test_redact_url_strips_userinfo_and_presigned_secrets(url: str, expected: str) -> None:
+    assert storage.redact_url(url) == expected
+    assert storage.redact_url(expected) == expected  # idempotent
+    assert SECRET not in storage.redact_url(url) and storage.has_secret(url)
+
+
+@pytest.mark.parametrize("url", CLEAN)
+def test_redact_url_leaves_urls_without_secrets_alone(url: str) -> None:
+    assert storage.redact_url(url) == url and not storage.has_secret(url)
+
+
+def test_redact_text_finds_every_url_in_a_message() -> None:
+    urls = [url for url, _ in REDACTED_CASES]
+    message = (f"read {urls[0]} failed; retried '{urls[2]}' and \"{urls[5]}\" then {urls[-1]}, see also "
+               + json.dumps({"checkpoint_url": urls[1], "manifest_url": urls[3]}))
+    clean = storage.redact_text(message)
+    assert SECRET not in clean
+    assert "read s3://bucket/base.pth failed" in clean and "'https://b.s3.amazonaws.com/k.pth?" in clean
+    assert json.loads(clean.split("see also ", 1)[1])["checkpoint_url"] == "https://example.com:8443/x"
+
+
+def _shown(exc: BaseException) -> str:
+    """Everything a user could see of ``exc``: its message, its repr and the traceback Python would print."""
+    return f"{exc}\n{exc!r}\n" + "".join(traceback.format_exception(exc))
+
+
+def test_storage_errors_never_show_a_url_secret(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    query = f"?X-Amz-Signature={SECRET}"
+    with pytest.raises(FileNotFoundError) as missing:
+        storage.read_bytes(f"{tmp_path}/absent.bin{query}")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(storage.StorageError) as permanent:  # a parent that is a file: NotADirectoryError
+        storage.write_bytes(f"{tmp_path}/file/child{query}", b"x", NO_WAIT)
+    url = f"s3://AKIAEXAMPLE:{SECRET}@bucket/x"
+
+    def down() -> None:
+        raise ConnectionError(f"cannot reach {url}")
+
+    with caplog.at_level(logging.WARNING), pytest.raises(storage.StorageError) as transient:
+        storage.with_retries("read", url, down, NO_WAIT)
+    assert transient.value.transient and not permanent.value.transient
+    assert "retry 1/2" in caplog.text and SECRET not in caplog.text
+    for info in (missing, permanent, transient):
+        assert SECRET not in _shown(info.value), _shown(info.value)
+    assert "X-Amz-Signature=<redacted>" in str(permanent.value) and "s3://bucket/x" in str(transient.value)
+    assert isinstance(missing.value, FileNotFoundError) and "absent.bin" in str(missing.value)

@@ -127,3 +127,27 @@ def test_bad_config_fails_before_any_work_naming_the_key(override, key, tmp_path
         cli("run", "--config", TINY, f"output_root={tmp_path}", override)
     assert exit_info.value.code == 2 and key in caplog.text
     assert not any(tmp_path.iterdir()), "work started despite a bad config"
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "", "x..y"])
+def test_bad_run_name_fails_before_any_work_naming_the_option(name, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
+        cli("train", "--config", TINY, f"output_root={tmp_path}", "--run-name", name)
+    assert exit_info.value.code == 2 and "--run-name: " in caplog.text and "directory name" in caplog.text
+    assert not any(tmp_path.iterdir()), "work started despite a bad run name"
+
+
+def test_cli_prints_and_logs_urls_without_their_secrets(tmp_path, capsys, caplog):
+    """What the CLI prints and every record its logging set-up handles lose URL secrets (the filter)."""
+    url = f"https://user:{SECRET}@example.invalid/base.pth?X-Amz-Signature={SECRET}&X-Amz-Expires=60"
+    with caplog.at_level(logging.INFO):
+        cli("pretrain", "--config", TINY, f"output_root={tmp_path}", f"base.checkpoint={url}")  # returns it as is
+        printed = capsys.readouterr().out
+        logging.getLogger("pipeline.test").warning("reading %s failed", url)
+        try:
+            raise OSError(f"cannot open {url}")
+        except OSError:
+            logging.getLogger("pipeline.test").exception("with a traceback")
+    assert printed.strip() == "https://example.invalid/base.pth?X-Amz-Signature=<redacted>&X-Amz-Expires=60"
+    assert "reading https://example.invalid/base.pth?X-Amz-Signature=<redacted>" in caplog.text
+    assert "OSError: cannot open https://example.invalid" in caplog.text and SECRET not in caplog.text
