@@ -23,6 +23,7 @@ non-finite targets, and training on them would stop at its first step.
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
 import os
@@ -64,7 +65,9 @@ def read_checkpoint(src: str | os.PathLike | IO[bytes] | bytes, name: str | None
     if isinstance(src, bytes | bytearray):
         src = io.BytesIO(src)
     try:
-        return torch.load(src, map_location="cpu", weights_only=True)
+        # MAE/DeiT training checkpoints carry their argparse ``args``: a plain attribute bag, allowed by name
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         detail = _weights_only_detail(str(err))
         if "GLOBAL" not in detail:

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tec_model import BaseModel, CheckpointError, export_encoder
+from tec_model import BaseModel, CheckpointError, build_vit, export_encoder, vit_kwargs
 from tests.fixtures.models import BASE_ARCH, make_base, make_tec
 
 
@@ -223,3 +223,19 @@ def test_dinov2_position_embedding_is_resampled_to_another_grid(caplog):
     expected = resample_abs_pos_embed(sd["pos_embed"][:, 1:], new_size=(3, 3), num_prefix_tokens=0)
     torch.testing.assert_close(loaded.vit.pos_embed, expected)
     assert loaded(torch.randn(2, 3, 42, 42)).features.shape == (2, 9, 48)
+
+
+def test_mae_training_checkpoint_with_its_argparse_args_loads(tmp_path):
+    """MAE's ``checkpoint-*.pth`` holds ``args`` (an argparse Namespace) beside model/optimizer/epoch/scaler."""
+    import argparse
+
+    from tec_model.checkpoint import read_checkpoint, unwrap_state_dict
+
+    vit = build_vit(vit_kwargs("vit_pico_patch4_32"))
+    path = tmp_path / "checkpoint-99.pth"
+    torch.save({"model": vit.state_dict(), "optimizer": {"state": {}}, "epoch": 99, "scaler": {},
+                "args": argparse.Namespace(model="mae_vit_pico", blr=1.5e-4, norm_pix_loss=True)}, path)
+    obj = read_checkpoint(path)
+    assert obj["args"].blr == 1.5e-4
+    state, fmt = unwrap_state_dict(obj)
+    assert fmt == "mae" and state.keys() == vit.state_dict().keys()
