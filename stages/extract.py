@@ -469,10 +469,13 @@ def run_extract(
     else:
         device, on_ray = _worker_device(num_actors, address)
         spec, cache = prepare(job, spec=spec.replace(precision=extraction_precision(job.precision, device)))
-        result = _extract_units(job, spec, cache, unit_order, lease or LeaseConfig(), max_unit_attempts,
-                                lambda: InProcessPool(job, spec) if not on_ray else RayActorPool(
-                                    job, spec, num_actors, device.type == "cuda", threads_per_actor,
-                                    in_flight_per_actor))
+
+        def make_pool() -> InProcessPool | RayActorPool:
+            if not on_ray:
+                return InProcessPool(job, spec, per_slot=in_flight_per_actor)
+            return RayActorPool(job, spec, num_actors, device.type == "cuda", threads_per_actor, in_flight_per_actor)
+
+        result = _extract_units(job, spec, cache, unit_order, lease or LeaseConfig(), max_unit_attempts, make_pool)
     swept = cache.sweep_claims()
     if swept:
         log.info("extract: removed leftover claims on complete units %s", swept)

@@ -9,14 +9,13 @@ for both pools, so the in-process mode (``extract.num_actors: 0``) runs the very
   unwrapped for :class:`~stages.cache.CacheFullError`); a worker that died raises :class:`WorkerLostError`;
 * ``replace(slot, worker)``: start a fresh worker in place of a dead one (only if ``worker`` still holds the slot).
 
-:class:`RayActorPool` imports Ray when it is built; :class:`InProcessPool` never does.
+:class:`RayActorPool` imports Ray when it is built; :class:`InProcessPool` never does (it runs units on threads).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from stages.cache import CacheFullError
@@ -30,52 +29,40 @@ class WorkerLostError(RuntimeError):
 
 
 class InProcessPool:
-    """One :class:`~stages.extract.UnitExtractor` in this process; a queued unit runs when it is waited for.
+    """One :class:`~stages.extract.UnitExtractor` in this process, running ``per_slot`` units at once on threads.
+
+    As a Ray actor with ``max_concurrency`` does, two units in flight let reading and writing one unit overlap the
+    other's forward (the extractor runs one forward at a time; torch releases the GIL while it computes).
 
     Args:
         job / spec: the extraction job and the cache spec the driver resolved.
         device: ``cpu``, ``cuda`` or ``auto``.
+        per_slot: units in flight.
     """
 
-    per_slot = 1  # a queued unit holds a claim while it waits: queue one at a time
-
-    def __init__(self, job: Any, spec: CacheSpec, device: str = "auto") -> None:
+    def __init__(self, job: Any, spec: CacheSpec, device: str = "auto", per_slot: int = 2) -> None:
         from stages.extract import UnitExtractor  # extract imports this module
 
+        self.per_slot = per_slot
         self.workers = [UnitExtractor(job, spec, device)]
         self.device = self.workers[0].ready()
-        self._ids = itertools.count()
-        self._queue: deque[tuple[int, int, str]] = deque()
-        self._done: dict[int, tuple[bool, Any]] = {}
+        self._threads = ThreadPoolExecutor(max_workers=per_slot, thread_name_prefix="extract-unit")
 
-    def submit(self, slot: int, unit: int, owner: str) -> int:
-        ref = next(self._ids)
-        self._queue.append((ref, unit, owner))
-        return ref
+    def submit(self, slot: int, unit: int, owner: str) -> Future:
+        return self._threads.submit(self.workers[0].run_unit, unit, owner)
 
-    def next_done(self, refs: list[int], timeout: float | None = None) -> int | None:
-        """Run the oldest queued unit of ``refs`` now (``timeout`` is moot: the call returns when it is done)."""
-        for i, (ref, unit, owner) in enumerate(self._queue):
-            if ref in refs:
-                del self._queue[i]
-                try:
-                    self._done[ref] = (True, self.workers[0].run_unit(unit, owner))
-                except Exception as err:  # handed to the driver by outcome(), as a Ray task's error would be
-                    self._done[ref] = (False, err)
-                return ref
-        return None
+    def next_done(self, refs: list[Future], timeout: float | None = None) -> Future | None:
+        done, _ = wait(refs, timeout=timeout, return_when=FIRST_COMPLETED)
+        return next(iter(done)) if done else None
 
-    def outcome(self, ref: int) -> dict[str, Any]:
-        ok, value = self._done.pop(ref)
-        if not ok:
-            raise value
-        return value
+    def outcome(self, ref: Future) -> dict[str, Any]:
+        return ref.result()  # re-raises what the unit raised, as a Ray task's error would be
 
     def replace(self, slot: int, worker: Any) -> bool:
         return False  # an in-process worker cannot die without the driver
 
     def close(self) -> None:
-        self._queue.clear()
+        self._threads.shutdown(wait=True, cancel_futures=True)
 
 
 class RayActorPool:
