@@ -519,3 +519,32 @@ def list_dir(url: str, policy: RetryPolicy | None = None) -> list[str]:
         return []
     return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries} - {""})
 
+
+# ------------------------------------------------------------------------------------ classifying store errors
+_MISSING_CONTAINER_CODES = frozenset({"NoSuchBucket"})
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The object store's error code carried by ``exc`` or its cause chain (``AccessDenied``, ``NoSuchBucket``,
+    ``ExpiredToken``, ``SlowDown``, ...), or None when there is none (local files, connection errors)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            if code:
+                return str(code)
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def is_missing_container(exc: BaseException) -> bool:
+    """Whether ``exc`` says the bucket itself does not exist, as opposed to one object in it.
+
+    s3fs raises :class:`FileNotFoundError` for both; only the error code (``NoSuchBucket``) tells them apart. A
+    missing object is a fact about that object; a missing bucket makes the whole data set unreachable (a typo in the
+    name, a deleted bucket) and must not be taken for a missing object. Other stores (gcsfs) do not say which.
+    """
+    return error_code(exc) in _MISSING_CONTAINER_CODES

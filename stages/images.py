@@ -21,12 +21,22 @@ Channel conversion (the model's ``in_chans``):
   (``unsupported_mode``).
 
 Bad input raises :class:`BadImageError` with a machine-readable ``reason`` from :data:`REASONS`; the extract
-stage records it with :func:`failures_table` and marks the sample invalid.
+stage records it with :func:`failures_table` and marks the sample invalid. Only facts about the image itself are bad
+input: it does not decode, it is over the policy's bounds, or it is missing: a local path that does not exist or is
+not a regular file, a key missing from an existing, readable bucket, a URI no filesystem serves (an unknown scheme).
 
-A store that is *unavailable* is not bad input: transient read failures (HTTP 5xx, throttling, dropped connections,
-timeouts) are retried with :func:`infra.storage.with_retries`, and if they persist :class:`infra.storage.StorageError`
-propagates, so the unit fails without a completion marker and a re-run reads the image again. Recording such an
-image as a skip would lose a good sample for good.
+Everything about the *store* stops the job instead, because recording it as a skip would lose good samples for good
+(an expired token would mark a whole data set "missing" and its units complete): transient failures (HTTP 5xx,
+throttling, dropped connections, timeouts) are retried with :func:`infra.storage.with_retries` and, if they persist,
+raise :class:`infra.storage.StorageError`; a permanent one (access denied, an expired or invalid token, a bucket that
+does not exist, a local file that cannot be opened) raises :class:`~infra.storage.StorageError` at once. Either way
+the error names the URL and the unit fails without a completion marker, so a re-run reads the image again.
+
+Reads follow a :class:`stages.uri_policy.UriPolicy`: a URI it refuses (scheme, metadata address) raises
+:class:`~stages.uri_policy.UriPolicyError`, which also stops the job; an image over ``max_image_bytes`` or
+``max_image_pixels`` is ``too_large``. A source whose size differs from the one its manifest recorded raises
+:class:`SourceChangedError` (:meth:`ImageSource.read` with ``expected_size``). :func:`check_failure_rate` stops a
+unit in which too many images failed (:class:`~stages.failures.TooManyBadImagesError`).
 """
 
 from __future__ import annotations
@@ -39,22 +49,31 @@ from typing import NamedTuple
 
 import fsspec
 import numpy as np
-import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from infra import storage
-from stages.manifest import IDX_SCHEME, parse_idx_uri, read_idx
+from stages.failures import (  # noqa: F401 - re-exported: callers import the failures table from here
+    FAILURES_SCHEMA,
+    FailureRecord,
+    TooManyBadImagesError,
+    allowed_failures,
+    check_failure_rate,
+    failures_table,
+)
+from stages.idx import IDX_SCHEME, parse_idx_uri, read_idx_file
+from stages.uri_policy import DEFAULT_MAX_IDX_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_POLICY, UriPolicy, read_local
 
 log = logging.getLogger(__name__)
 
 REASONS = frozenset(
     {
-        "missing",  # the URI does not exist or cannot be read for good (also: IDX record out of range)
+        "missing",  # no such object / not a regular file / unknown scheme (also: IDX record out of range)
         "empty",  # zero bytes
         "not_an_image",  # no decoder recognises the bytes
         "truncated",  # the data stops before the image is complete
         "corrupt",  # recognised but the data does not decode
-        "too_large",  # Pillow's decompression-bomb limit
+        "too_large",  # over max_image_bytes or max_image_pixels, or Pillow's decompression-bomb limit
         "unsupported_mode",  # a pixel mode we do not convert (e.g. floating point)
         "too_small",  # height or width below MIN_SIDE
     }
@@ -84,69 +103,76 @@ class BadImageError(Exception):
         return FailureRecord(int(index), self.uri, self.reason, self.message)
 
 
-# ------------------------------------------------------------------------------------------ failures table
-class FailureRecord(NamedTuple):
-    """One row of the failures table."""
+class SourceChangedError(RuntimeError):
+    """The source behind a manifest row is no longer the one the manifest recorded (its size differs).
 
-    index: int
-    uri: str
-    reason: str
-    message: str
+    Constructible from its message alone, so it keeps its type when a DataLoader worker re-raises it.
+    """
 
-
-FAILURES_SCHEMA = pa.schema(
-    [
-        pa.field("index", pa.int64(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("message", pa.string(), nullable=False),
-    ]
-)
+    def __init__(self, message: str, uri: str = "") -> None:
+        super().__init__(message)
+        self.uri = uri
 
 
-def failures_table(records: list[FailureRecord] | list[tuple]) -> pa.Table:
-    """Make the failures table (:data:`FAILURES_SCHEMA`) from records, sorted by ``index``."""
-    rows = sorted((FailureRecord(*r) for r in records), key=lambda r: r.index)
-    return pa.Table.from_pylist([r._asdict() for r in rows], schema=FAILURES_SCHEMA)
+def _changed(uri: str, expected: int, found: int | str) -> SourceChangedError:
+    return SourceChangedError(f"{uri}: the source changed after the manifest was made (manifest size {expected} "
+                              f"bytes, found {found}); its cached targets belong to the old image. Rebuild the "
+                              "manifest and extract again", uri)
 
 
 # ----------------------------------------------------------------------------------------------- IDX
+class IdxImages(NamedTuple):
+    """A loaded IDX images file: ``images`` uint8 (N, H, W), read-only, and ``nbytes``, the file's stored size."""
+
+    images: np.ndarray
+    nbytes: int
+
+
 @functools.lru_cache(maxsize=8)
-def load_idx_images(path: str) -> np.ndarray:
-    """Load a whole IDX images file once per process (cached).
+def load_idx_images(path: str, max_bytes: int = DEFAULT_MAX_IDX_BYTES) -> IdxImages:
+    """Load a whole IDX images file once per process (cached), within ``max_bytes``.
 
-    Returns:
-        uint8 array (N, H, W), read-only.
+    Raises:
+        stages.idx.IdxError: a malformed or oversized file, or not a regular file.
     """
-    images = read_idx(path, expected_ndim=3)
+    images, nbytes = read_idx_file(path, expected_ndim=3, max_bytes=max_bytes)
     log.debug("loaded IDX %s: %s", path, images.shape)
-    return images
+    return IdxImages(images, nbytes)
 
 
-def read_idx_record(uri: str) -> np.ndarray:
+def read_idx_record(uri: str, max_bytes: int = DEFAULT_MAX_IDX_BYTES, expected_size: int | None = None) -> np.ndarray:
     """Return record ``r`` of ``idx://<path>#<r>`` as a uint8 array (H, W) (a view, do not modify).
+
+    Args:
+        uri: the record's URI.
+        max_bytes: bound on the IDX file (``UriPolicy.max_idx_bytes``).
+        expected_size: the IDX file's size the manifest recorded; None: not checked.
 
     Raises:
         BadImageError: ``missing`` if the file is absent or the record is out of range.
+        SourceChangedError: the file's size differs from ``expected_size``.
     """
     path, record = parse_idx_uri(uri)
     try:
-        images = load_idx_images(path)
+        idx = load_idx_images(path, max_bytes)
     except FileNotFoundError as err:
         raise BadImageError(uri, "missing", str(err)) from err
-    if record >= images.shape[0]:
-        raise BadImageError(uri, "missing", f"record {record} >= {images.shape[0]} records")
-    return images[record]
+    if expected_size is not None and idx.nbytes != expected_size:
+        raise _changed(uri, expected_size, f"{idx.nbytes} bytes in the IDX file")
+    if record >= idx.images.shape[0]:
+        raise BadImageError(uri, "missing", f"record {record} >= {idx.images.shape[0]} records")
+    return idx.images[record]
 
 
 # ------------------------------------------------------------------------------------------ decoding
-def decode_image(data: bytes, uri: str, in_chans: int) -> np.ndarray:
+def decode_image(data: bytes, uri: str, in_chans: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode encoded image bytes and convert to ``in_chans`` channels (see the module docstring).
 
     Args:
         data: The encoded file content.
         uri: Used in error messages only.
         in_chans: 1 (grey) or 3 (RGB).
+        max_pixels: Largest width × height decoded; checked on the header, before any pixel data is.
 
     Returns:
         uint8 array (H, W, in_chans), C-contiguous.
@@ -165,6 +191,9 @@ def decode_image(data: bytes, uri: str, in_chans: int) -> np.ndarray:
         raise BadImageError(uri, "too_large", str(err)) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise BadImageError(uri, "not_an_image", str(err)) from err
+    if img.size[0] * img.size[1] > max_pixels:
+        raise BadImageError(uri, "too_large", f"{img.size[0]}x{img.size[1]} px, more than data.max_image_pixels = "
+                                              f"{max_pixels}")
     _load_pixels(img, uri)
     if min(img.size) < MIN_SIDE:
         raise BadImageError(uri, "too_small", f"{img.size[0]}x{img.size[1]} px")
@@ -225,15 +254,17 @@ class ImageSource:
         storage_options: fsspec options for non-local URLs; by default those of :mod:`infra.storage` (endpoint,
             region and timeouts from the environment; credentials resolved by botocore, never passed here).
         retry: back-off for transient read failures (default :data:`infra.storage.DEFAULT_RETRY`).
+        policy: which URIs may be read and how much of them (default :data:`stages.uri_policy.DEFAULT_POLICY`).
     """
 
     def __init__(self, in_chans: int, storage_options: dict | None = None,
-                 retry: storage.RetryPolicy | None = None) -> None:
+                 retry: storage.RetryPolicy | None = None, policy: UriPolicy | None = None) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
         self.in_chans = in_chans
         self.storage_options = None if storage_options is None else dict(storage_options)
         self.retry = retry
+        self.policy = policy if policy is not None else DEFAULT_POLICY
         self._filesystems: dict[str, fsspec.AbstractFileSystem] = {}
         self._pid = os.getpid()
 
@@ -244,43 +275,102 @@ class ImageSource:
         state["_pid"] = -1
         return state
 
-    def read(self, uri: str) -> np.ndarray:
+    def with_policy(self, policy: UriPolicy) -> ImageSource:
+        """This source under ``policy``: itself when that is its policy already, else a copy sharing its
+        filesystems."""
+        if policy == self.policy:
+            return self
+        clone = object.__new__(ImageSource)
+        clone.__dict__.update(self.__dict__, policy=policy)
+        return clone
+
+    def read(self, uri: str, expected_size: int | None = None) -> np.ndarray:
         """Return the decoded image of ``uri`` as uint8 (H, W, in_chans).
+
+        Args:
+            uri: a manifest URI.
+            expected_size: the source's size in bytes as the manifest recorded it (for IDX: the file's); a
+                different size raises :class:`SourceChangedError`. None: not checked.
 
         Raises:
             BadImageError: If the image is missing or unusable (see :data:`REASONS`).
+            infra.storage.StorageError: the store refused or stayed unavailable (the job must stop).
+            stages.uri_policy.UriPolicyError: the policy refuses the URI. stages.idx.IdxError: a bad IDX file.
+            SourceChangedError: see ``expected_size``.
         """
         if uri.startswith(IDX_SCHEME):
-            record = read_idx_record(uri)
+            self.policy.check(uri)
+            record = read_idx_record(uri, self.policy.max_idx_bytes, expected_size)
             if min(record.shape) < MIN_SIDE:
                 raise BadImageError(uri, "too_small", f"{record.shape[1]}x{record.shape[0]} px")
             return np.ascontiguousarray(np.repeat(record[:, :, None], self.in_chans, axis=2))
-        return decode_image(self.read_bytes(uri), uri, self.in_chans)
+        return decode_image(self.read_bytes(uri, expected_size), uri, self.in_chans, self.policy.max_image_pixels)
 
     __call__ = read
 
-    def read_bytes(self, uri: str) -> bytes:
-        """Return the raw bytes behind an fsspec URL or local path.
+    def read_bytes(self, uri: str, expected_size: int | None = None) -> bytes:
+        """Return the raw bytes behind an fsspec URL or local path, at most ``policy.max_image_bytes`` of them.
 
         Raises:
-            BadImageError: ``missing`` if it does not exist or cannot be read (a permanent error).
-            infra.storage.StorageError: the store stayed unavailable through every retry (``transient`` is True).
+            BadImageError: ``missing`` (no such object in a readable bucket, no such local file, not a regular file,
+                a scheme no filesystem serves) or ``too_large``.
+            infra.storage.StorageError: any failure of the store: permanent (access denied, expired token, no such
+                bucket) or transient through every retry (``transient`` is True). It names the URL.
+            stages.uri_policy.UriPolicyError: the policy refuses the URI.
+            SourceChangedError: the size differs from ``expected_size``.
         """
-        protocol, _ = fsspec.core.split_protocol(uri)
+        protocol = fsspec.core.split_protocol(uri)[0] or "file"
+        if protocol not in fsspec.available_protocols():
+            raise BadImageError(uri, "missing", f"no filesystem serves the scheme {protocol!r}")
+        self.policy.check(uri)
         try:
-            fs = self._filesystem(protocol or "file")
-        except (ValueError, ImportError) as err:  # unknown protocol
+            fs = self._filesystem(protocol)
+        except (ValueError, ImportError) as err:  # a protocol whose implementation is not installed
             raise BadImageError(uri, "missing", f"{type(err).__name__}: {err}") from err
-        path = fs._strip_protocol(uri)
+        limit = self.policy.max_image_bytes if expected_size is None else min(self.policy.max_image_bytes,
+                                                                               expected_size)
         try:
-            return storage.with_retries("read", uri, lambda: fs.cat_file(path), self.retry)
+            data, size = self._fetch(fs, uri, limit)  # size: exact, or limit + 1 for "more than limit"
         except FileNotFoundError as err:
+            if storage.is_missing_container(err):
+                raise storage.StorageError(f"read {uri} failed: the bucket does not exist "
+                                           f"({type(err).__name__}: {err})") from err
             raise BadImageError(uri, "missing", f"{type(err).__name__}: {err}") from err
-        except storage.StorageError as err:
-            if err.transient:
+        found = f"{size} bytes" if size >= 0 else f"more than {limit} bytes"
+        if size < 0 or size > limit:
+            if expected_size is not None and expected_size <= self.policy.max_image_bytes:
+                raise _changed(uri, expected_size, found)
+            raise BadImageError(uri, "too_large", f"{found}, more than data.max_image_bytes = "
+                                                  f"{self.policy.max_image_bytes}")
+        if expected_size is not None and size != expected_size:
+            raise _changed(uri, expected_size, found)
+        return data
+
+    def _fetch(self, fs: fsspec.AbstractFileSystem, uri: str, limit: int) -> tuple[bytes, int]:
+        """(at most ``limit + 1`` bytes of ``uri``, its size in bytes, or -1 when it is only known to be over
+        ``limit``), retried on transient errors.
+
+        Raises:
+            FileNotFoundError: absent. BadImageError: not a regular local file. infra.storage.StorageError: else.
+        """
+        path = fs._strip_protocol(uri)
+        if isinstance(fs, LocalFileSystem):
+            got = storage.with_retries("read", uri, lambda: read_local(path, limit), self.retry)
+            if got.not_regular:
+                raise BadImageError(uri, "missing", got.not_regular)
+            size = max(got.size, len(got.data))  # the file may grow while it is read
+            return got.data, size if len(got.data) <= limit else -1
+
+        def ranged_get() -> bytes:
+            try:
+                return fs.cat_file(path, start=0, end=limit + 1)
+            except OSError as err:
+                if storage.error_code(err) == "InvalidRange":  # a range of an empty object is unsatisfiable
+                    return b""
                 raise
-            cause = err.__cause__ or err
-            raise BadImageError(uri, "missing", f"{type(cause).__name__}: {cause}") from err
+
+        data = storage.with_retries("read", uri, ranged_get, self.retry)
+        return data, len(data) if len(data) <= limit else -1
 
     def _filesystem(self, protocol: str) -> fsspec.AbstractFileSystem:
         """The filesystem for ``protocol`` in this process (created on first use, reset after fork)."""

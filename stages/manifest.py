@@ -6,7 +6,15 @@ A manifest is a Parquet table with one row per sample:
 * ``uri`` (string): an fsspec URL of an encoded image, or ``idx://<absolute path>#<record>`` for record
   ``record`` of an IDX images file (Fashion-MNIST); see :func:`idx_uri`.
 * ``label`` (int64, nullable): the class index, null when unknown.
-* ``size`` (int64, nullable): bytes of the source file, or of one record for IDX; null when not known.
+* ``size`` (int64, nullable): bytes of the source file (for IDX records: of the whole IDX file as stored); null when
+  not known.
+* ``etag`` (string, nullable): the object store's ETag of the source, where the store has one.
+* ``mtime`` (float64, nullable): the source's modification time (seconds since the epoch), where the store has one.
+
+``size``, ``etag`` and ``mtime`` identify the source as it was when the manifest was made: the train stage refuses an
+image whose size differs (:class:`stages.images.SourceChangedError`), since its cached targets belong to the old
+pixels (:func:`expected_sizes`). Manifests written before ``etag``/``mtime`` existed read with those columns null;
+their IDX rows recorded one record's bytes as ``size`` and are not size-checked.
 
 Three sources are supported: IDX files (:func:`manifest_from_idx`), ImageFolder trees
 (:func:`manifest_from_image_folder`) and Parquet/CSV lists of URIs (:func:`manifest_from_uri_list`).
@@ -15,12 +23,14 @@ bytes; their SHA-256 (:func:`manifest_sha256`) is part of the cache key.
 
 Without explicit ``storage_options``, manifests are read and written through :mod:`infra.storage` (endpoint and
 timeouts from the environment, transient failures retried, local writes atomic). A manifest that is not a valid
-Parquet table, or whose columns are wrong, raises :class:`ManifestError` naming the file.
+Parquet table, or whose columns are wrong, raises :class:`ManifestError` naming the file. IDX files are read within
+the bounds of :class:`stages.uri_policy.UriPolicy` (``max_idx_bytes``; gzip inflated only as far as the header
+declares, see :mod:`stages.idx`); a bad one raises :class:`IdxError`.
 """
 
 from __future__ import annotations
 
-import gzip
+import datetime
 import hashlib
 import io
 import logging
@@ -38,6 +48,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from infra import storage
+from stages.idx import IDX_SCHEME, IdxError, idx_uri, parse_idx_uri, read_idx, read_idx_file  # noqa: F401
+from stages.uri_policy import DEFAULT_POLICY, UriPolicy
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +59,11 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("uri", pa.string(), nullable=False),
         pa.field("label", pa.int64()),
         pa.field("size", pa.int64()),
+        pa.field("etag", pa.string()),
+        pa.field("mtime", pa.float64()),
     ]
 )
-IDX_SCHEME = "idx://"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-_IDX_UBYTE = 0x08
 
 
 class ManifestError(ValueError):
@@ -59,59 +71,6 @@ class ManifestError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- IDX files
-def read_idx(path: str | os.PathLike, expected_ndim: int | None = None) -> np.ndarray:
-    """Read a whole IDX file (raw or gzip-compressed, detected from the content) into memory.
-
-    Only the unsigned-byte element type (0x08) is supported: it is the one MNIST-style data sets use.
-
-    Args:
-        path: Local path (or fsspec URL) of the IDX file.
-        expected_ndim: If given, the number of dimensions the file must declare (3 for images, 1 for labels).
-
-    Returns:
-        uint8 array shaped as the header says, e.g. (N, 28, 28) for images or (N,) for labels.
-
-    Raises:
-        ValueError: On a bad magic number, an unexpected element type or rank, or a size mismatch; the message
-            names the file.
-    """
-    with fsspec.open(os.fspath(path), "rb") as f:
-        data = f.read()
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    if len(data) < 4 or data[:2] != b"\x00\x00":
-        raise ValueError(f"{path}: not an IDX file (magic number {data[:4].hex()!r} must start with 0000)")
-    dtype_code, ndim = data[2], data[3]
-    if dtype_code != _IDX_UBYTE:
-        raise ValueError(f"{path}: IDX element type 0x{dtype_code:02x} is not supported (only 0x08, uint8)")
-    if expected_ndim is not None and ndim != expected_ndim:
-        raise ValueError(f"{path}: IDX magic declares {ndim} dimensions, expected {expected_ndim}")
-    header = 4 + 4 * ndim
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    if len(data) != header + int(np.prod(shape)):
-        raise ValueError(f"{path}: IDX header says shape {shape} but the file has {len(data) - header} bytes")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
-
-
-def idx_uri(images_path: str | os.PathLike, record: int) -> str:
-    """Return the manifest URI ``idx://<absolute path>#<record>`` of one IDX record."""
-    return f"{IDX_SCHEME}{os.path.abspath(images_path)}#{int(record)}"
-
-
-def parse_idx_uri(uri: str) -> tuple[str, int]:
-    """Split ``idx://<path>#<record>`` into (path, record).
-
-    Raises:
-        ValueError: If ``uri`` is not of that form.
-    """
-    if not uri.startswith(IDX_SCHEME) or "#" not in uri:
-        raise ValueError(f"not an IDX record URI (expected idx://<path>#<record>): {uri!r}")
-    path, _, record = uri[len(IDX_SCHEME) :].rpartition("#")
-    if not path or not record.isdigit():
-        raise ValueError(f"not an IDX record URI (expected idx://<path>#<record>): {uri!r}")
-    return path, int(record)
-
-
 def default_labels_path(images_path: str | os.PathLike) -> Path | None:
     """Return the labels file that pairs with an images IDX file (``*-images-idx3-*`` → ``*-labels-idx1-*``).
 
@@ -138,13 +97,13 @@ def manifest_from_idx(
         limit: Keep only the first ``limit`` records (tests and demos use a few hundred).
 
     Returns:
-        A manifest table (:data:`MANIFEST_SCHEMA`) with N = min(limit, records) rows; ``size`` is the record
-        size in bytes (e.g. 784 for 28×28).
+        A manifest table (:data:`MANIFEST_SCHEMA`) with N = min(limit, records) rows; ``size`` is the IDX file's
+        size in bytes as stored and ``mtime`` its modification time (the same for every row).
 
     Raises:
         ValueError: On a malformed IDX file, or when the labels count differs from the images count.
     """
-    images = read_idx(images_path, expected_ndim=3)
+    images, file_bytes = read_idx_file(images_path, expected_ndim=3)
     n_total = images.shape[0]
     labels_path = labels_path if labels_path is not None else default_labels_path(images_path)
     labels = None
@@ -157,10 +116,16 @@ def manifest_from_idx(
     else:
         log.warning("no labels file found for %s: labels are null", images_path)
     n = n_total if limit is None else min(int(limit), n_total)
-    record_bytes = int(np.prod(images.shape[1:]))
     uris = [idx_uri(images_path, i) for i in range(n)]
     label_col = None if labels is None else labels[:n].astype(np.int64)
-    return _make_table(uris, label_col, np.full(n, record_bytes, dtype=np.int64))
+    mtime = _local_mtime(images_path)
+    return _make_table(uris, label_col, [file_bytes] * n, mtimes=None if mtime is None else [mtime] * n)
+
+
+def _local_mtime(path: str | os.PathLike) -> float | None:
+    """Modification time of a local file, None for other URLs."""
+    url = os.fspath(path)
+    return os.stat(url.removeprefix("file://")).st_mtime if storage.is_local(url) else None
 
 
 # ----------------------------------------------------------------------------------------- ImageFolder trees
@@ -181,7 +146,8 @@ def manifest_from_image_folder(
         storage_options: Passed to the fsspec filesystem (e.g. S3 endpoint and credentials).
 
     Returns:
-        A manifest table; ``uri`` values are full fsspec URLs (``file:///...`` for local files).
+        A manifest table; ``uri`` values are full fsspec URLs (``file:///...`` for local files); ``size``, and
+        ``etag`` or ``mtime``, from the listing.
 
     Raises:
         FileNotFoundError: If ``root`` has no class directory, or a class directory holds no image.
@@ -194,7 +160,7 @@ def manifest_from_image_folder(
     suffixes = tuple(e.lower() for e in extensions)
     uris: list[str] = []
     labels: list[int] = []
-    sizes: list[int] = []
+    stats: list[tuple[int, str | None, float | None]] = []
     empty = []
     for label, name in enumerate(classes):
         found = fs.find(posixpath.join(root_path.rstrip("/"), name), detail=True)
@@ -206,10 +172,11 @@ def manifest_from_image_folder(
         for path, info in files:
             uris.append(fs.unstrip_protocol(path))
             labels.append(label)
-            sizes.append(int(info["size"]))
+            stats.append(_source_fields(info))
     if empty:
         raise FileNotFoundError(f"{root}: no image files ({', '.join(suffixes)}) in class dirs {empty}")
-    return _make_table(uris, np.asarray(labels, dtype=np.int64), np.asarray(sizes, dtype=np.int64))
+    sizes, etags, mtimes = (list(col) for col in zip(*stats, strict=True))
+    return _make_table(uris, np.asarray(labels, dtype=np.int64), sizes, etags, mtimes)
 
 
 # -------------------------------------------------------------------------------------------- URI lists
@@ -217,6 +184,7 @@ def manifest_from_uri_list(
     list_url: str,
     stat: bool = True,
     storage_options: dict | None = None,
+    policy: UriPolicy = DEFAULT_POLICY,
 ) -> pa.Table:
     """Build a manifest from a Parquet or CSV list of image URIs (column ``uri``, optional ``label``).
 
@@ -225,15 +193,17 @@ def manifest_from_uri_list(
 
     Args:
         list_url: fsspec URL or local path of the list.
-        stat: Fill ``size`` by asking the filesystem for each URI's size (one request per URI); when False,
-            ``size`` comes from a ``size`` column of the list if any, else null.
+        stat: Fill ``size`` and ``etag``/``mtime`` by asking the filesystem about each URI (one request per URI);
+            when False, they come from same-named columns of the list if any, else null.
         storage_options: Passed to fsspec for the list and for the stat calls.
+        policy: Every URI is checked against it before any is asked about.
 
     Returns:
         A manifest table.
 
     Raises:
         ValueError: If the list has no ``uri`` column, an empty/null URI, or a non-integer ``label`` column.
+        stages.uri_policy.UriPolicyError: A URI the policy refuses (nothing has been requested yet).
     """
     opts = storage_options or {}
     with fsspec.open(list_url, "rb", **opts) as f:
@@ -252,13 +222,12 @@ def manifest_from_uri_list(
     base = _local_dir(list_url)
     uris = [_resolve(u, base) for u in uri_col.to_pylist()]
     labels = _label_column(table, list_url)
+    for uri in uris:
+        policy.check(uri)
     if stat:
-        sizes = _stat_sizes(uris, opts)
-    elif "size" in table.column_names:
-        sizes = table.column("size").cast(pa.int64())
-    else:
-        sizes = None
-    return _make_table(uris, labels, sizes)
+        return _make_table(uris, labels, *_stat_sources(uris, opts))
+    given = {name: table.column(name) if name in table.column_names else None for name in ("size", "etag", "mtime")}
+    return _make_table(uris, labels, given["size"], given["etag"], given["mtime"])
 
 
 def _label_column(table: pa.Table, list_url: str) -> pa.Array | None:
@@ -286,28 +255,58 @@ def _resolve(uri: str, base: str | None) -> str:
     return os.path.normpath(os.path.join(base, uri))
 
 
-def _stat_sizes(uris: Sequence[str], storage_options: dict) -> np.ndarray:
-    """Byte size of each URI (one filesystem info call per URI).
+def _stat_sources(uris: Sequence[str], storage_options: dict) -> tuple[list, list, list]:
+    """(sizes, etags, mtimes) of the URIs (one filesystem info call per URI; see :func:`_source_fields`).
 
     Raises:
         FileNotFoundError: Naming the first URI that does not exist.
     """
-    sizes = np.empty(len(uris), dtype=np.int64)
-    for i, uri in enumerate(uris):
+    found = []
+    for uri in uris:
         fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-        sizes[i] = int(fs.info(path)["size"])
-    return sizes
+        found.append(_source_fields(fs.info(path)))
+    sizes, etags, mtimes = (list(col) for col in zip(*found, strict=True)) if found else ([], [], [])
+    return sizes, etags, mtimes
+
+
+def _source_fields(info: dict) -> tuple[int, str | None, float | None]:
+    """(size, etag, mtime) of an fsspec info dict: the ETag where the store has one (S3 ``ETag``, GCS ``etag``),
+    else the modification time where it has one (local files); the other is None."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return int(info["size"]), str(etag).strip('"'), None
+    mtime = info.get("mtime")
+    if isinstance(mtime, datetime.datetime):
+        mtime = mtime.timestamp()
+    return int(info["size"]), None, float(mtime) if isinstance(mtime, int | float) else None
 
 
 # ------------------------------------------------------------------------------------------ table and bytes
-def _make_table(uris: Sequence[str], labels, sizes) -> pa.Table:
-    """Assemble a manifest table; ``labels``/``sizes`` may be None (all null)."""
+def _make_table(uris: Sequence[str], labels, sizes, etags=None, mtimes=None) -> pa.Table:
+    """Assemble a manifest table; ``labels``, ``sizes``, ``etags`` and ``mtimes`` may be None (all null)."""
     n = len(uris)
-    label_arr = pa.nulls(n, pa.int64()) if labels is None else pa.array(labels, type=pa.int64())
-    size_arr = pa.nulls(n, pa.int64()) if sizes is None else pa.array(sizes, type=pa.int64())
     index = pa.array(np.arange(n, dtype=np.int64))
-    return pa.Table.from_arrays([index, pa.array(uris, type=pa.string()), label_arr, size_arr],
-                                schema=MANIFEST_SCHEMA)
+    cols = [index, pa.array(uris, type=pa.string())]
+    for values, f in zip((labels, sizes, etags, mtimes), list(MANIFEST_SCHEMA)[2:], strict=True):
+        if values is None:
+            cols.append(pa.nulls(n, f.type))
+        elif isinstance(values, pa.ChunkedArray | pa.Array):
+            cols.append(values.cast(f.type))
+        else:
+            cols.append(pa.array(values, type=f.type))
+    return pa.Table.from_arrays(cols, schema=MANIFEST_SCHEMA)
+
+
+def expected_sizes(table: pa.Table) -> list[int | None]:
+    """Per row of a manifest, the size in bytes its source must still have when read (None: not checked).
+
+    That is the ``size`` column, except for IDX rows of manifests made before ``mtime`` was recorded: their ``size``
+    was one record's bytes, not the file's, so rows with an ``idx://`` URI and a null ``mtime`` are not checked.
+    """
+    uris, sizes = table.column("uri").to_pylist(), table.column("size").to_pylist()
+    mtimes = table.column("mtime").to_pylist() if "mtime" in table.column_names else [None] * len(uris)
+    return [None if size is None or (uri.startswith(IDX_SCHEME) and mtime is None) else int(size)
+            for uri, size, mtime in zip(uris, sizes, mtimes, strict=True)]
 
 
 def validate_manifest(table: pa.Table, source: str = "manifest") -> pa.Table:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,13 +24,17 @@ from PIL import Image
 
 from pipeline.config import ConfigError, load_config
 from stages.cache import create_or_open
-from stages.extract import NonFiniteTargetsError, UnitExtractor, prepare
+from stages.extract import NonFiniteTargetsError, UnitExtractor, prepare, run_extract
+from stages.failures import TooManyBadImagesError
+from stages.idx import IdxError, idx_uri
 from stages.manifest import ManifestError, validate_manifest, write_manifest
 from stages.train import NonFiniteLossError, TargetSource, optimizer_step
 from stages.train_job import TrainJob
+from stages.uri_policy import DEFAULT_POLICY, UriPolicy, UriPolicyError
 from tec_model import CheckpointError, build_vit, vit_kwargs
 from tests.faults.s3_faults import record
 from tests.fixtures.extract import EXTRACT_DEFAULTS, base_kwargs, make_job
+from tests.fixtures.limits import address_space_cap, gzip_bomb
 from tests.fixtures.models import make_base, make_tec
 
 pytestmark = pytest.mark.faults
@@ -83,7 +88,9 @@ def test_bad_images_in_a_manifest_are_recorded_skips(tmp_path: Path, base_checkp
     manifest = str(tmp_path / "manifest.parquet")
     table = pa.table({"index": np.arange(len(uris), dtype=np.int64), "uri": uris})
     write_manifest(validate_manifest(table), manifest)
-    job = make_job(tmp_path / "cache", manifest, base_checkpoint, unit_size=len(uris), batch_size=8)
+    # Half the unit's images are bad on purpose: the failure-rate guard must allow that many.
+    job = make_job(tmp_path / "cache", manifest, base_checkpoint, unit_size=len(uris), batch_size=8,
+                   max_failed_fraction=0.5)
     spec, cache = prepare(job)
     UnitExtractor(job, spec, device="cpu", threads=1).run_unit(0)
     fails = cache.failures().to_pylist()
@@ -97,6 +104,85 @@ def test_bad_images_in_a_manifest_are_recorded_skips(tmp_path: Path, base_checkp
         assert row["uri"] == uris[row["index"]] and row["message"], name
         record("input", input=f"image: {name.replace('_', ' ')}",
                outcome=f"recorded skip, reason `{row['reason']}` (valid=False, failures table)")
+
+
+def _manifest_of(tmp_path: Path, uris: list[str]) -> str:
+    manifest = str(tmp_path / "manifest.parquet")
+    write_manifest(validate_manifest(pa.table({"index": np.arange(len(uris), dtype=np.int64), "uri": uris})), manifest)
+    return manifest
+
+
+def test_a_unit_losing_too_many_images_stops_the_job(tmp_path: Path, base_checkpoint: Path, ray_cluster) -> None:
+    """Unit 1's images are all gone (a data set that vanished looks like this): the job ends in
+    TooManyBadImagesError naming the unit, the count and the fraction, and unit 1 is never marked complete."""
+    uris = [_write(tmp_path / f"good{i}.png", _good(30 + i)) for i in range(4)]
+    uris += [str(tmp_path / "gone" / f"{i}.png") for i in range(4)]
+    job = make_job(tmp_path / "cache", _manifest_of(tmp_path, uris), base_checkpoint, unit_size=4, batch_size=8)
+    expected = r"unit 1: 4 of 4 images failed \(100\.0%\), more than extract\.max_failed_fraction = 5\.0% allows"
+    with pytest.raises(TooManyBadImagesError, match=expected + r" \(at most 1\)") as info:
+        run_extract(job, num_actors=1)
+    assert "Reasons: missing ×4" in str(info.value)
+    cache = create_or_open(job.cache_url, prepare(job)[0])
+    assert 1 not in cache.complete_units() and not (tmp_path / "cache" / "units" / "1.done").exists()
+    record("input", input="a unit whose images are all missing",
+           outcome=f"`TooManyBadImagesError`, unit not written: {_first_line(_cause_text(info.value))[:80]}")
+
+
+def _cause_text(exc: BaseException) -> str:
+    """The message of the error a Ray task raised, without Ray's header (which names actor, pid and address)."""
+    text = str(exc)
+    return text[text.index("unit "):] if "ray::" in text else text
+
+
+def _bomb(path: Path) -> str:
+    """A 4 MB IDX .gz inflating to 4 GiB behind a header that declares ten 28×28 images; its first record's URI."""
+    gzip_bomb(path, (10, 28, 28), 4 * 2**30)
+    return idx_uri(path, 0)
+
+
+HOSTILE: dict[str, tuple[Callable[[Path], str], type[Exception], str, UriPolicy]] = {
+    # name: (the URI, the error extraction ends in, a fragment of its message, the job's policy)
+    "idx_dev_zero": (lambda d: "idx:///dev/zero#0", IdxError, "not a regular file", DEFAULT_POLICY),
+    "idx_gzip_bomb": (lambda d: _bomb(d / "b-images-idx3-ubyte.gz"), IdxError, "more than 7840 bytes",
+                      DEFAULT_POLICY),
+    "metadata_address": (lambda d: "http://169.254.169.254/latest/meta-data/iam/x.png", UriPolicyError,
+                         "link-local or cloud-metadata address", UriPolicy(allowed_schemes=("file", "http"))),
+    "scheme_not_allowed": (lambda d: "https://example.com/x.png", UriPolicyError, "scheme 'https' is not allowed",
+                           DEFAULT_POLICY),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_uris_end_extraction_in_a_named_error_within_a_second(case: str, tmp_path: Path,
+                                                                     base_checkpoint: Path) -> None:
+    """Under an address-space cap, so a broken bound ends in MemoryError rather than in an exhausted machine."""
+    make, error, fragment, policy = HOSTILE[case]
+    uris = [_write(tmp_path / "good.png", _good(40)), make(tmp_path)]
+    job = make_job(tmp_path / "cache", _manifest_of(tmp_path, uris), base_checkpoint, unit_size=2, batch_size=8,
+                   uri_policy=policy)
+    spec, cache = prepare(job)
+    extractor = UnitExtractor(job, spec, device="cpu", threads=1)
+    started = time.monotonic()
+    with address_space_cap(), pytest.raises(error) as info:
+        extractor.run_unit(0)
+    assert time.monotonic() - started < 1.0
+    assert fragment in str(info.value) and uris[1].split("#")[0].removeprefix("idx://") in str(info.value)
+    assert cache.complete_units() == []
+    record("input", input=f"image URI: {case.replace('_', ' ')}",
+           outcome=f"`{error.__name__}`, unit not written: {_first_line(info.value)[:90]}")
+
+
+def test_a_device_file_in_a_manifest_is_a_recorded_skip_never_read(tmp_path: Path, base_checkpoint: Path) -> None:
+    uris = [_write(tmp_path / "good.png", _good(41)), "file:///dev/zero"]
+    job = make_job(tmp_path / "cache", _manifest_of(tmp_path, uris), base_checkpoint, unit_size=2, batch_size=8,
+                   max_failed_fraction=0.5)
+    spec, cache = prepare(job)
+    extractor = UnitExtractor(job, spec, device="cpu", threads=1)
+    with address_space_cap():
+        extractor.run_unit(0)
+    (row,) = cache.failures().to_pylist()
+    assert (row["index"], row["reason"], row["message"]) == (1, "missing", "not a regular file (a character device)")
+    record("input", input="image URI: file:///dev/zero", outcome="recorded skip, reason `missing` (not a regular file)")
 
 
 # -------------------------------------------------------------------------------------------------- manifests

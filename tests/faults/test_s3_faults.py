@@ -14,11 +14,13 @@ from __future__ import annotations
 import io
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -26,6 +28,9 @@ from infra import storage
 from stages.cache import ARRAYS, TargetCache, UnitIncompleteError, open_cache
 from stages.extract import ExtractJob, UnitExtractor, prepare
 from stages.images import BadImageError, ImageSource
+from stages.manifest import validate_manifest, write_manifest
+from stages.uri_policy import UriPolicy
+from tests.faults import s3_faults
 from tests.faults.s3_faults import FaultyS3, faulty_s3, record  # noqa: F401 - faulty_s3 is a fixture
 from tests.fixtures.extract import make_job
 
@@ -299,6 +304,71 @@ def test_an_unavailable_image_store_is_not_recorded_as_a_bad_image(faulty_s3: Fa
     record("fault", test="image_get_burst", kind="http_503_get", injected=burst.fired, survived=True, data_lost=0)
     record("fault", test="image_get_outage", kind="persistent_http_503", injected=outage.fired, survived=False,
            data_lost=0)
+
+
+# Store errors on image reads: each ends the unit in StorageError naming the URL, never in "missing" skips.
+STORE_ERRORS = {
+    # name: (HTTP status the proxy answers image GETs with, the S3 error code; None: the bucket does not exist)
+    "access_denied": (403, "AccessDenied"),
+    "expired_token": (400, "ExpiredToken"),
+    "slowdown_beyond_retries": (503, "SlowDown"),
+    "no_such_bucket": (None, None),
+}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("case", sorted(STORE_ERRORS))
+def test_store_errors_on_image_reads_stop_the_unit_instead_of_skipping_images(
+    faulty_s3: FaultyS3, case: str, tmp_path: Path, base_checkpoint: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Access denied, an expired token, throttling that outlives the retries, a bucket that does not exist: the unit
+    raises StorageError naming the image's URL and gets no marker; once the store is fine the same unit completes
+    with every image valid (nothing was recorded as missing)."""
+    status, code = STORE_ERRORS[case]
+    bucket_url = faulty_s3.url if status else f"s3://tec-absent-{uuid.uuid4().hex[:12]}/data"
+    uris = [storage.join(bucket_url, "images", f"{i}.png") for i in range(8)]
+    if status:
+        for i, uri in enumerate(uris):
+            storage.write_bytes(uri, _png(10 + i))
+    manifest = str(tmp_path / "manifest.parquet")
+    write_manifest(validate_manifest(pa.table({"index": np.arange(8, dtype=np.int64), "uri": uris})), manifest)
+    job = make_job(tmp_path / "cache", manifest, base_checkpoint, unit_size=8, batch_size=8)
+    spec, cache = prepare(job)
+    extractor = UnitExtractor(job, spec, device="cpu", threads=1)
+    monkeypatch.setattr(storage, "DEFAULT_RETRY", storage.RetryPolicy(attempts=2, base_delay_s=0.05, max_delay_s=0.1))
+    rule = None
+    if status:
+        monkeypatch.setitem(s3_faults._ERROR_CODES, status, code)
+        rule = faulty_s3.proxy.add("status", "GET", path=r"/images/", count=None, status=status)
+    with pytest.raises(storage.StorageError) as info:
+        extractor.run_unit(0)
+    message = str(info.value)
+    assert not isinstance(info.value, BadImageError)
+    assert message.startswith(f"read {uris[0]} failed"), message
+    assert info.value.transient == (code == "SlowDown")
+    assert "does not exist" in message if status is None else (rule is not None and rule.fired > 0)
+    assert cache.complete_units() == [] and not (tmp_path / "cache" / "units" / "0.done").exists()
+    assert cache.failures().num_rows == 0
+    if status:
+        faulty_s3.proxy.clear()
+        extractor.run_unit(0)
+        assert cache.complete_units() == [0] and cache.failures().num_rows == 0
+        assert cache.read_unit(0).valid.all()
+    record("fault", test=f"image_get_{case}", kind=f"image_read_{case}", injected=rule.fired if rule else 1,
+           survived=False, data_lost=0)
+
+
+@pytest.mark.faults
+def test_facts_about_one_object_stay_recorded_skips(faulty_s3: FaultyS3) -> None:  # noqa: F811
+    """An empty object (its ranged GET is unsatisfiable), an absent key, an object over max_image_bytes: skips."""
+    source = ImageSource(in_chans=1, retry=FAST, policy=UriPolicy(max_image_bytes=100))
+    storage.write_bytes(storage.join(faulty_s3.url, "images", "empty.png"), b"")
+    storage.write_bytes(storage.join(faulty_s3.url, "images", "big.png"), _png(1) + bytes(200))
+    for name, reason in (("empty.png", "empty"), ("absent.png", "missing"), ("big.png", "too_large")):
+        with pytest.raises(BadImageError) as info:
+            source.read(storage.join(faulty_s3.url, "images", name))
+        assert info.value.reason == reason, name
 
 
 # ------------------------------------------------------------------------------------------------- soak (full)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 
 import fsspec
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 
 from stages.manifest import (
     MANIFEST_SCHEMA,
+    expected_sizes,
     idx_uri,
     manifest_from_idx,
     manifest_from_image_folder,
@@ -24,6 +26,7 @@ from stages.manifest import (
     read_manifest,
     write_manifest,
 )
+from stages.uri_policy import UriPolicy, UriPolicyError
 from tests.fixtures.data import FMNIST_TRAIN_IMAGES, FMNIST_TRAIN_LABELS, FOLDER_CLASSES, parse_idx_gz
 
 
@@ -40,7 +43,9 @@ def test_idx_manifest_columns_and_labels(fmnist_dir):
     assert table.column("index").to_pylist() == list(range(300))
     labels = parse_idx_gz(fmnist_dir / FMNIST_TRAIN_LABELS)[:300]
     np.testing.assert_array_equal(table.column("label").to_numpy(), labels)
-    assert set(table.column("size").to_pylist()) == {784}
+    stat = (fmnist_dir / FMNIST_TRAIN_IMAGES).stat()
+    assert set(table.column("size").to_pylist()) == {stat.st_size}  # the IDX file's size, every record
+    assert set(table.column("mtime").to_pylist()) == {stat.st_mtime} and table.column("etag").null_count == 300
     uri = table.column("uri")[17].as_py()
     assert uri == f"idx://{fmnist_dir / FMNIST_TRAIN_IMAGES}#17"
     assert parse_idx_uri(uri) == (str(fmnist_dir / FMNIST_TRAIN_IMAGES), 17)
@@ -64,7 +69,8 @@ def test_raw_and_gz_idx_agree(tmp_path):
     gz = manifest_from_idx(tmp_path / "y-images-idx3-ubyte.gz", limit=3)
     assert raw.column("label").to_pylist() == [3, 1, 4, 1, 5]
     assert gz.column("label").to_pylist() == [3, 1, 4]
-    assert raw.column("size").to_pylist() == [12] * 5
+    assert raw.column("size").to_pylist() == [(tmp_path / "x-images-idx3-ubyte").stat().st_size] * 5 == [16 + 60] * 5
+    assert gz.column("size").to_pylist() == [(tmp_path / "y-images-idx3-ubyte.gz").stat().st_size] * 3
     np.testing.assert_array_equal(read_idx(tmp_path / "y-images-idx3-ubyte.gz"), images)
 
 
@@ -137,7 +143,7 @@ def test_uri_list_parquet_csv_and_memory_scheme(tmp_path, image_folder):
         f.write("uri\nmemory://imgs/a.png\n")
     with fsspec.open("memory://imgs/a.png", "wb") as f:
         f.write(b"12345")
-    mem = manifest_from_uri_list("memory://lists/l.csv")
+    mem = manifest_from_uri_list("memory://lists/l.csv", policy=UriPolicy(allowed_schemes=("memory",)))
     assert mem.column("uri").to_pylist() == ["memory://imgs/a.png"]
     assert mem.column("size").to_pylist() == [5] and mem.column("label").null_count == 1
 
@@ -196,3 +202,49 @@ def test_image_folder_on_another_fsspec_scheme():
     assert table.column("label").to_pylist() == [0, 1]
     with fsspec.open(table.column("uri")[1].as_py(), "rb") as f:
         assert f.read() == b"abc"
+
+
+# ---------------------------------------------------------------------------------------- source identity columns
+def test_manifests_record_size_and_mtime_of_local_sources(image_folder):
+    table = manifest_from_image_folder(str(image_folder))
+    assert table.column("etag").null_count == table.num_rows
+    for uri, size, mtime in zip(*(table.column(c).to_pylist() for c in ("uri", "size", "mtime")), strict=True):
+        stat = os.stat(uri.removeprefix("file://"))
+        assert (size, mtime) == (stat.st_size, stat.st_mtime)
+    assert expected_sizes(table) == table.column("size").to_pylist()
+
+
+def test_manifests_record_the_etag_of_s3_sources(s3_url, s3_client, tmp_path):
+    bucket = s3_url.split("/")[2]
+    uris = []
+    for name, body in (("a.png", b"12345"), ("b.png", b"abc")):
+        s3_client.put_object(Bucket=bucket, Key=f"imgs/{name}", Body=body)
+        uris.append(f"s3://{bucket}/imgs/{name}")
+    (tmp_path / "list.csv").write_text("uri\n" + "\n".join(uris) + "\n")
+    table = manifest_from_uri_list(str(tmp_path / "list.csv"))
+    etags = [s3_client.head_object(Bucket=bucket, Key=f"imgs/{n}")["ETag"].strip('"') for n in ("a.png", "b.png")]
+    assert table.column("etag").to_pylist() == etags and table.column("size").to_pylist() == [5, 3]
+    assert table.column("mtime").null_count == 2
+    pq.write_table(table.drop_columns(["index"]), tmp_path / "copy.parquet")
+    back = manifest_from_uri_list(str(tmp_path / "copy.parquet"), stat=False)
+    assert back.equals(table)  # a list carrying the columns keeps them without asking the store
+
+
+def test_manifests_without_the_new_columns_stay_readable(tmp_path):
+    legacy = pa.table({"index": pa.array([0, 1], pa.int64()), "uri": ["idx:///d/x-images-idx3-ubyte.gz#0", "/d/a.png"],
+                       "label": pa.array([1, None], pa.int64()), "size": pa.array([784, 1234], pa.int64())})
+    pq.write_table(legacy, tmp_path / "old.parquet")
+    table, _ = read_manifest(str(tmp_path / "old.parquet"))
+    assert table.schema.equals(MANIFEST_SCHEMA)
+    assert table.column("etag").null_count == 2 and table.column("mtime").null_count == 2
+    assert expected_sizes(table) == [None, 1234]  # an old IDX row's size was one record's bytes: not checked
+
+
+def test_uri_lists_are_checked_against_the_policy_before_any_request(tmp_path):
+    cases = (("http://169.254.169.254/latest/meta-data/", UriPolicy(allowed_schemes=("file", "http")), "metadata"),
+             ("ftp://example.com/a.png", UriPolicy(), "scheme 'ftp' is not allowed"))
+    for uri, policy, fragment in cases:
+        (tmp_path / "list.csv").write_text(f"uri\n{tmp_path}/a.png\n{uri}\n")
+        for stat in (True, False):  # with stat=True, a request to the URI would be the harm
+            with pytest.raises(UriPolicyError, match=fragment):
+                manifest_from_uri_list(str(tmp_path / "list.csv"), stat=stat, policy=policy)
