@@ -452,8 +452,8 @@ def to_train_job(cfg: PipelineConfig, cache_url: str | None, run_name: str, stor
         run_name=check_name(run_name, "run_name"), storage_path=storage_path, timm_kwargs=model_timm_kwargs(cfg),
         base_timm_kwargs=base_timm_kwargs(cfg), preprocess=preprocess(cfg).to_dict(), cache_url=cache_url,
         manifest_url=manifest_url, checkpoint_url=checkpoint_url, views_per_image=ex.views_per_image,
-        view_seed=ex.seed, last_layers=ex.last_layers, k_max=ex.k_max, base_precision=ex.precision, **model_fields,
-        **train_fields,
+        view_seed=ex.seed, last_layers=ex.last_layers, k_max=ex.k_max, base_precision=ex.precision,
+        uri_policy=dataclasses.asdict(UriPolicy.of(cfg.data)), **model_fields, **train_fields,
     )
 
 
@@ -471,7 +471,8 @@ def to_pretrain_job(cfg: PipelineConfig, run_name: str, storage_path: str, manif
         views_per_image=max(1, p.epochs), view_seed=p.seed, adapters="none", feature_norm="channel",
         attention_target=False, topk=1, k_max=1, mask_ratio=p.mask_ratio, decoder_dim=p.decoder_dim,
         decoder_depth=p.decoder_depth, decoder_heads=p.decoder_heads, epochs=p.epochs, global_batch=p.global_batch,
-        blr=p.blr, weight_decay=p.weight_decay, warmup_epochs=p.warmup_epochs, seed=p.seed, **resources,
+        blr=p.blr, weight_decay=p.weight_decay, warmup_epochs=p.warmup_epochs, seed=p.seed,
+        uri_policy=dataclasses.asdict(UriPolicy.of(cfg.data)), **resources,
     )
 
 

@@ -39,6 +39,7 @@ from stages.train_session import (
     checkpoint_names,
     latest_state,
 )
+from stages.uri_policy import UriPolicy
 from tec_model import BaseModel, export_encoder, export_mae, num_patches, patchify
 from tec_model.flops import vit_forward_macs
 from tec_model.masking import num_visible
@@ -209,7 +210,7 @@ def train_worker(job: TrainJob, session: TrainSession) -> None:
         epoch, start = divmod(t.progress.step, per_epoch)
         data = TrainBatches(plan, epoch, rank, start, manifest_url=_manifest_url(job), preprocess=pre,
                             in_chans=in_chans, cache_url=job.cache_url if job.target_source == "cache" else None,
-                            view_seed=job.view_seed)
+                            view_seed=job.view_seed, uri_policy=UriPolicy(**job.uri_policy) if job.uri_policy else None)
         for batch in make_loader(data, num_workers=job.loader_workers, pin_memory=pin):
             if batch["step"] != t.progress.step % per_epoch:
                 raise RuntimeError(f"loader served step {batch['step']} of epoch {epoch}, the trainer is at step "

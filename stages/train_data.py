@@ -59,6 +59,7 @@ from stages.cache import TargetCache, UnitIncompleteError, open_cache, raw_bytes
 from stages.cache_spec import CacheMismatchError, CacheSpec, expected_differences
 from stages.images import ImageSource
 from stages.manifest import expected_sizes, read_manifest
+from stages.uri_policy import UriPolicy
 from stages.views import Preprocess
 
 logger = logging.getLogger(__name__)
@@ -280,11 +281,12 @@ class TrainBatches(IterableDataset):
         in_chans: model input channels (1 or 3).
         cache_url: the target cache (cached mode), or None (online mode).
         view_seed: the view-plan seed; required online, checked against the cache if given.
+        uri_policy: which source URIs may be read and how much of them (default: the default policy).
     """
 
     def __init__(self, plan: SamplePlan, epoch: int, rank: int, start_step: int, *, manifest_url: str,
                  preprocess: Preprocess, in_chans: int, cache_url: str | None = None,
-                 view_seed: int | None = None) -> None:
+                 view_seed: int | None = None, uri_policy: UriPolicy | None = None) -> None:
         super().__init__()
         if not 0 <= rank < plan.world_size:
             raise ValueError(f"rank {rank} out of range [0, {plan.world_size})")
@@ -301,7 +303,7 @@ class TrainBatches(IterableDataset):
                                "fetch more than they deliver", plan.block_size, cache_block_size(cache))
         self.plan, self.epoch, self.rank, self.start_step = plan, epoch, rank, start_step
         self.manifest_url, self.preprocess, self.in_chans = manifest_url, preprocess, in_chans
-        self.cache_url, self.view_seed = cache_url, view_seed
+        self.cache_url, self.view_seed, self.uri_policy = cache_url, view_seed, uri_policy
 
     def __len__(self) -> int:
         """Batches this dataset yields over all DataLoader workers."""
@@ -330,6 +332,8 @@ class _Reader:
         self.sizes = expected_sizes(table)
         first = self.uris[0] if self.uris else ""
         self.source = ImageSource(ds.in_chans, storage.storage_options(storage.protocol_of(first)))
+        if ds.uri_policy is not None:
+            self.source = self.source.with_policy(ds.uri_policy)
         self.cache = open_cache(ds.cache_url) if ds.cache_url is not None else None
         self.lru = _BlockLRU(2 * self.plan.shuffle_window)
         if self.cache is not None:

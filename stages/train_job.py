@@ -47,6 +47,8 @@ class TrainJob:
         base_precision: the online base model's precision (``extract.precision``: ``auto`` = bfloat16 on CUDA,
             float32 on the CPU), so online targets match a cache extracted on the same device.
         log_indices: each rank writes the sample indices it trained on to ``<run>/indices/`` at every report.
+        uri_policy: the data section's input policy (:class:`stages.uri_policy.UriPolicy` fields; empty: defaults),
+            so training reads exactly the images extraction was allowed to read.
     """
 
     run_name: str
@@ -92,6 +94,7 @@ class TrainJob:
     amp_dtype: str = "bfloat16"
     base_precision: str = "auto"
     log_indices: bool = False
+    uri_policy: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -135,8 +138,8 @@ class TrainJob:
     def fingerprint(self) -> str:
         """Hash of what must not change across a resume (everything but resources and stopping point)."""
         mutable = {"num_workers", "use_gpu", "threads_per_worker", "loader_workers", "max_failures", "log_every",
-                   "max_steps", "keep_checkpoints", "log_indices", "storage_path", "cache_url", "manifest_url",
-                   "checkpoint_url"}
+                   "max_steps", "keep_checkpoints", "log_indices", "uri_policy", "storage_path", "cache_url",
+                   "manifest_url", "checkpoint_url"}
         fixed = {k: v for k, v in self.to_dict().items() if k not in mutable}
         return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
 

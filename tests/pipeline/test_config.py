@@ -26,6 +26,7 @@ from pipeline.config import (
 )
 from pipeline.config_schema import ModelConfig, PipelineConfig, TrainConfig
 from stages.train_job import TrainJob
+from stages.uri_policy import UriPolicy
 from stages.views import FASHION_MNIST_MEAN, Preprocess
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
@@ -245,9 +246,10 @@ def test_to_train_job_maps_every_field() -> None:
     mapped = ({f.name for f in dataclasses.fields(ModelConfig)} | {f.name for f in dataclasses.fields(TrainConfig)}
               | {"run_name", "storage_path", "timm_kwargs", "base_timm_kwargs", "preprocess", "cache_url",
                  "manifest_url", "checkpoint_url", "views_per_image", "view_seed", "last_layers", "k_max",
-                 "base_precision"})
+                 "base_precision", "uri_policy"})
     assert {f.name for f in dataclasses.fields(TrainJob)} - mapped == {"log_indices", "extra"}
     assert job.base_precision == cfg.extract.precision == "auto"
+    assert UriPolicy(**job.uri_policy) == UriPolicy.of(cfg.data)
 
 
 def test_default_run_name() -> None:

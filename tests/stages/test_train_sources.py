@@ -14,6 +14,7 @@ from stages.extract import ExtractJob, UnitExtractor, prepare
 from stages.images import SourceChangedError
 from stages.manifest import manifest_from_uri_list, write_manifest
 from stages.train_data import SamplePlan, TrainBatches, cache_block_size, cache_valid, make_loader
+from stages.uri_policy import UriPolicy, UriPolicyError
 from tests.fixtures.data import encode, sample_images
 from tests.fixtures.extract import make_job
 
@@ -36,12 +37,12 @@ def extracted(tmp_path: Path, base_checkpoint: Path) -> tuple[list[Path], str, E
     return paths, manifest, job
 
 
-def _batches(job: ExtractJob, manifest: str, online: bool) -> list[dict]:
+def _batches(job: ExtractJob, manifest: str, online: bool, policy: UriPolicy | None = None) -> list[dict]:
     cache = open_cache(job.cache_url)
     plan = SamplePlan(cache_valid(cache), block_size=cache_block_size(cache), views_per_image=2, seed=0,
                       global_batch=4, world_size=1)
     data = TrainBatches(plan, 0, 0, 0, manifest_url=manifest, preprocess=job.preprocess, in_chans=1,
-                        cache_url=None if online else job.cache_url, view_seed=job.view_seed)
+                        cache_url=None if online else job.cache_url, view_seed=job.view_seed, uri_policy=policy)
     return list(make_loader(data, num_workers=0))
 
 
@@ -57,3 +58,11 @@ def test_a_source_changed_after_extraction_is_refused_naming_it(extracted, onlin
                                                  r"\(manifest size \d+ bytes, found \d+ bytes\)") as info:
         _batches(job, manifest, online)
     assert info.value.uri == str(victim)
+
+
+def test_the_reader_applies_the_configured_input_policy(extracted) -> None:
+    """Training reads under the data section's policy (TrainJob.uri_policy), not under the defaults."""
+    _, manifest, job = extracted
+    with pytest.raises(UriPolicyError, match=r"data\.allowed_schemes"):
+        _batches(job, manifest, online=True, policy=UriPolicy(allowed_schemes=("s3",)))
+    assert len(_batches(job, manifest, online=True, policy=UriPolicy())) == 2
