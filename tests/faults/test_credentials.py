@@ -255,8 +255,8 @@ def test_no_url_secret_in_anything_a_local_run_writes_prints_or_logs(
                  f"data.path={json.dumps(data_path)}",
                  f"data.test_path=https://u:{s['user']}@example.invalid/t10k.gz?X-Goog-Signature={s['goog']}",
                  "data.limit=64", "train.epochs=1", "extract.unit_size=32", "extract.batch_size=32",
-                 "train.global_batch=32"]
-    run_pipeline.main(["--log-level", "DEBUG", "run", "--config", TINY, *overrides])
+                 "train.global_batch=32", "extract.num_actors=0", "train.num_workers=0"]  # in-process: the same
+    run_pipeline.main(["--log-level", "DEBUG", "run", "--config", TINY, *overrides])  # code, its logs all captured
     printed = capsys.readouterr()
 
     everything = tuple(s.values())
