@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.usefixtures("ray_cluster", "fmnist_dir"), pytest.mark.
 
 def test_demo_pretrains_a_mae_base_trains_tec_and_writes_results_and_figures(tmp_path, capsys):
     overrides = [f"output_root={tmp_path}", "base.pretrain.epochs=2", "base.pretrain.global_batch=64",
-                 "base.pretrain.decoder_dim=64", "train.epochs=1"]
+                 "base.pretrain.decoder_dim=64", "train.epochs=1",
+                 "extract.num_actors=0", "train.num_workers=0"]  # in-process: the Ray paths are tested elsewhere
     results = run_demo(TINY, overrides, n_train=400, n_test=200)
 
     base = results["base checkpoint"]
