@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import logging
 import re
+import secrets
 import time
 import types
 from collections.abc import Sequence
@@ -424,8 +425,10 @@ def preprocess(cfg: PipelineConfig) -> Preprocess:
 
 
 def default_run_name(cfg: PipelineConfig, now: float | None = None) -> str:
-    """``train.run_name`` when set, else ``<name>-<YYYYmmdd-HHMMSS>`` (local time)."""
-    return cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
+    """``train.run_name`` when set, else ``<name>-<YYYYmmdd-HHMMSS>-<6 random hex digits>`` (local time): two runs
+    started in the same second get different names."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return cfg.train.run_name or f"{cfg.name}-{stamp}-{secrets.token_hex(3)}"
 
 
 def to_extract_job(cfg: PipelineConfig, cache_url: str, manifest_url: str, checkpoint_url: str) -> ExtractJob:

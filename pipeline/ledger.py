@@ -6,7 +6,13 @@ formulas of :mod:`pipeline.flops`. Bytes are bytes, seconds are seconds.
 Layout: one Parquet **object per row**, so concurrent writers never share an object (no read-modify-write):
 
 - ``<cache_url>/ledger/extract-<timestamp>-<random>.parquet``, one per extraction run that wrote something
-  (:data:`EXTRACT_SCHEMA`);
+  (:data:`EXTRACT_SCHEMA`), listing the units it wrote;
+- ``<cache_url>/ledger/extract-recovered-<hash>.parquet``: units complete in the cache that no row lists (their
+  run crashed between its last unit and its row, or was killed), derived from their completion markers by
+  :func:`record_unrecorded_units`. The name is a hash of the unit list, so deriving again writes the same object.
+  A derived row that shares a unit with a run's own row (that run was only late) is ignored by :func:`read_ledger`,
+  as is one sharing a unit with an earlier derived row, so no unit is counted twice; its other units are derived
+  again by the next call;
 - ``<cache_url>/ledger/run-<run_name>.parquet``, one per training run that used the cache (:data:`RUN_SCHEMA`);
   recording the same run again (after a resume) replaces its object.
 
@@ -16,6 +22,7 @@ lines are redacted (:func:`infra.storage.redact_url`: no userinfo, no presigned 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -54,6 +61,8 @@ EXTRACT_SCHEMA = pa.schema([
     ("work_seconds", pa.float64()),
     ("device_seconds", pa.float64()),  # sum over device kinds
     ("device_seconds_json", pa.string()),  # {"cpu": s, "cuda": s, ...}: forward seconds by device kind
+    ("units_json", pa.string()),  # JSON list of the units this row covers (null in rows from before it was kept)
+    ("recovered", pa.bool_()),  # derived from completion markers: wall and work seconds unknown (0.0)
 ], metadata={"units": UNIT})
 
 RUN_SCHEMA = pa.schema([
@@ -125,6 +134,7 @@ def record_extraction(cache_url: str, result: ExtractResult, spec: CacheSpec) ->
         "wall_seconds": float(result.wall_seconds), "work_seconds": float(result.work_seconds),
         "device_seconds": float(sum(result.device_seconds.values())),
         "device_seconds_json": json.dumps(result.device_seconds, sort_keys=True),
+        "units_json": json.dumps(sorted(result.units_written)), "recovered": False,
     }
     if not written:
         log.info("ledger: extraction of %s wrote no unit; nothing recorded", storage.redact_url(cache_url))
@@ -197,9 +207,80 @@ def read_ledger(cache_url: str) -> tuple[pa.Table, pa.Table]:
             continue
         schema = EXTRACT_SCHEMA if kind == "extract" else RUN_SCHEMA
         table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, key))))
+        for name in schema.names:  # columns added since the object was written read as null
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
         tables[kind].append(table.select(schema.names).cast(schema))
     out = []
     for kind, schema in (("extract", EXTRACT_SCHEMA), ("run", RUN_SCHEMA)):
         table = pa.concat_tables(tables[kind]) if tables[kind] else schema.empty_table()
         out.append(table.sort_by("timestamp") if table.num_rows else table)
-    return out[0], out[1]
+    return _without_superseded(out[0]), out[1]
+
+
+def _without_superseded(ext: pa.Table) -> pa.Table:
+    """Drop each derived row that shares a unit with a run's own row or with an earlier derived row we keep."""
+    rows = ext.to_pylist()
+    seen = {u for r in rows if not r["recovered"] and r["units_json"] for u in json.loads(r["units_json"])}
+    keep = []
+    for i, r in enumerate(rows):
+        if r["recovered"]:
+            units = set(json.loads(r["units_json"]))
+            if units & seen:
+                continue
+            seen |= units
+        keep.append(i)
+    return ext.take(keep) if len(keep) < len(rows) else ext
+
+
+def record_unrecorded_units(cache_url: str) -> dict[str, Any] | None:
+    """Derive one ledger row for the complete units that no row lists, from their completion markers
+    (idempotent: the object's name is a hash of the unit list; nothing is written when every unit is listed).
+
+    The row has the units' valid images and views, their base MACs, their stored bytes (exact), and their forward
+    seconds by device kind from the markers' timings; ``wall_seconds`` and ``work_seconds`` are unknown (0.0) and
+    ``recovered`` is true. Rows written before unit lists were kept make the coverage unknown: then nothing is
+    derived.
+
+    Returns:
+        The row written (keys of :data:`EXTRACT_SCHEMA` plus ``url``), or None.
+    """
+    from stages.cache import open_cache
+
+    ext, _ = read_ledger(cache_url)
+    listed = ext.column("units_json").to_pylist()
+    if any(units is None for units in listed):
+        log.info("ledger: %s has rows without unit lists; unrecorded units cannot be told, none derived",
+                 storage.redact_url(cache_url))
+        return None
+    cache = open_cache(cache_url)
+    done = cache.complete_units()
+    missing = sorted(set(done) - {u for units in listed for u in json.loads(units)})
+    if not missing:
+        return None
+    spec, sizes = cache.spec, storage.list_objects(cache_url)
+    stored = {u: sum(sizes.get(key, 0) for key in cache.unit_objects(u)[:-2]) for u in done}
+    markers = [cache.marker(u) for u in missing]
+    device: dict[str, float] = {}
+    for marker in markers:
+        timings = marker.get("timings", {})
+        if "device" in timings:
+            device[timings["device"]] = device.get(timings["device"], 0.0) + float(timings.get("forward_s", 0.0))
+    per_view = int(spec.base_forward_macs_per_view or base_macs_per_view(spec.timm_kwargs))
+    images = sum(int(m["n_valid"]) for m in markers)
+    units_json = json.dumps(missing)
+    row = {
+        "cache_key": spec.key, "timestamp": _now(), "images": images, "views": images * spec.views_per_image,
+        "n_images": int(spec.n_images), "views_per_image": int(spec.views_per_image), "base_macs_per_view": per_view,
+        "base_macs_total": images * spec.views_per_image * per_view, "bytes_written": sum(stored[u] for u in missing),
+        "cache_stored_bytes": sum(stored.values()), "wall_seconds": 0.0, "work_seconds": 0.0,
+        "device_seconds": float(sum(device.values())), "device_seconds_json": json.dumps(device, sort_keys=True),
+        "units_json": units_json, "recovered": True,
+    }
+    digest = hashlib.sha256(units_json.encode()).hexdigest()[:16]
+    url = storage.join(ledger_url(cache_url), f"extract-recovered-{digest}.parquet")
+    _write_row(url, EXTRACT_SCHEMA, row)
+    log.warning("ledger: %d complete unit(s) of %s had no extraction row (a run crashed before writing it); "
+                "derived one from their markers -> %s", len(missing), storage.redact_url(cache_url),
+                storage.redact_url(url))
+    return {**row, "url": url}

@@ -160,13 +160,18 @@ def locate_cache(cfg: C.PipelineConfig, cache_url: str | None = None) -> CacheRe
 
 def ensure_cache(cfg: C.PipelineConfig, cache_url: str | None = None) -> CacheReady:
     """Extract the configuration's cache, or reuse the complete cache with the same key (registry or
-    ``cache_url``); a half-finished cache is resumed."""
+    ``cache_url``); a half-finished cache is resumed.
+
+    A complete cache whose ledger lacks the rows of some units (a crash between a run's last unit and its ledger
+    row, or a killed extraction) gets them derived from the units' completion markers
+    (:func:`pipeline.ledger.record_unrecorded_units`, idempotent)."""
     job, key = _extract_job(cfg, cache_url)
     _start_ray(cfg, cfg.extract.num_actors > 0)
     with contextlib.suppress(FileNotFoundError):
         cache = open_cache(job.cache_url)
         if cache.spec.key == key and len(cache.complete_units()) == cache.n_units:
             log.info("reusing complete cache %s (key %s)", job.cache_url, key[:12])
+            ledger.record_unrecorded_units(job.cache_url)
             return CacheReady(job.cache_url, cache.spec.with_working_urls(job.checkpoint_url, job.manifest_url),
                               None, reused=True)
     result = run_extract(job, num_actors=cfg.extract.num_actors, address=cfg.ray.address,
@@ -175,6 +180,7 @@ def ensure_cache(cfg: C.PipelineConfig, cache_url: str | None = None) -> CacheRe
     write_config_attr(job.cache_url, C.resolved_dict(cfg))
     if result.units_written:
         ledger.record_extraction(job.cache_url, result, spec)
+    ledger.record_unrecorded_units(job.cache_url)
     return CacheReady(job.cache_url, spec, result, reused=False)
 
 
@@ -184,10 +190,10 @@ def train_from(cfg: C.PipelineConfig, cache: CacheReady, run_name: str | None = 
     job = C.to_train_job(cfg, cache_url=cache.url, run_name=name, storage_path=runs_root(cfg.output_root),
                          manifest_url=cache.spec.manifest_uri, checkpoint_url=cache.spec.checkpoint)
     run_dir = storage.join(job.storage_path, name)
-    storage.write_bytes(storage.join(run_dir, "config.yaml"), C.dump_yaml(cfg).encode())
     _start_ray(cfg, cfg.train.num_workers > 0)
     started = time.perf_counter()
-    result = run_train(job, address=cfg.ray.address)
+    # config.yaml is written by run_train once the run is accepted (name free, configuration unchanged)
+    result = run_train(job, address=cfg.ray.address, run_files={"config.yaml": C.dump_yaml(cfg).encode()})
     wall = time.perf_counter() - started
     history = write_run_logs(run_dir)
     last = history[-1] if history else {}

@@ -31,10 +31,12 @@ from stages import device as D
 from stages.cache import open_cache
 from stages.train_data import SamplePlan, TrainBatches, cache_block_size, cache_valid, make_loader
 from stages.train_job import TrainJob, check_cache
+from stages.train_run import CONFIG_FILE, check_unchanged, job_json, record_start, require_complete_cache
 from stages.train_session import (
     STATE_FILE,
     LocalSession,
     RaySession,
+    RunLease,
     TrainSession,
     checkpoint_names,
     latest_state,
@@ -194,6 +196,8 @@ def train_worker(job: TrainJob, session: TrainSession) -> None:
         D.configure_matmul(allow_tf32=True)  # fp32 matmuls outside autocast may use TF32 (stated, not inherited)
     rank, world = session.rank, session.world_size
     t = _build_trainer(job, session)
+    if rank == 0:
+        record_start(run_dir(job), t.progress.step, world, type(session).__name__)
     plan, _ = make_plan(job, world)
     per_epoch = plan.steps_per_epoch()
     total = job.epochs * per_epoch
@@ -369,20 +373,35 @@ class TrainResult:
     export_path: str | None
 
 
-def run_train(job: TrainJob, address: str | None = None) -> TrainResult:
+def run_train(job: TrainJob, address: str | None = None, run_files: dict[str, bytes] | None = None) -> TrainResult:
     """Train (or resume) a run and return its final metrics: on Ray Train, or in this process when
     ``job.num_workers == 0`` (Ray is then never imported).
 
-    Refuses an incompatible cache before any worker starts; writes the resolved job to ``<run>/config.json``.
+    Refused before any worker starts, and before anything of an existing run is written: a cache that does not fit
+    or is unfinished, a run name held by another live process (:class:`~stages.train_session.RunBusyError`; the
+    lease ``<run>/lease.json`` is held until this returns), an existing run whose ``config.json`` has another
+    fingerprint (:class:`~stages.train_run.RunConfigChangedError`, naming the fields). Then ``run_files``
+    (name → bytes, e.g. the pipeline's ``config.yaml``) and the resolved job (``config.json``) are written.
+
+    A resume may change the resources, ``num_workers`` included. With the global batch fixed (it is part of the
+    fingerprint), the global sample order continues exactly: global batch s is ``order[s·GB:(s+1)·GB]`` and rank r
+    trains its contiguous slice, so the order does not depend on the world size. The weights are not bit-identical
+    to a run that kept its world size: masks are drawn per (seed, step, rank, micro-batch).
     """
     job = job.replace(**{k: storage.absolute(getattr(job, k)) for k in
                          ("storage_path", "cache_url", "manifest_url", "checkpoint_url")})
     if job.target_source == "cache":
         check_cache(job)
+    if job.cache_url:
+        require_complete_cache(job.cache_url)
     root = run_dir(job)
-    storage.write_bytes(storage.join(root, "config.json"),  # URLs redacted: the job in memory keeps them working
-                        storage.redact_text(json.dumps(job.to_dict(), indent=2, default=str)).encode())
-    metrics, checkpoint = _fit_in_process(job) if job.num_workers == 0 else _fit_on_ray(job, address)
+    with RunLease(root):
+        check_unchanged(job, root)
+        for name, data in (run_files or {}).items():
+            storage.write_bytes(storage.join(root, name), data)
+        # URLs redacted: the job in memory keeps them working
+        storage.write_bytes(storage.join(root, CONFIG_FILE), json.dumps(job_json(job), indent=2).encode())
+        metrics, checkpoint = _fit_in_process(job) if job.num_workers == 0 else _fit_on_ray(job, address)
     export = storage.join(root, "export", "encoder.pth")
     return TrainResult(run_dir=root, metrics=metrics, checkpoint_path=checkpoint,
                        export_path=export if storage.exists(export) else None)

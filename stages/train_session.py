@@ -15,6 +15,12 @@ implements it in the calling process (``train.num_workers: 0``), writing checkpo
 
 Checkpoints are found by listing the run directory, newest first; a truncated or unreadable one is skipped with a
 warning naming it, and the previous one is used.
+
+A run's name is held by the process that drives it through a lease, ``<run>/lease.json`` (:class:`RunLease`): the
+extraction's unit claim (:class:`stages.cache.Claim`: owner, token, expiry, host / pid namespace / pid / start time)
+written, confirmed after a short wait, and renewed by a daemon thread while the run lives. A second run of the same
+name is refused while the lease is live; a lease whose process is gone (same host) or that expired is taken over,
+so a run killed by SIGKILL is resumed at once on the same host, or after the TTL from another one.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from __future__ import annotations
 import io
 import logging
 import os
+import random
+import threading
+import time
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -29,11 +38,14 @@ import torch
 from torch import nn
 
 from infra import storage
+from stages.cache import Claim, _new_claim, new_owner_id
 from stages.device import resolve_device
+from stages.extract import LeaseConfig
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 CHECKPOINT_PREFIX = "checkpoint_"
+LEASE_FILE = "lease.json"
 
 
 class TrainSession(Protocol):
@@ -158,3 +170,97 @@ class RaySession:
                             type(err).__name__, str(err)[:200])
         found = latest_state(self.run_url)
         return None if found is None else found[1]
+
+
+class RunBusyError(RuntimeError):
+    """Another live process holds the run's name (its lease is neither expired nor owned by a dead process)."""
+
+
+class RunLease:
+    """The lease on a run's name, ``<run_url>/lease.json``, held while a run is driven (see the module docstring).
+
+    Use as a context manager: ``with RunLease(url): ...`` acquires (or raises :class:`RunBusyError`), renews every
+    ``lease.renew_every_s`` on a daemon thread, and deletes the lease on exit if it is still ours.
+
+    Args:
+        run_url: the run directory.
+        lease: TTL, renewal period and confirmation wait (the extraction's claim timings).
+    """
+
+    def __init__(self, run_url: str, lease: LeaseConfig | None = None) -> None:
+        self.url = storage.join(run_url, LEASE_FILE)
+        self.lease = lease or LeaseConfig()
+        self.owner = new_owner_id()
+        self._token: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def read(self) -> Claim | None:
+        """The stored lease (None if there is none; an unreadable one counts as none)."""
+        try:
+            return Claim.from_bytes(storage.read_bytes(self.url))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            log.warning("%s is unreadable (%s): treated as absent", self.url, exc)
+            return None
+
+    def _refuse_if_held(self, current: Claim | None, what: str) -> None:
+        if current is not None and current.owner != self.owner and not current.is_stale():
+            raise RunBusyError(
+                f"{self.url}: the run is {what} by a live process (owner {current.owner}, host {current.host}, "
+                f"pid {current.pid}, lease valid for {max(0.0, current.expires - time.time()):.0f} s more): wait "
+                "for it to end, or choose another train.run_name")
+
+    def acquire(self) -> RunLease:
+        """Write our lease, wait ``confirm_delay_s`` × U(1, 2), re-read: held only if the re-read shows our token.
+
+        Raises:
+            RunBusyError: a live lease of another owner exists, or another process won the race.
+        """
+        current = self.read()
+        self._refuse_if_held(current, "held")
+        if current is not None and current.owner != self.owner:
+            log.warning("%s: taking over the lease of %s (pid %d on %s), which is gone or expired", self.url,
+                        current.owner, current.pid, current.host)
+        claim = _new_claim(0, self.owner, self.lease.ttl_s)
+        storage.write_bytes(self.url, claim.to_bytes())
+        time.sleep(self.lease.confirm_delay_s * (1.0 + random.random()))
+        again = self.read()
+        if again is None or again.token != claim.token:
+            self._refuse_if_held(again, "being started")
+            raise RunBusyError(f"{self.url}: another process started this run at the same moment; try again")
+        self._token = claim.token
+        self._thread = threading.Thread(target=self._renew, name="run-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease.renew_every_s):
+            try:
+                current = self.read()
+                if current is None or current.token != self._token:
+                    log.error("%s: the lease was taken over by %s; this run no longer holds its name", self.url,
+                              None if current is None else current.owner)
+                    return
+                storage.write_bytes(self.url, _new_claim(0, self.owner, self.lease.ttl_s, self._token).to_bytes())
+            except Exception as exc:  # a failed renewal is retried at the next beat
+                log.warning("%s: renewing the lease failed: %s", self.url, exc)
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease if it is still ours (best effort: it expires anyway)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.lease.renew_every_s + 5)
+        try:
+            current = self.read()
+            if current is not None and current.token == self._token:
+                storage.delete(self.url)
+        except Exception as exc:
+            log.warning("%s: could not release the lease: %s", self.url, exc)
+
+    def __enter__(self) -> RunLease:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -10,6 +10,7 @@ pytest_plugins = [
     "tests.fixtures.data",
     "tests.fixtures.extract",
     "tests.fixtures.images",
+    "tests.faults.seed",  # the fault suite's seed, printed in the header and the summary
 ]
 
 # Two cores: keep each test process to one intra-op thread so parallel Ray workers do not thrash.

@@ -1,9 +1,12 @@
 """Shared machinery of the fault suite: seeded kill points, driver subprocesses, cache comparison, figures.
 
-Kill points come from a seeded RNG (``TEC_FAULT_SEED``, default :data:`DEFAULT_SEED`; every test prints the seed it
-used and puts it in its assertion messages, so a failure is reproducible). Drivers run as ``python -c`` subprocesses
-in their own session (``os.killpg`` then SIGKILLs the driver and everything it spawned) and join the test session's
-Ray cluster, so a kill is a driver crash on a live cluster: Ray itself reaps the dead job's actors.
+Kill points come from a seeded RNG (``TEC_FAULT_SEED``; by default a fresh random seed per session, printed in the
+pytest header and summary by :mod:`tests.faults.seed`; every test prints the seed it used and puts it in its
+assertion messages, so a failure is reproducible). Drivers run as ``python -c`` subprocesses in their own session
+(``os.killpg`` then SIGKILLs the driver and everything it spawned). Ray drivers join the test session's Ray cluster,
+so a kill is a driver crash on a live cluster: Ray itself reaps the dead job's actors. In-process drivers
+(``train.num_workers: 0``, ``extract.num_actors: 0``) never import Ray; the *paused* ones stop at a chosen point
+(a training step, a unit) and write an event file, so the test kills them exactly there.
 
 Each test appends its measured figures (faults injected, survived, units recomputed, data lost) to
 ``$TEC_FAULT_FIGURES`` (JSON lines) when that variable is set; ``docs/reliability_kills.md`` is built from them.
@@ -11,6 +14,7 @@ Each test appends its measured figures (faults injected, survived, units recompu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,14 +32,15 @@ import pytest
 from infra import storage
 from stages.cache import cache_content, open_cache
 from stages.extract import run_extract
+from tests.faults.seed import fault_seed
 from tests.fixtures.extract import make_job
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_SEED = 20240607
 # Rounds of repeated kills: a couple in the CI subset, ten in the full suite.
 CI_ROUNDS, FULL_ROUNDS = 2, 10
 ROUNDS = [pytest.param(CI_ROUNDS, marks=pytest.mark.faults, id=f"{CI_ROUNDS}rounds"),
-          pytest.param(FULL_ROUNDS, marks=pytest.mark.faults_full, id=f"{FULL_ROUNDS}rounds")]
+          pytest.param(FULL_ROUNDS, marks=[pytest.mark.faults_full, pytest.mark.timeout(1800)],
+                       id=f"{FULL_ROUNDS}rounds")]
 
 EXTRACT_DRIVER = (
     "import json, sys; from stages.extract import run_extract; from tests.fixtures.extract import make_job; "
@@ -44,11 +49,41 @@ EXTRACT_DRIVER = (
 )
 TRAIN_DRIVER = ("import json, sys; from stages.train import run_train; from stages.train_job import TrainJob; "
                 "run_train(TrainJob.from_dict(json.load(open(sys.argv[1]))))")
-
-
-def fault_seed() -> int:
-    """The suite's seed (``TEC_FAULT_SEED`` or :data:`DEFAULT_SEED`)."""
-    return int(os.environ.get("TEC_FAULT_SEED", DEFAULT_SEED))
+# The in-process trainer, paused for good once it has reported step ``pause_at_step`` (trained, indices logged,
+# checkpointed if that step checkpoints); the event file then holds the driver's pid.
+PAUSED_TRAIN_DRIVER = """
+import json, os, sys, time
+import stages.train as T
+from stages.train_job import TrainJob
+a = json.load(open(sys.argv[1]))
+original = T._report
+def report(job, t, row, session, checkpoint):
+    original(job, t, row, session, checkpoint)
+    if row["step"] == a["pause_at_step"]:
+        open(a["event"], "w").write(str(os.getpid()))
+        time.sleep(3600)
+T._report = report
+T.run_train(TrainJob.from_dict(a["job"]))
+"""
+# In-process extraction whose ``pause_at_call``-th unit never finishes: the unit's worker thread writes the unit id to
+# the event file and sleeps, holding the unit's claim (renewed) while the other thread goes on.
+PAUSED_EXTRACT_DRIVER = """
+import json, sys, threading, time
+import stages.extract as E
+from tests.fixtures.extract import make_job
+a = json.loads(sys.argv[1])
+original, calls, lock = E.UnitExtractor.run_unit, [0], threading.Lock()
+def run_unit(self, unit, owner, *args, **kwargs):
+    with lock:
+        calls[0] += 1
+        pause = calls[0] == a["pause_at_call"]
+    if pause:
+        open(a["event"], "w").write(str(unit))
+        time.sleep(3600)
+    return original(self, unit, owner, *args, **kwargs)
+E.UnitExtractor.run_unit = run_unit
+E.run_extract(make_job(a["cache"], a["manifest"], a["checkpoint"], **a["job"]), num_actors=0)
+"""
 
 
 @pytest.fixture
@@ -92,16 +127,40 @@ def alive_actors(class_name: str) -> dict[str, int]:
     return {a.actor_id: a.pid for a in actors if a.pid}
 
 
-def driver_env() -> dict[str, str]:
-    """Environment of a driver subprocess: the test's, joined to the session's Ray cluster, repo on the path."""
-    return os.environ | {"RAY_ADDRESS": ray_address(), "PYTHONPATH": str(REPO), "TEC_LOG_LEVEL": "INFO"}
+def driver_env(ray: bool = True) -> dict[str, str]:
+    """Environment of a driver subprocess: the test's, repo on the path, joined to the session's Ray cluster
+    (``ray``) or without any Ray address (an in-process driver)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray:
+        env["RAY_ADDRESS"] = ray_address()
+    return env | {"PYTHONPATH": str(REPO), "TEC_LOG_LEVEL": "INFO"}
 
 
-def spawn(args: list[str], log_path: Path) -> subprocess.Popen:
-    """Start ``python <args>`` in a new session (its own process group), output to ``log_path``."""
+_SPAWNED: list[subprocess.Popen] = []
+
+
+def spawn(args: list[str], log_path: Path, ray: bool = True) -> subprocess.Popen:
+    """Start ``python <args>`` in a new session (its own process group), output to ``log_path``; a driver still
+    running when its test ends is killed (:func:`reap_spawned`)."""
     log = open(log_path, "ab")  # noqa: SIM115 - closed by the child's exit; the handle is inherited
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=driver_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=driver_env(ray), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    _SPAWNED.append(proc)
+    return proc
+
+
+def reap_spawned() -> None:
+    """SIGKILL the process group of every spawned driver still running (a test that failed before its kill)."""
+    while _SPAWNED:
+        proc = _SPAWNED.pop()
+        if proc.poll() is None:
+            kill_group(proc)
+
+
+@pytest.fixture(autouse=True)
+def _reap_drivers() -> Iterator[None]:
+    yield
+    reap_spawned()
 
 
 def spawn_extract(cache: str, manifest: str, checkpoint: Path | str, log_path: Path, num_actors: int = 1,
@@ -118,9 +177,29 @@ def spawn_train(job_dict: dict[str, Any], tmp_path: Path) -> subprocess.Popen:
     return spawn(["-c", TRAIN_DRIVER, str(job_file)], tmp_path / f"{job_dict['run_name']}.log")
 
 
+def spawn_paused_train(job_dict: dict[str, Any], pause_at_step: int, tmp_path: Path) -> tuple[subprocess.Popen, Path,
+                                                                                               Path]:
+    """An in-process training driver that pauses after reporting ``pause_at_step``: (process, event file, log)."""
+    name = job_dict["run_name"]
+    event, log = tmp_path / f"{name}.paused", tmp_path / f"{name}.log"
+    arg = tmp_path / f"{name}.json"
+    arg.write_text(json.dumps({"job": job_dict, "pause_at_step": pause_at_step, "event": str(event)}))
+    return spawn(["-c", PAUSED_TRAIN_DRIVER, str(arg)], log, ray=False), event, log
+
+
+def spawn_paused_extract(cache: str, manifest: str, checkpoint: Path | str, event: Path, log_path: Path,
+                         pause_at_call: int, **job: Any) -> subprocess.Popen:
+    """An in-process extraction driver whose ``pause_at_call``-th unit hangs, holding its claim (see
+    :data:`PAUSED_EXTRACT_DRIVER`)."""
+    arg = {"cache": cache, "manifest": manifest, "checkpoint": str(checkpoint), "job": job,
+           "pause_at_call": pause_at_call, "event": str(event)}
+    return spawn(["-c", PAUSED_EXTRACT_DRIVER, json.dumps(arg)], log_path, ray=False)
+
+
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the subprocess's whole process group and reap it."""
-    os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL the subprocess's whole process group (if any of it still runs) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
@@ -145,6 +224,39 @@ def markers(url: str) -> dict[int, bytes]:
         return {}
     return {int(n[: -len(".done")]): storage.read_bytes(storage.join(url, "units", n))
             for n in names if n.endswith(".done") and "/" not in n}
+
+
+def claims_by_pid(url: str) -> dict[int, int]:
+    """unit → pid of its claim's owner process, for every claim object."""
+    try:
+        names = storage.list_objects(storage.join(url, "claims"))
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for name in names:
+        if name.endswith(".json") and "/" not in name:
+            try:
+                claim = json.loads(storage.read_bytes(storage.join(url, "claims", name)))
+                found[int(name[: -len(".json")])] = claim["pid"]
+            except (FileNotFoundError, ValueError, KeyError):  # released (or being written) meanwhile
+                continue
+    return found
+
+
+def global_indices(run_url: str) -> dict[int, list[int]]:
+    """step → the global batch's sample indices, from ``<run>/indices/`` (``log_indices``): the ranks' slices
+    concatenated in rank order."""
+    by_rank: dict[int, dict[int, list[int]]] = {}
+    try:
+        names = storage.list_objects(storage.join(run_url, "indices"))
+    except FileNotFoundError:
+        return {}
+    for name in names:
+        rank = int(name.split("_", 1)[0][len("rank"):])
+        rows = json.loads(storage.read_bytes(storage.join(run_url, "indices", name)))
+        by_rank.setdefault(rank, {}).update({int(step): idx for step, idx in rows.items()})
+    steps = sorted(set().union(*(set(rows) for rows in by_rank.values()))) if by_rank else []
+    return {s: [i for r in sorted(by_rank) for i in by_rank[r].get(s, [])] for s in steps}
 
 
 def claimed_units(url: str) -> set[int]:
@@ -184,14 +296,15 @@ def assert_complete_units_verify(url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def reference_cache(fmnist_manifest, base_checkpoint, tmp_path_factory, ray_cluster) -> Callable[..., str]:
-    """``make(n_images, unit_size)`` → URL of an uninterrupted extraction (cached per size)."""
+def reference_cache(fmnist_manifest, base_checkpoint, tmp_path_factory) -> Callable[..., str]:
+    """``make(n_images, unit_size)`` → URL of an uninterrupted extraction (cached per size; in-process, which
+    writes the bytes Ray actors write: tests/stages/test_inprocess.py)."""
     made: dict[tuple[int, int], str] = {}
 
     def make(n_images: int, unit_size: int) -> str:
         if (n_images, unit_size) not in made:
             url = str(tmp_path_factory.mktemp("reference") / "cache")
-            run_extract(make_job(url, fmnist_manifest(n_images), base_checkpoint, unit_size=unit_size), num_actors=1)
+            run_extract(make_job(url, fmnist_manifest(n_images), base_checkpoint, unit_size=unit_size), num_actors=0)
             made[n_images, unit_size] = url
         return made[n_images, unit_size]
 

@@ -1,9 +1,12 @@
-"""Two extraction jobs on one cache URI: they split the units (never both writing one) and finish what a dead one
-abandoned; plus the claim protocol itself (races, stale leases, the write fence) on the local fs and on moto S3."""
+"""Two extraction jobs on one cache URI: they split the units (never both writing one, both writing some) and finish
+what a dead one abandoned; plus the claim protocol itself (races, stale leases, the write fence) on the local fs and
+on moto S3. The jobs extract in-process (``extract.num_actors: 0``: the claims are the driver's either way), so a
+killed job's work dies with it and its claims are provably stale."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -19,9 +22,11 @@ from tests.faults.conftest import (
     assert_markers_kept,
     assert_same_cache,
     claimed_units,
+    claims_by_pid,
+    fault_seed,
     kill_group,
     markers,
-    spawn_extract,
+    spawn_paused_extract,
     wait_until,
 )
 from tests.fixtures.extract import make_job
@@ -136,7 +141,7 @@ def _run_in_thread(job, out: dict, key: str, barrier: threading.Barrier) -> thre
     def go() -> None:
         barrier.wait()
         try:
-            out[key] = run_extract(job, num_actors=1)
+            out[key] = run_extract(job, num_actors=0)
         except BaseException as exc:
             out[key] = exc
 
@@ -146,7 +151,6 @@ def _run_in_thread(job, out: dict, key: str, barrier: threading.Barrier) -> thre
 
 
 @pytest.mark.faults
-@pytest.mark.usefixtures("ray_cluster")
 def test_two_jobs_at_once_split_the_units_and_match_an_uninterrupted_cache(
     cache_url, fmnist_manifest, base_checkpoint, reference_cache, record_figures
 ):
@@ -162,6 +166,8 @@ def test_two_jobs_at_once_split_the_units_and_match_an_uninterrupted_cache(
     n_units = n_images // UNIT
     both = set(a.units_written) & set(b.units_written)
     assert not both, f"units written by both jobs: {sorted(both)}"
+    assert a.units_written and b.units_written, (f"one job did everything (a {a.units_written}, b "
+                                                 f"{b.units_written}): not a concurrent run")
     assert sorted(a.units_written + b.units_written) == list(range(n_units))
     assert set(a.units_by_others) <= set(b.units_written) and set(b.units_by_others) <= set(a.units_written)
     assert claimed_units(cache_url) == set()
@@ -172,34 +178,42 @@ def test_two_jobs_at_once_split_the_units_and_match_an_uninterrupted_cache(
 
 
 @pytest.mark.faults
-@pytest.mark.usefixtures("ray_cluster")
 def test_second_job_finishes_the_units_a_killed_first_job_abandoned(
     fmnist_manifest, base_checkpoint, reference_cache, fault_rng, record_figures, tmp_path
 ):
-    n_images = 320
+    """The first job's k-th unit (k seeded) hangs, holding its claim; once the second job has claimed a unit beside
+    it, the first is SIGKILLed: the second takes over every unit the first held and finishes the cache."""
+    n_images = 160
     manifest, cache = fmnist_manifest(n_images), str(tmp_path / "cache")
-    log = tmp_path / "first.log"
-    first = spawn_extract(cache, manifest, base_checkpoint, log, unit_size=UNIT)
-    wait_until(lambda: len(markers(cache)) >= 2, 180, first, "the first job's first units", log)
+    log, event = tmp_path / "first.log", tmp_path / "first.hung"
+    hang_at = int(fault_rng.integers(3, 6))
+    first = spawn_paused_extract(cache, manifest, base_checkpoint, event, log, pause_at_call=hang_at, unit_size=UNIT)
+    wait_until(lambda: event.exists() and len(markers(cache)) >= 2, 180, first,
+               f"the first job's first units and its hung unit (call {hang_at})", log)
+    hung, by_first = int(event.read_text()), markers(cache)
     out: dict[str, ExtractResult | BaseException] = {}
     second = _run_in_thread(make_job(cache, manifest, base_checkpoint, unit_size=UNIT), out, "b",
                             threading.Barrier(1))
-    time.sleep(float(fault_rng.uniform(1.0, 4.0)))  # the second job starts up and claims beside the first
-    if first.poll() is None:
-        kill_group(first)
+    wait_until(lambda: os.getpid() in claims_by_pid(cache).values(), 120, first, "the second job's first claim", log)
+    assert first.poll() is None, f"the first job ended before its kill (seed {fault_seed()})"
+    kill_group(first)
     at_kill = markers(cache)
-    abandoned = claimed_units(cache) - set(at_kill)
+    abandoned = {u for u, pid in claims_by_pid(cache).items() if pid == first.pid} - set(at_kill)
+    assert hung in abandoned, f"the hung unit {hung} lost its claim before the kill: {sorted(abandoned)}"
     second.join(timeout=300)
     b = out["b"]
     assert isinstance(b, ExtractResult), b
     n_units = n_images // UNIT
+    assert b.units_written, "the second job wrote nothing"
+    assert abandoned <= set(b.units_taken_over), (f"abandoned {sorted(abandoned)}, taken over "
+                                                  f"{sorted(b.units_taken_over)} (seed {fault_seed()})")
     assert_markers_kept(cache, at_kill)
     assert sorted(set(b.units_written) | set(at_kill)) == list(range(n_units))
-    assert not set(b.units_written) & set(at_kill)
+    assert not set(b.units_written) & set(by_first), "the second job rewrote units the first had completed"
     assert claimed_units(cache) == set()
     assert_same_cache(cache, reference_cache(n_images, UNIT))
-    first_only = abandoned - set(b.units_written) if abandoned else set()
     record_figures(kind="first of two concurrent extract jobs SIGKILLed", faults=1, survived=1, units=n_units,
                    abandoned_claims=len(abandoned), taken_over=len(b.units_taken_over),
                    recomputed=len(b.units_taken_over), bound_per_kill=2, lost=0, byte_identical=True,
-                   abandoned_not_taken=len(first_only))
+                   written_first=len(at_kill) - len(set(at_kill) & set(b.units_written)),
+                   written_second=len(b.units_written))

@@ -1,5 +1,7 @@
-"""SIGKILL training workers, and separately the training driver, at seeded random steps; the resumed run's final
-weights equal an uninterrupted run's bit for bit (CPU, 2 gloo workers)."""
+"""SIGKILL Ray Train workers, and separately the Ray training driver, at seeded random steps; the resumed run's
+final weights equal an uninterrupted run's bit for bit (CPU, 2 gloo workers), and its start records
+(``<run>/attempts.jsonl``) show a restart of the worker group at a checkpoint after every kill. The in-process
+trainer's kills (sample order, start step, name lease, truncated checkpoints) are in ``test_resume_inprocess.py``."""
 
 from __future__ import annotations
 
@@ -15,17 +17,19 @@ import torch
 
 from infra import storage
 from stages.train import run_train
+from stages.train_run import read_attempts
 from tests.faults.conftest import alive_actors, fault_seed, kill_group, spawn_train, wait_until
 from tests.stages.test_train import STEPS_PER_EPOCH, final_state, make_train_job
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 CHECKPOINT_EVERY = 2
+LONG = pytest.mark.timeout(1200)  # repeated Ray Train runs
 TRAIN_ROUNDS = [pytest.param(1, marks=pytest.mark.faults, id="1round"),
-                pytest.param(3, marks=pytest.mark.faults_full, id="3rounds")]
-# CI kills a training driver once already (tests/stages/test_train.py, checkpoints on S3): the driver kills here
-# run in the full suite only, which keeps CI within its time budget.
-DRIVER_ROUNDS = [pytest.param(1, marks=pytest.mark.faults_full, id="1round"),
-                 pytest.param(3, marks=pytest.mark.faults_full, id="3rounds")]
+                pytest.param(3, marks=[pytest.mark.faults_full, LONG], id="3rounds")]
+# CI kills in-process training drivers already (tests/faults/test_resume_inprocess.py; tests/stages/test_train.py,
+# checkpoints on S3): the Ray driver kills here run in the full suite only, which keeps CI within its time budget.
+DRIVER_ROUNDS = [pytest.param(1, marks=[pytest.mark.faults_full, LONG], id="1round"),
+                 pytest.param(3, marks=[pytest.mark.faults_full, LONG], id="3rounds")]
 
 
 def epochs_for(rounds: int) -> int:
@@ -85,6 +89,9 @@ def test_driver_killed_at_random_steps_resumes_to_identical_weights(
         assert kill_steps[-1] < total, f"round {r}: the run was complete when killed"
     resumed = run_train(job)
     assert resumed.metrics["step"] == total
+    starts = [a["start_step"] for a in read_attempts(run_dir)]
+    assert len(starts) == rounds + 1 and starts[0] == 0, f"starts {starts} (seed {fault_seed()})"
+    assert all(k <= s < total for k, s in zip(kill_steps, starts[1:], strict=True)), (starts, kill_steps)
     assert_same_weights(ref_state, final_state(resumed.run_dir), "driver kills")
     record_figures(kind="train driver SIGKILL", faults=rounds, survived=rounds, steps=total,
                    checkpointed_step_at_kills=kill_steps, lost=0, weights_identical=True)
@@ -114,8 +121,8 @@ def test_workers_killed_at_random_steps_are_restarted_to_identical_weights(
                 candidates = sorted(set(alive) - killed)
                 victim = candidates[int(fault_rng.integers(0, len(candidates)))]
                 killed.update(alive)  # the whole group is replaced after a failure
+                kills.append(steps_checkpointed(str(run_dir)))  # the restart resumes at this step or later
                 os.kill(alive[victim], signal.SIGKILL)
-                kills.append(steps_checkpointed(str(run_dir)))
         except BaseException as exc:  # surfaced in the main thread
             errors.append(exc)
 
@@ -125,7 +132,16 @@ def test_workers_killed_at_random_steps_are_restarted_to_identical_weights(
     thread.join(timeout=30)
     assert not errors, f"killer failed: {errors[0]!r}"
     assert len(kills) == rounds, f"only {len(kills)} of {rounds} kills happened before the run ended"
-    assert result.metrics["step"] == epochs * STEPS_PER_EPOCH
+    total = epochs * STEPS_PER_EPOCH
+    assert result.metrics["step"] == total
+    # Ray Train restarted the worker group once per kill, each time from a checkpoint before the last step
+    attempts = read_attempts(str(run_dir))
+    assert len(attempts) == rounds + 1, f"{len(attempts)} starts for {rounds} kills (seed {fault_seed()})"
+    assert {(a["world_size"], a["runner"]) for a in attempts} == {(2, "RaySession")}
+    assert len({a["pid"] for a in attempts}) == rounds + 1, "rank 0 was not a new process after each kill"
+    starts = [a["start_step"] for a in attempts]
+    assert starts[0] == 0 and all(k <= s < total for k, s in zip(kills, starts[1:], strict=True)), \
+        f"starts {starts}, checkpointed steps at the kills {kills} (seed {fault_seed()})"
     assert_same_weights(ref_state, final_state(result.run_dir), "worker kills")
     record_figures(kind="train worker SIGKILL", faults=rounds, survived=rounds, steps=epochs * STEPS_PER_EPOCH,
                    checkpointed_step_at_kills=kills, lost=0, weights_identical=True)

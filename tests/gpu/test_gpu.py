@@ -33,6 +33,7 @@ from tec_model.masking import random_masking
 from tests.fixtures.extract import base_kwargs, make_job
 from tests.stages.test_inprocess import exported, metrics_rows, train_job
 
+pytestmark = pytest.mark.timeout(1200)  # device runs; the killed device trainer is allowed 600 s
 REPO = Path(__file__).resolve().parents[2]
 N_IMAGES = 48
 FEATURE_REL_TOL = {"bfloat16": 3e-2, "float32": 2e-3}  # ||cached - fp32|| / ||fp32|| (float32: fp16 storage only)

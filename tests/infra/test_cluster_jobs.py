@@ -25,6 +25,7 @@ from infra import ray_cluster, storage
 from pipeline.ledger import read_ledger
 from tests.infra.security_checks import secret_findings
 
+pytestmark = pytest.mark.timeout(1200)  # a two-node cluster and two submitted jobs (400 s allowed each)
 REPO = Path(__file__).resolve().parents[2]
 TINY = "configs/tiny.yaml"
 ONE_CPU_EACH = ["extract.num_actors=2", "extract.threads_per_actor=1", "train.num_workers=2",

@@ -1,14 +1,12 @@
-"""Stage 2 (train) on real Ray Train (2 gloo workers), real caches on disk and on moto's S3 server."""
+"""Stage 2 (train) on real Ray Train (2 gloo workers) and in-process, real caches on disk and on moto's S3 server;
+what a start of a run refuses before any worker starts (unfinished cache, changed configuration), and a resume on
+another number of workers."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +15,14 @@ import timm
 import torch
 
 from infra import storage
+from stages.cache import UnitIncompleteError
 from stages.extract import run_extract
-from stages.train import run_train
+from stages.train import run_dir, run_train
 from stages.train_job import CacheIncompatibleError, TrainJob, check_cache
+from stages.train_run import RunConfigChangedError, read_attempts
+from stages.train_session import checkpoint_names
 from tec_model import vit_kwargs
+from tests.faults.conftest import global_indices, kill_group, spawn_paused_train, wait_until
 from tests.fixtures.extract import EXTRACT_DEFAULTS, base_kwargs, make_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 @pytest.fixture(scope="module")
 def cache_url(fmnist_manifest, base_checkpoint, tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("train_cache") / "cache")
-    run_extract(make_job(url, fmnist_manifest(N_IMAGES), base_checkpoint), num_actors=1)
+    run_extract(make_job(url, fmnist_manifest(N_IMAGES), base_checkpoint), num_actors=0)  # Ray actors' bytes
     return url
 
 
@@ -70,6 +72,13 @@ def reference(cache_url, tmp_path_factory) -> tuple[TrainJob, object]:
     return job, run_train(job)
 
 
+@pytest.fixture(scope="module")
+def inprocess_reference(cache_url, tmp_path_factory) -> tuple[TrainJob, object]:
+    """The same 2-epoch run in this process (``num_workers: 0``, one rank)."""
+    job = make_train_job(cache_url, str(tmp_path_factory.mktemp("inproc_runs")), "inproc", num_workers=0)
+    return job, run_train(job)
+
+
 def test_run_exports_a_timm_encoder_and_loss_falls(reference):
     _, result = reference
     assert result.metrics["step"] == 2 * STEPS_PER_EPOCH
@@ -91,8 +100,8 @@ def test_two_workers_see_every_sample_once_per_epoch(reference):
         assert sorted(seen) == list(range(N_IMAGES)), f"epoch {epoch}: samples missing or repeated"
 
 
-def test_cached_and_online_losses_agree(reference, cache_url, tmp_path):
-    job, result = reference
+def test_cached_and_online_losses_agree(inprocess_reference, cache_url, tmp_path):
+    job, result = inprocess_reference
     online = job.replace(run_name="online", storage_path=str(tmp_path), target_source="online",
                          checkpoint_url=open_spec(cache_url).checkpoint, log_indices=False, max_steps=4,
                          checkpoint_every=4)
@@ -109,47 +118,70 @@ def open_spec(url: str):
     return open_cache(url).spec
 
 
-def _kill_after_first_checkpoint(job: TrainJob, tmp_path: Path, list_run: callable) -> None:
-    """Run the train stage in a subprocess, SIGKILL its whole process group once a checkpoint exists."""
-    job_file = tmp_path / f"{job.run_name}.json"
-    job_file.write_text(json.dumps(job.to_dict()))
-    driver = ("import json, sys; from stages.train import run_train; from stages.train_job import TrainJob; "
-              "run_train(TrainJob.from_dict(json.load(open(sys.argv[1]))))")
-    cmd = [sys.executable, "-c", driver, str(job_file)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(name.endswith("state.pt") for name in list_run()):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished (or failed) before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(1.0)
-
-
-def _resume_matches_reference(reference, job: TrainJob, tmp_path: Path) -> None:
-    def list_run() -> list[str]:
-        try:
-            return list(storage.list_objects(storage.join(job.storage_path, job.run_name)))
-        except FileNotFoundError:
-            return []
-
-    _kill_after_first_checkpoint(job, tmp_path, list_run)
-    finished = [n for n in list_run() if n.endswith("state.pt")]
-    assert finished and not any(n.startswith("export/") for n in list_run()), "killed run must be unfinished"
+def test_sigkill_and_resume_gives_identical_weights_on_s3(inprocess_reference, s3_url, tmp_path):
+    """The in-process trainer, checkpointing to S3, SIGKILLed at step 5 (after the checkpoint of step 4)."""
+    ref_job, reference = inprocess_reference
+    job = ref_job.replace(storage_path=s3_url.rsplit("/", 1)[0] + "/runs")
+    proc, event, log = spawn_paused_train(job.to_dict(), 5, tmp_path)
+    try:
+        wait_until(event.exists, 240, proc, "step 5", log)
+    finally:
+        kill_group(proc)
+    root = run_dir(job)
+    assert checkpoint_names(root) and not storage.exists(storage.join(root, "export")), "killed run must be unfinished"
     resumed = run_train(job)
     assert resumed.metrics["step"] == 2 * STEPS_PER_EPOCH
-    ref_state, new_state = final_state(reference[1].run_dir), final_state(resumed.run_dir)
+    assert [a["start_step"] for a in read_attempts(root)] == [0, 4]  # resumed at the checkpoint, not restarted
+    ref_state, new_state = final_state(reference.run_dir), final_state(resumed.run_dir)
     for key, value in ref_state.items():
         assert torch.equal(value, new_state[key]), f"{key} differs after resume"
 
 
-def test_sigkill_and_resume_gives_identical_weights_on_s3(reference, s3_url, tmp_path):
-    job = reference[0].replace(run_name="killed_s3", storage_path=s3_url.rsplit("/", 1)[0] + "/runs",
-                               log_indices=False)
-    _resume_matches_reference(reference, job, tmp_path)
+def test_a_resume_on_another_number_of_workers_continues_the_global_sample_order(reference, tmp_path):
+    """A 2-worker Ray run resumed in-process (one rank) from its step-6 checkpoint: each global batch is the
+    concatenation of the two ranks' slices of the uninterrupted run. The weights differ (masks are per rank)."""
+    job, result = reference
+    copy = job.replace(storage_path=str(tmp_path), num_workers=0, loader_workers=0)
+    shutil.copytree(result.run_dir, run_dir(copy))
+    names = checkpoint_names(run_dir(copy))
+    shutil.rmtree(Path(run_dir(copy)) / names[-1])  # the step-8 checkpoint: resume from step 6
+    for gone in ("export", "indices"):
+        shutil.rmtree(Path(run_dir(copy)) / gone)
+    resumed = run_train(copy)
+    assert resumed.metrics["step"] == 2 * STEPS_PER_EPOCH
+    starts = [(a["start_step"], a["world_size"]) for a in read_attempts(run_dir(copy))]
+    assert starts == [(0, 2), (6, 1)]
+    ours, theirs = global_indices(run_dir(copy)), global_indices(result.run_dir)
+    assert sorted(ours) == [6, 7] and all(len(ours[s]) == GLOBAL_BATCH for s in ours)
+    assert {s: ours[s] for s in ours} == {s: theirs[s] for s in ours}
+    ref_state, new_state = final_state(result.run_dir), final_state(resumed.run_dir)
+    assert any(not torch.equal(v, new_state[k]) for k, v in ref_state.items()), "masks are drawn per rank"
+
+
+def test_an_unfinished_cache_is_refused_before_any_worker_starts(cache_url, tmp_path):
+    partial = tmp_path / "cache"
+    shutil.copytree(cache_url, partial)
+    (partial / "units" / "1.done").unlink()
+    job = make_train_job(str(partial), str(tmp_path / "runs"), "partial", max_failures=3)
+    with pytest.raises(UnitIncompleteError, match=r"extraction unfinished \(3/4 units complete, missing \[1\]\)"):
+        run_train(job)
+    assert not (tmp_path / "runs").exists(), "the run was started"
+
+
+def test_a_changed_configuration_is_refused_before_anything_is_written(inprocess_reference, tmp_path):
+    """On Ray with retries allowed: the refusal comes before the workers, once, and leaves the run as it was."""
+    ref_job, reference = inprocess_reference
+    job = ref_job.replace(storage_path=str(tmp_path))
+    shutil.copytree(reference.run_dir, run_dir(job))
+    before = {p: p.read_bytes() for p in Path(run_dir(job)).rglob("*") if p.is_file()}
+    changed = job.replace(blr=3e-3, decoder_dim=16, num_workers=2, max_failures=3)
+    with pytest.raises(RunConfigChangedError) as refused:
+        run_train(changed)
+    message = str(refused.value)
+    assert "blr: run has 0.0015, now 0.003" in message and "decoder_dim: run has 32, now 16" in message
+    assert "num_workers" not in message and "max_failures" not in message  # resources may change
+    after = {p: p.read_bytes() for p in Path(run_dir(job)).rglob("*") if p.is_file()}
+    assert after == before, "the refused start changed the run directory"
 
 
 def test_incompatible_cache_is_refused_naming_the_field(cache_url, tmp_path):
