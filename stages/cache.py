@@ -719,16 +719,40 @@ class TargetCache:
         for parent in sorted({key.rsplit("/", 1)[0] for key in keys}):
             storage.fsync_local(f"{root}/{parent}")
 
-    def _require_complete(self, units: Iterable[int]) -> None:
-        missing = sorted(set(units) - set(self.complete_units()))
+    def missing_units(self, units: Iterable[int] | None = None) -> list[int]:
+        """Sorted ids among ``units`` (default: every unit) that have no completion marker (one listing)."""
+        wanted = range(self.n_units) if units is None else units
+        return sorted(set(wanted) - set(self.complete_units()))
+
+    def require_complete(self, units: Iterable[int] | None = None, hint: str = "") -> None:
+        """Refuse a read of ``units`` (default: every unit) while any of them is incomplete.
+
+        Raises:
+            UnitIncompleteError: naming the cache and (the first ten of) the missing units, then ``hint``.
+        """
+        missing = self.missing_units(units)
         if missing:
-            raise UnitIncompleteError(f"{self.url}: units {missing[:10]} are not complete")
+            raise UnitIncompleteError(f"{self.url}: units {missing[:10]} are not complete{hint}")
+
+    @property
+    def block_size(self) -> int:
+        """Images per inner chunk of ``features`` along N: the block size that aligns reads with chunks."""
+        return int(self._arrays["features"].chunks[0])
+
+    def valid(self) -> np.ndarray:
+        """The (N,) bool ``valid`` array of a complete cache (False where an image could not be read).
+
+        Raises:
+            UnitIncompleteError: some unit has no completion marker (its rows would read as invalid).
+        """
+        self.require_complete(hint="; finish the extraction")
+        return np.asarray(self._arrays["valid"][:], dtype=bool)
 
     def read_unit(self, unit_id: int, check_complete: bool = True) -> TargetBatch:
         """All targets of unit ``unit_id``: one whole-object read per array, all V views."""
         rows = self.unit_range(unit_id)
         if check_complete:
-            self._require_complete([unit_id])
+            self.require_complete([unit_id])
         sel = slice(rows.start, rows.stop)
         got = {name: self._arrays[name][sel] for name in ARRAYS}
         return TargetBatch(indices=np.arange(rows.start, rows.stop, dtype=np.int64), **got)
@@ -751,7 +775,7 @@ class TargetCache:
         if idx.size and (idx.min() < 0 or idx.max() >= self.spec.n_images):
             raise IndexError(f"image indices must lie in [0, {self.spec.n_images})")
         if check_complete:
-            self._require_complete(np.unique(idx // self.unit_size).tolist())
+            self.require_complete(np.unique(idx // self.unit_size).tolist())
         if views is None:
             got = {name: _gather(self._arrays[name], idx) for name in ARRAYS}
         else:

@@ -152,6 +152,24 @@ def test_failure_before_marker_leaves_unit_incomplete_and_rerun_rewrites(
     assert write(cache, 1) == marker  # a complete unit is skipped
 
 
+def test_valid_block_size_and_completeness_are_asked_of_the_cache(tmp_path: Path) -> None:
+    cache = create_or_open(str(tmp_path / "cache"), make_spec())
+    write(cache, 0)
+    write(cache, 2)
+    assert cache.missing_units() == [1] and cache.missing_units([0, 2]) == []
+    cache.require_complete([0, 2])
+    with pytest.raises(UnitIncompleteError, match=r"units \[1\] are not complete"):
+        cache.require_complete()
+    with pytest.raises(UnitIncompleteError, match=r"units \[1\] are not complete; finish the extraction"):
+        open_cache(cache.url).valid()
+    write(cache, 1)
+    reader = open_cache(cache.url)
+    want = np.concatenate([unit_data(u, len(reader.unit_range(u)))["valid"] for u in range(3)])
+    got = reader.valid()
+    assert got.dtype == bool and got.shape == (N,) and got.tolist() == want.tolist()
+    assert reader.block_size == zarr.open_group(str(tmp_path / "cache"), mode="r")["features"].chunks[0] == U
+
+
 def test_overwrite_rewrites_a_complete_unit(tmp_path: Path) -> None:
     cache = create_or_open(str(tmp_path / "c"), make_spec())
     first = write(cache, 0)
