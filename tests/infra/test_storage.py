@@ -13,7 +13,7 @@ import zarr
 from botocore.exceptions import ClientError
 from zarr.storage import FsspecStore, LocalStore
 
-from infra import storage
+from infra import retry, storage
 
 NO_WAIT = storage.RetryPolicy(attempts=3, base_delay_s=0.0)
 
@@ -191,7 +191,7 @@ def test_retries_nested_in_a_retry_loop_do_not_multiply() -> None:
 
 
 def test_default_policy_is_looked_up_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage, "DEFAULT_RETRY", storage.RetryPolicy(attempts=2, base_delay_s=0.0))
+    monkeypatch.setattr(retry, "DEFAULT_RETRY", storage.RetryPolicy(attempts=2, base_delay_s=0.0))
     calls = []
 
     def down() -> None:
@@ -216,7 +216,7 @@ def test_zarr_store_retries_a_transient_read(s3_url: str, monkeypatch: pytest.Mo
             raise OSError(errno.EREMOTEIO, "500 InternalError")
         return await real(path, *args, **kwargs)
 
-    monkeypatch.setattr(storage, "DEFAULT_RETRY", NO_WAIT)
+    monkeypatch.setattr(retry, "DEFAULT_RETRY", NO_WAIT)
     monkeypatch.setattr(reader.fs, "_cat_file", once_down)
     assert zarr.open_array(reader, path="a")[:].tolist() == [1, 2, 3, 4]
     assert len(failures) == 1
