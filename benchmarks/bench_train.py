@@ -1,7 +1,7 @@
 """Benchmark of the train stage's step throughput (issue 4): cached targets vs the online base model, in one run.
 
 Same model, same global batch, same torch thread count, one process; every step goes through the train stage's
-own ``optimizer_step`` (``stages/train.py``), with batches from:
+own ``optimizer_step`` (``stages/train/step.py``), with batches from:
 
 (a) the target cache on local disk: ``TrainBatches(cache_url=<local>)`` through ``make_loader`` (spawned workers);
 (b) the same cache on a moto S3 server on 127.0.0.1 (``TrainBatches(cache_url="s3://...")``; the manifest stays
@@ -9,7 +9,7 @@ own ``optimizer_step`` (``stages/train.py``), with batches from:
 (c) every batch of the timed window read from the local cache beforehand into a Python list (targets and pixels
     already decoded): compute only, the upper bound;
 (d) online: ``TrainBatches`` without a cache (views planned from ``view_seed``, pixels built by the loader) and
-    ``TargetSource(job, device)`` with ``target_source="online"``, so the frozen base model runs on every step.
+    ``TargetProvider(job, device)`` with ``target_source="online"``, so the frozen base model runs on every step.
 
 It reports a/c (goal >= 0.97), b/c (goal >= 0.93) and a/d against the measured limit
 ``(t_cached + t_base_forward) / t_cached`` (one step's parts, timed; the FLOP figure ``1 + F_base/F_step`` beside it)
@@ -46,9 +46,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.flops import base_macs_per_view, tec_step_macs
 from stages.extract import ExtractJob, run_extract
-from stages.train import TargetSource, make_plan, optimizer_step, run_train
-from stages.train_data import SamplePlan, TrainBatches, make_loader
-from stages.train_job import TrainJob
+from stages.train import TargetProvider, make_plan, optimizer_step, run_train
+from stages.train.data import SamplePlan, TrainBatches, make_loader
+from stages.train.job import TrainJob
 from stages.views import Preprocess
 from tec_model import BaseModel, num_patches, vit_kwargs
 from tec_model.optim import param_groups, scaled_lr
@@ -223,7 +223,7 @@ def run_variant(kind: str, job: TrainJob, plan: SamplePlan, args: argparse.Names
     opt = torch.optim.AdamW(param_groups(core, job.weight_decay), lr=scaled_lr(job.blr, job.global_batch),
                             betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    source = TargetSource(job, device)
+    source = TargetProvider(job, device)
     total = args.warmup + args.steps
     if kind == "c":
         assert ram is not None and len(ram) >= total
@@ -312,7 +312,7 @@ def profile_step(job: TrainJob, batch: dict[str, Any], online: bool, repeats: in
     torch.manual_seed(job.seed)
     model = job.build_model()
     opt = torch.optim.AdamW(param_groups(model, job.weight_decay), lr=1e-4, betas=(0.9, 0.95))
-    base = TargetSource(job.replace(target_source="online"), device) if online else None
+    base = TargetProvider(job.replace(target_source="online"), device) if online else None
     pixels = batch["pixels"]
     rows: list[dict[str, float]] = []
     for r in range(repeats + 1):
@@ -334,7 +334,7 @@ def profile_step(job: TrainJob, batch: dict[str, Any], online: bool, repeats: in
                          "backward_ms": 1e3 * (t3 - t2), "optimizer_ms": 1e3 * (t4 - t3)})
     out = {k: float(np.median([row[k] for row in rows])) for k in rows[0]}
     step_job = job.replace(target_source="online") if online else job
-    source = base if base is not None else TargetSource(job, device)
+    source = base if base is not None else TargetProvider(job, device)
     whole = []
     for r in range(repeats + 1):
         t0 = time.perf_counter()

@@ -32,9 +32,9 @@ from stages.cache import open_cache
 from stages.extract import ExtractJob, run_extract
 from stages.images import ImageSource
 from stages.manifest import manifest_from_image_folder, write_manifest
-from stages.train import TargetSource, make_plan, optimizer_step
-from stages.train_data import SamplePlan, TrainBatches, make_loader
-from stages.train_job import TrainJob
+from stages.train import TargetProvider, make_plan, optimizer_step
+from stages.train.data import SamplePlan, TrainBatches, make_loader
+from stages.train.job import TrainJob
 from tec_model import BaseModel, build_vit
 from tec_model.flops import vit_forward_macs
 from tec_model.optim import param_groups, scaled_lr
@@ -279,7 +279,7 @@ def run_variant(ctx: CheckContext, job: TrainJob, data: Iterable[dict[str, Any]]
                             betas=(0.9, 0.95))
     precision = D.train_precision(ctx.device, job.amp_dtype)
     scaler = D.make_grad_scaler(ctx.device, precision)
-    source = TargetSource(job, ctx.device)
+    source = TargetProvider(job, ctx.device)
     it = iter(data)
     waits, loss = [], float("nan")
     window = 0.0
@@ -303,8 +303,8 @@ def run_variant(ctx: CheckContext, job: TrainJob, data: Iterable[dict[str, Any]]
 
 
 def base_forward_ms(ctx: CheckContext, job: TrainJob, pixels: torch.Tensor) -> float:
-    """Milliseconds of the online base forward on one batch (``TargetSource.targets``, its precision)."""
-    source = TargetSource(job.replace(target_source="online"), ctx.device)
+    """Milliseconds of the online base forward on one batch (``TargetProvider.targets``, its precision)."""
+    source = TargetProvider(job.replace(target_source="online"), ctx.device)
     pixels = pixels.to(ctx.device)
     calls, seconds = timed_repeats(ctx, lambda: source.targets({}, pixels), ctx.sizes.timed_seconds / 2)
     return 1e3 * seconds / calls

@@ -27,7 +27,7 @@ import yaml
 from infra.redaction import REDACTED, redact_text
 from pipeline.config_schema import PipelineConfig
 from stages.extract import ExtractJob
-from stages.train_job import TrainJob
+from stages.train.job import TrainJob
 from stages.uri_policy import UriPolicy
 from stages.views import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from tec_model.archs import vit_kwargs

@@ -12,6 +12,7 @@ from typing import Any
 
 from stages.cache import COMPRESSORS
 from stages.device import AMP_DTYPES, PRECISIONS
+from stages.train.job import USER_TARGET_SOURCES as TARGET_SOURCES
 from stages.uri_policy import DEFAULT_MAX_IDX_BYTES, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SCHEMES
 from tec_model.archs import ARCHS
 from tec_model.tec import ADAPTERS, FEATURE_NORMS
@@ -19,7 +20,6 @@ from tec_model.tec import ADAPTERS, FEATURE_NORMS
 DATA_SOURCES = ("idx", "image_folder", "uri_list")
 NORMS = ("imagenet", "fashion_mnist", "custom")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
-TARGET_SOURCES = ("cache", "online")  # "pixel" is internal: base.pretrain uses it
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from infra import storage
 from pipeline.flops import UNIT, base_macs_per_view
+from stages.train.job import USER_TARGET_SOURCES as TARGET_SOURCES
 
 if TYPE_CHECKING:
     from stages.cache_spec import CacheSpec
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LEDGER_DIR = "ledger"
-TARGET_SOURCES = ("cache", "online")
 
 EXTRACT_SCHEMA = pa.schema([
     ("cache_key", pa.string()),

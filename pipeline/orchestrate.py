@@ -29,7 +29,7 @@ from stages.cache import open_cache, write_config_attr
 from stages.cache_spec import CacheSpec
 from stages.extract import ExtractJob, ExtractResult, build_spec, run_extract
 from stages.train import TrainResult, latest_checkpoint_state, run_train, write_export
-from stages.train_job import TrainJob
+from stages.train.job import TrainJob
 from stages.uri_policy import UriPolicy
 from tec_model import build_vit, num_patches
 

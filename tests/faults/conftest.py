@@ -47,14 +47,14 @@ EXTRACT_DRIVER = (
     "a = json.loads(sys.argv[1]); "
     "run_extract(make_job(a['cache'], a['manifest'], a['checkpoint'], **a['job']), num_actors=a['actors'])"
 )
-TRAIN_DRIVER = ("import json, sys; from stages.train import run_train; from stages.train_job import TrainJob; "
+TRAIN_DRIVER = ("import json, sys; from stages.train import run_train; from stages.train.job import TrainJob; "
                 "run_train(TrainJob.from_dict(json.load(open(sys.argv[1]))))")
 # The in-process trainer, paused for good once it has reported step ``pause_at_step`` (trained, indices logged,
 # checkpointed if that step checkpoints); the event file then holds the driver's pid.
 PAUSED_TRAIN_DRIVER = """
 import json, os, sys, time
-import stages.train as T
-from stages.train_job import TrainJob
+import stages.train.loop as T
+from stages.train import TrainJob, run_train
 a = json.load(open(sys.argv[1]))
 original = T._report
 def report(job, t, row, session, checkpoint):
@@ -63,7 +63,7 @@ def report(job, t, row, session, checkpoint):
         open(a["event"], "w").write(str(os.getpid()))
         time.sleep(3600)
 T._report = report
-T.run_train(TrainJob.from_dict(a["job"]))
+run_train(TrainJob.from_dict(a["job"]))
 """
 # In-process extraction whose ``pause_at_call``-th unit never finishes: the unit's worker thread writes the unit id to
 # the event file and sleeps, holding the unit's claim (renewed) while the other thread goes on.

@@ -28,8 +28,8 @@ from stages.extract import NonFiniteTargetsError, UnitExtractor, prepare, run_ex
 from stages.failures import TooManyBadImagesError
 from stages.idx import IdxError, idx_uri
 from stages.manifest import ManifestError, validate_manifest, write_manifest
-from stages.train import NonFiniteLossError, TargetSource, optimizer_step
-from stages.train_job import TrainJob
+from stages.train import NonFiniteLossError, TargetProvider, optimizer_step
+from stages.train.job import TrainJob
 from stages.uri_policy import DEFAULT_POLICY, UriPolicy, UriPolicyError
 from tec_model import CheckpointError, build_vit, vit_kwargs
 from tests.faults.s3_faults import record
@@ -355,7 +355,7 @@ def test_non_finite_targets_in_a_cache_stop_training(value: float, tmp_path: Pat
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.raises(NonFiniteLossError, match=r"run nonfinite: non-finite loss (nan|inf) at step 0") as info:
         optimizer_step(train_job, model, opt, torch.amp.GradScaler("cpu", enabled=False),
-                       TargetSource(train_job, torch.device("cpu")), batch, torch.device("cpu"), "float32", step=0,
+                       TargetProvider(train_job, torch.device("cpu")), batch, torch.device("cpu"), "float32", step=0,
                        rank=0, world=1)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     record("input", input=f"cache target holding {value}", outcome=f"`NonFiniteLossError` at the first step reading "

@@ -14,7 +14,7 @@ from pipeline import config as C
 from pipeline import ledger
 from pipeline import orchestrate as O
 from pipeline.cost import cache_costs
-from stages.train_run import RunConfigChangedError
+from stages.train.rundir import RunConfigChangedError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,7 @@ import torch
 
 from infra import storage
 from stages.train import run_train
-from stages.train_run import read_attempts
+from stages.train.rundir import read_attempts
 from tests.faults.conftest import alive_actors, fault_seed, kill_group, spawn_train, wait_until
 from tests.stages.test_train import STEPS_PER_EPOCH, final_state, make_train_job
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from stages.train import run_dir, run_train
-from stages.train_run import read_attempts
-from stages.train_session import RunBusyError, checkpoint_names
+from stages.train.rundir import read_attempts
+from stages.train.session import RunBusyError, checkpoint_names
 from tests.faults.conftest import fault_seed, global_indices, kill_group, spawn_paused_train, wait_until
 from tests.stages.test_train import final_state, make_train_job
 
@@ -93,7 +93,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(reference,
     assert len(names) == 2, names  # keep_checkpoints: the last two, steps 15 and 16
     newest = run / names[-1] / "state.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    with caplog.at_level(logging.WARNING, logger="stages.train_session"):
+    with caplog.at_level(logging.WARNING, logger="stages.train.session"):
         resumed = run_train(job)
     warned = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
     assert warned and str(newest) in warned[0], caplog.text[-2000:]

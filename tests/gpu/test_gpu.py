@@ -26,8 +26,8 @@ from stages.cache import open_cache
 from stages.extract import run_extract
 from stages.images import ImageSource
 from stages.manifest import read_manifest
-from stages.train import TargetSource, mask_generator, optimizer_step, run_train
-from stages.train_session import checkpoint_names
+from stages.train import TargetProvider, mask_generator, optimizer_step, run_train
+from stages.train.session import checkpoint_names
 from tec_model import BaseModel, build_vit
 from tec_model.masking import random_masking
 from tests.fixtures.extract import base_kwargs, make_job
@@ -111,7 +111,7 @@ import json, os, sys, torch
 torch.use_deterministic_algorithms(True, warn_only=True)
 torch.backends.cudnn.benchmark = False
 from stages.train import run_train
-from stages.train_job import TrainJob
+from stages.train.job import TrainJob
 run_train(TrainJob.from_dict(json.load(open(sys.argv[1]))))
 """
 
@@ -166,7 +166,7 @@ def test_float16_grad_scaler_skips_overflowing_steps_and_trains(device, gpu_cach
     batch = {"pixels": torch.rand(16, 1, 32, 32), "features": torch.from_numpy(cache.features),
              "attn_logits": torch.from_numpy(cache.attn_logits), "topk_index": torch.from_numpy(cache.topk_index)}
     precision = "float16" if device.type == "cuda" else "float32"
-    parts = optimizer_step(job, model, opt, scaler, TargetSource(job, device), batch, device, precision, 0, 0, 1)
+    parts = optimizer_step(job, model, opt, scaler, TargetProvider(job, device), batch, device, precision, 0, 0, 1)
     assert parts["skipped"] == 1.0 and scaler.get_scale() < 2.0 ** 126
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     if device.type != "cuda":

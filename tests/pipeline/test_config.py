@@ -25,7 +25,7 @@ from pipeline.config import (
     to_train_job,
 )
 from pipeline.config_schema import ModelConfig, PipelineConfig, TrainConfig
-from stages.train_job import TrainJob
+from stages.train.job import TrainJob
 from stages.uri_policy import UriPolicy
 from stages.views import FASHION_MNIST_MEAN, Preprocess
 

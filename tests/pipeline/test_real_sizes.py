@@ -23,7 +23,7 @@ from PIL import Image
 import run_pipeline
 from stages.cache import open_cache
 from stages.manifest import read_manifest
-from stages.train_data import cache_valid
+from stages.train.data import cache_valid
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "imagenet_vitb_mae.yaml")

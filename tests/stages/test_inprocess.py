@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,9 @@ import torch
 from infra import storage
 from stages.cache import cache_content, open_cache
 from stages.extract import run_extract
-from stages.train import run_train
-from stages.train_job import TrainJob
-from stages.train_session import checkpoint_names
+from stages.train import latest_checkpoint_state, run_train
+from stages.train.job import TrainJob
+from stages.train.session import checkpoint_names
 from tec_model import vit_kwargs
 from tests.fixtures.extract import EXTRACT_DEFAULTS, base_kwargs, make_job
 
@@ -116,3 +118,35 @@ def test_gpu_request_without_cuda_is_refused_naming_the_field(inprocess_cache, t
         pytest.skip("this machine has CUDA")
     with pytest.raises(RuntimeError, match=r"train\.use_gpu is true but CUDA is not available"):
         run_train(train_job(inprocess_cache, str(tmp_path), "gpu", use_gpu=True))
+
+
+def test_a_run_that_loses_its_lease_stops_naming_the_lease_and_its_holder(inprocess_cache, tmp_path, monkeypatch):
+    """Another process takes the run's lease after step 2: the driver stops at its next report with an error naming
+    the lease file and the new holder, persists no checkpoint after the loss and does not export."""
+    import stages.train.loop as loop
+    import stages.train.run as run
+    from stages.extract import LeaseConfig
+    from stages.train.job import run_dir
+    from stages.train.session import RunLease, RunLeaseLostError
+
+    fast = LeaseConfig(ttl_s=60.0, renew_every_s=0.05, confirm_delay_s=0.01)
+    monkeypatch.setattr(run, "RunLease", lambda url: RunLease(url, fast))
+    job = train_job(inprocess_cache, str(tmp_path), "taken", checkpoint_every=1)
+    lease = RunLease(run_dir(job))
+    original = loop._report
+
+    def report(job_, t, row, session, checkpoint):
+        original(job_, t, row, session, checkpoint)
+        if row["step"] == 2:  # another driver takes the name over, as if our lease had expired
+            theirs = dataclasses.replace(lease.read(), owner="other-driver", token="theirs").to_bytes()
+            for _ in range(4):  # written again in case a renewal in flight rewrote ours; the renewal then notices
+                storage.write_bytes(lease.url, theirs)
+                time.sleep(4 * fast.renew_every_s)
+
+    monkeypatch.setattr(loop, "_report", report)
+    with pytest.raises(RunLeaseLostError, match=r"lease\.json: this run lost its lease: it is held by other-driver"):
+        run_train(job)
+    steps = [latest_checkpoint_state(run_dir(job))["progress"]["step"]]
+    assert steps == [2], "a checkpoint was persisted after the lease was lost"
+    assert not Path(run_dir(job), "export").exists()
+    assert lease.read().owner == "other-driver"  # the new holder's lease is left alone

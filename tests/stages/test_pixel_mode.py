@@ -7,8 +7,8 @@ import io
 import pytest
 import torch
 
-from stages.train import TargetSource, optimizer_step
-from stages.train_job import TrainJob
+from stages.train import TargetProvider, optimizer_step
+from stages.train.job import TrainJob
 from tec_model import BaseModel, export_mae, patchify, read_checkpoint, unwrap_state_dict, vit_kwargs
 
 ARCH = vit_kwargs("vit_pico_patch4_32", in_chans=1)
@@ -40,7 +40,7 @@ def test_pixel_job_refuses_what_it_cannot_do(change, message):
 
 def test_pixel_targets_are_the_views_own_patches():
     pixels = torch.randn(2, 1, 32, 32)
-    features, attn, topk = TargetSource(pixel_job(), torch.device("cpu")).targets({}, pixels)
+    features, attn, topk = TargetProvider(pixel_job(), torch.device("cpu")).targets({}, pixels)
     assert attn is None and topk is None
     assert features.shape == (2, 64, 16)
     torch.testing.assert_close(features[0, 9], pixels[0, 0, 4:8, 4:8].reshape(-1))  # row 1, column 1
@@ -52,7 +52,7 @@ def test_pixel_mae_loss_falls_over_a_few_steps():
     model = job.build_model()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    source = TargetSource(job, torch.device("cpu"))
+    source = TargetProvider(job, torch.device("cpu"))
     # smooth images (low-frequency structure an autoencoder can learn), a fixed batch
     grid = torch.linspace(0, 6.28, 32)
     phase = torch.rand(16, 1, 1, 1, generator=torch.Generator().manual_seed(3)) * 6.28

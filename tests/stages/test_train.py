@@ -18,9 +18,9 @@ from infra import storage
 from stages.cache import UnitIncompleteError
 from stages.extract import run_extract
 from stages.train import run_dir, run_train
-from stages.train_job import CacheIncompatibleError, TrainJob, check_cache
-from stages.train_run import RunConfigChangedError, read_attempts
-from stages.train_session import checkpoint_names
+from stages.train.job import CacheIncompatibleError, TrainJob, check_cache
+from stages.train.rundir import RunConfigChangedError, read_attempts
+from stages.train.session import checkpoint_names
 from tec_model import vit_kwargs
 from tests.faults.conftest import global_indices, kill_group, spawn_paused_train, wait_until
 from tests.fixtures.extract import EXTRACT_DEFAULTS, base_kwargs, make_job

@@ -16,7 +16,7 @@ from stages.cache import inner_images, open_cache, raw_bytes_per_view
 from stages.cache_spec import CacheMismatchError
 from stages.extract import run_extract
 from stages.images import ImageSource
-from stages.train_data import (
+from stages.train.data import (
     SamplePlan,
     TrainBatches,
     cache_block_size,
@@ -75,7 +75,7 @@ def test_order_is_a_pure_function_of_seed_and_epoch_even_in_a_fresh_process():
     kwargs = {"block_size": 16, "views_per_image": 4, "seed": 123, "global_batch": 32, "world_size": 4}
     valid = synthetic_valid(500, 20)
     plan = SamplePlan(valid, **kwargs)
-    code = ("import numpy as np, hashlib; from stages.train_data import SamplePlan; "
+    code = ("import numpy as np, hashlib; from stages.train.data import SamplePlan; "
             f"v = np.zeros(500, bool); v[{np.flatnonzero(valid).tolist()}] = True; "
             f"p = SamplePlan(v, **{kwargs!r}); print(hashlib.sha256(p.epoch_order(5).tobytes()).hexdigest())")
     fresh = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

@@ -13,7 +13,7 @@ from stages.cache import open_cache
 from stages.extract import ExtractJob, UnitExtractor, prepare
 from stages.images import SourceChangedError
 from stages.manifest import manifest_from_uri_list, write_manifest
-from stages.train_data import SamplePlan, TrainBatches, cache_block_size, cache_valid, make_loader
+from stages.train.data import SamplePlan, TrainBatches, cache_block_size, cache_valid, make_loader
 from stages.uri_policy import UriPolicy, UriPolicyError
 from tests.fixtures.data import encode, sample_images
 from tests.fixtures.extract import make_job

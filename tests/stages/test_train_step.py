@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from stages.train import NonFiniteLossError, TargetSource, mask_generator, optimizer_step
-from stages.train_job import TrainJob
+from stages.train import NonFiniteLossError, TargetProvider, mask_generator, optimizer_step
+from stages.train.job import TrainJob
 from tec_model import vit_kwargs
 from tests.fixtures.models import make_base, make_tec
 
@@ -31,7 +31,7 @@ def batch_for(images: torch.Tensor) -> dict:
 def run_step(model, job, batch):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    source = TargetSource(job, torch.device("cpu"))
+    source = TargetProvider(job, torch.device("cpu"))
     return optimizer_step(job, model, opt, scaler, source, batch, torch.device("cpu"), "float32", step=3, rank=0,
                           world=1)
 

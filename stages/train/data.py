@@ -1,6 +1,6 @@
 """The train stage's data side: which sample each rank sees when (:class:`SamplePlan`) and the batches themselves.
 
-**Epoch order** (DESIGN §3 "Sample order and resume"): a pure function of ``(seed, epoch)``, identical on every
+**Epoch order**: a pure function of ``(seed, epoch)``, identical on every
 rank and machine. Images are grouped in blocks of ``block_size`` consecutive indices (block b = images
 ``[b·bs, (b+1)·bs)``, aligned with the cache's inner chunks along N, see :func:`cache_block_size`). Random numbers
 come from a Philox4x64 bit generator whose key is derived by ``SeedSequence((domain, seed, epoch))``; only its raw
@@ -34,12 +34,6 @@ N = 1.28 M, block 16, GB 4096 on 8 ranks: 1.006; N = 20 k, block 16, GB 64 on 2 
 and ``bytes_fetched`` (whole blocks read) so the trainer can log both. ``attn_logits`` inner chunks may hold more
 images than a block (e.g. 64 vs 16 for ViT-B): blocks of one chunk can use different views, so that smaller array
 (≈20 % of the bytes) can be fetched up to V times per epoch.
-
-Measured (2 shared cores, local store, ViT-B shapes L=196 C=768 H=12 K=15, U=64, Gaussian float16 targets, 224²
-grey views, one process): a 64-image batch takes ≈0.5 s on average at world 1 (one 8-block read of 48 MB every
-other batch, the next batch from the LRU) and ≈1.1 s at world 2 (every batch reads its window); rebuilding the
-pixels is 30 ms of it. The read is bound by zarr 3.1's integer-array ``oindex`` inside ``read_samples`` (64 images:
-0.5-0.9 s against 37 ms for the same chunks read as slices), not by bytes or Blosc.
 """
 
 from __future__ import annotations
@@ -247,9 +241,14 @@ def cache_valid(cache: TargetCache) -> np.ndarray:
     return np.asarray(group["valid"][:], dtype=bool)
 
 
-def check_cache(url: str, spec: CacheSpec, plan: SamplePlan, preprocess: Preprocess, in_chans: int,
-                view_seed: int | None) -> None:
-    """Refuse a cache whose shapes, views or preprocessing differ from the train config (names every field)."""
+def check_plan_fits_cache(url: str, spec: CacheSpec, plan: SamplePlan, preprocess: Preprocess, in_chans: int,
+                          view_seed: int | None) -> None:
+    """Refuse a cache whose shapes, views or preprocessing differ from a plan's (names every field).
+
+    :func:`stages.train.run.run_train` checks the whole job once (:func:`stages.train.job.check_cache`) before any
+    worker starts and its workers pass the checked spec to :class:`TrainBatches`; this is the check of a
+    :class:`TrainBatches` built on its own (tests, benchmarks).
+    """
     expected = {"n_images": plan.valid.size, "views_per_image": plan.views_per_image,
                 "timm_kwargs": {**spec.timm_kwargs, "in_chans": in_chans}, **preprocess.to_dict()}
     if view_seed is not None:
@@ -282,11 +281,15 @@ class TrainBatches(IterableDataset):
         cache_url: the target cache (cached mode), or None (online mode).
         view_seed: the view-plan seed; required online, checked against the cache if given.
         uri_policy: which source URIs may be read and how much of them (default: the default policy).
+        checked_spec: the cache's spec as the caller already checked it against this plan (the training workers:
+            :func:`stages.train.run.run_train` checks once before they start); None: the cache is opened and checked
+            here (:func:`check_plan_fits_cache`).
     """
 
     def __init__(self, plan: SamplePlan, epoch: int, rank: int, start_step: int, *, manifest_url: str,
                  preprocess: Preprocess, in_chans: int, cache_url: str | None = None,
-                 view_seed: int | None = None, uri_policy: UriPolicy | None = None) -> None:
+                 view_seed: int | None = None, uri_policy: UriPolicy | None = None,
+                 checked_spec: CacheSpec | None = None) -> None:
         super().__init__()
         if not 0 <= rank < plan.world_size:
             raise ValueError(f"rank {rank} out of range [0, {plan.world_size})")
@@ -295,9 +298,9 @@ class TrainBatches(IterableDataset):
                              f"(steps_per_epoch {plan.steps_per_epoch()})")
         if cache_url is None and view_seed is None:
             raise ValueError("online mode (no cache_url) needs view_seed")
-        if cache_url is not None:
+        if cache_url is not None and checked_spec is None:
             cache = open_cache(cache_url)
-            check_cache(cache_url, cache.spec, plan, preprocess, in_chans, view_seed)
+            check_plan_fits_cache(cache_url, cache.spec, plan, preprocess, in_chans, view_seed)
             if plan.block_size % cache_block_size(cache):
                 logger.warning("block_size %d is not a multiple of the cache's inner chunk (%d images): reads "
                                "fetch more than they deliver", plan.block_size, cache_block_size(cache))
@@ -336,11 +339,7 @@ class _Reader:
             self.source = self.source.with_policy(ds.uri_policy)
         self.cache = open_cache(ds.cache_url) if ds.cache_url is not None else None
         self.lru = _BlockLRU(2 * self.plan.shuffle_window)
-        if self.cache is not None:
-            units = set((np.flatnonzero(self.plan.valid) // self.cache.unit_size).tolist())
-            missing = sorted(units - set(self.cache.complete_units()))
-            if missing:
-                raise UnitIncompleteError(f"{self.cache.url}: units {missing[:10]} are not complete")
+        if self.cache is not None:  # complete: the plan's valid rows come from TargetCache.valid(), which checks it
             self.bytes_per_view = raw_bytes_per_view(self.cache.spec)
 
     def batch(self, step: int) -> dict[str, object]:

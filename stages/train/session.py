@@ -1,6 +1,6 @@
 """The one seam between the training loop and what runs it: Ray Train workers, or a single in-process worker.
 
-The worker loop (:func:`stages.train.train_worker`) needs five things from its runner, and nothing else:
+The worker loop (:func:`stages.train.loop.train_worker`) needs five things from its runner, and nothing else:
 
 * ``rank`` and ``world_size``;
 * ``device``: where this worker computes;
@@ -99,13 +99,14 @@ class LocalSession:
         run_url: the run directory (checkpoints go to ``<run_url>/checkpoint_<timestamp>/``).
         use_gpu: train on CUDA (refused when it is not available) or on the CPU.
         keep_checkpoints: newest checkpoints kept; older ones are deleted after each save.
+        lease: the run's lease held by this process: every report checks it first (:meth:`RunLease.check`).
     """
 
     rank = 0
     world_size = 1
 
-    def __init__(self, run_url: str, use_gpu: bool, keep_checkpoints: int) -> None:
-        self.run_url, self.keep = run_url, keep_checkpoints
+    def __init__(self, run_url: str, use_gpu: bool, keep_checkpoints: int, lease: RunLease | None = None) -> None:
+        self.run_url, self.keep, self.lease = run_url, keep_checkpoints, lease
         self.device = resolve_device(use_gpu)
         self.last_metrics: dict[str, Any] = {}
         self.last_checkpoint: str | None = None
@@ -114,7 +115,13 @@ class LocalSession:
         return model
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-        """Keep the metrics; persist ``checkpoint_dir``'s files under a new checkpoint name, then prune."""
+        """Keep the metrics; persist ``checkpoint_dir``'s files under a new checkpoint name, then prune.
+
+        Raises:
+            RunLeaseLostError: the run's lease was taken over (nothing is persisted).
+        """
+        if self.lease is not None:
+            self.lease.check()
         self.last_metrics = dict(metrics)
         if checkpoint_dir is None:
             return
@@ -138,9 +145,11 @@ class RaySession:
 
     Args:
         run_url: the run directory, searched for a checkpoint when Ray has none to restore (a run begun in-process).
+        lease_token: the driver's lease token: rank 0 checks the stored lease against it before each checkpoint
+            (:func:`check_lease_file`).
     """
 
-    def __init__(self, run_url: str) -> None:
+    def __init__(self, run_url: str, lease_token: str | None = None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -148,7 +157,7 @@ class RaySession:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.run_url = run_url
+        self.run_url, self.lease_token = run_url, lease_token
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
@@ -156,6 +165,8 @@ class RaySession:
         return ray.train.torch.prepare_model(model) if self.world_size > 1 else model
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        if checkpoint_dir is not None and self.lease_token is not None:
+            check_lease_file(self.run_url, self.lease_token)
         checkpoint = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self._train.report(metrics, checkpoint=checkpoint)
 
@@ -176,11 +187,39 @@ class RunBusyError(RuntimeError):
     """Another live process holds the run's name (its lease is neither expired nor owned by a dead process)."""
 
 
+class RunLeaseLostError(RuntimeError):
+    """The run's lease was taken over by another process while this one drove the run: it stops, so that two
+    processes never train (and checkpoint) the same run."""
+
+
+def lost_message(url: str, current: Claim | None) -> str:
+    """Why a run no longer holds its lease ``url`` (``current``: what the lease file holds now)."""
+    holder = ("the lease file is gone" if current is None else
+              f"it is held by {current.owner} (host {current.host}, pid {current.pid})")
+    return (f"{url}: this run lost its lease: {holder}; stopping so that two processes never train the same run "
+            "(its latest checkpoint is kept: start it again once the other process has ended)")
+
+
+def check_lease_file(run_url: str, token: str) -> None:
+    """Refuse to go on when ``<run_url>/lease.json`` no longer holds ``token`` (a Ray worker's view of the
+    driver's lease).
+
+    Raises:
+        RunLeaseLostError: naming the lease and the process that holds it now.
+    """
+    lease = RunLease(run_url)
+    current = lease.read()
+    if current is None or current.token != token:
+        raise RunLeaseLostError(lost_message(lease.url, current))
+
+
 class RunLease:
     """The lease on a run's name, ``<run_url>/lease.json``, held while a run is driven (see the module docstring).
 
     Use as a context manager: ``with RunLease(url): ...`` acquires (or raises :class:`RunBusyError`), renews every
-    ``lease.renew_every_s`` on a daemon thread, and deletes the lease on exit if it is still ours.
+    ``lease.renew_every_s`` on a daemon thread, and deletes the lease on exit if it is still ours. When a renewal
+    finds the lease taken over, :attr:`lost` says by whom and :meth:`check` raises :class:`RunLeaseLostError`: the
+    sessions call it at every checkpoint, so the run stops there.
 
     Args:
         run_url: the run directory.
@@ -192,6 +231,7 @@ class RunLease:
         self.lease = lease or LeaseConfig()
         self.owner = new_owner_id()
         self._token: str | None = None
+        self.lost: str | None = None  # why the run no longer holds its name (set by the renewal thread)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -235,13 +275,27 @@ class RunLease:
         self._thread.start()
         return self
 
+    @property
+    def token(self) -> str | None:
+        """Our lease's token while we hold it (the Ray workers check the stored lease against it)."""
+        return self._token
+
+    def check(self) -> None:
+        """Raise if the renewal found the lease taken over by another process.
+
+        Raises:
+            RunLeaseLostError: naming the lease and the process that holds it now.
+        """
+        if self.lost is not None:
+            raise RunLeaseLostError(self.lost)
+
     def _renew(self) -> None:
         while not self._stop.wait(self.lease.renew_every_s):
             try:
                 current = self.read()
                 if current is None or current.token != self._token:
-                    log.error("%s: the lease was taken over by %s; this run no longer holds its name", self.url,
-                              None if current is None else current.owner)
+                    self.lost = lost_message(self.url, current)
+                    log.error("%s", self.lost)
                     return
                 storage.write_bytes(self.url, _new_claim(0, self.owner, self.lease.ttl_s, self._token).to_bytes())
             except Exception as exc:  # a failed renewal is retried at the next beat

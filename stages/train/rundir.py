@@ -1,8 +1,8 @@
 """What guards a run directory across starts: the configuration a run was started with, the cache it needs, and a
 record of every start.
 
-* ``<run>/config.json`` is the resolved :class:`~stages.train_job.TrainJob` of the run's last start (URLs
-  redacted). Starting the run again with another :meth:`~stages.train_job.TrainJob.fingerprint` (model, data order,
+* ``<run>/config.json`` is the resolved :class:`~stages.train.job.TrainJob` of the run's last start (URLs
+  redacted). Starting the run again with another :meth:`~stages.train.job.TrainJob.fingerprint` (model, data order,
   schedule: everything but resources and the stopping point) is refused by :func:`check_unchanged`, naming the
   fields that differ, before anything of the run is written.
 * A cache-mode run needs a complete cache (every unit has its marker): :func:`require_complete_cache`.
@@ -22,7 +22,7 @@ from typing import Any
 
 from infra import storage
 from stages.cache import UnitIncompleteError, open_cache
-from stages.train_job import TrainJob
+from stages.train.job import TrainJob
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""What a training run is: :class:`TrainJob`, and the check that a target cache fits it (issue 4 items 2-3)."""
+"""What a training run is: :class:`TrainJob`, its run directory, and the check that a target cache fits it."""
 
 from __future__ import annotations
 
@@ -6,15 +6,18 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from infra import storage
 from stages.cache import open_cache
 from stages.cache_spec import CacheSpec, expected_differences
 from stages.views import Preprocess
 from tec_model import TECModel, num_patches
 
 TargetSource = Literal["cache", "online", "pixel"]
-TARGET_SOURCES = ("cache", "online", "pixel")
+TARGET_SOURCES: tuple[str, ...] = get_args(TargetSource)
+# What a configuration may ask for: "pixel" is internal (the base.pretrain runs use it).
+USER_TARGET_SOURCES: tuple[str, ...] = tuple(s for s in TARGET_SOURCES if s != "pixel")
 
 
 class CacheIncompatibleError(ValueError):
@@ -160,6 +163,11 @@ class TrainJob:
             att_tau=self.att_tau, mask_ratio=self.mask_ratio, decoder_dim=self.decoder_dim,
             decoder_depth=self.decoder_depth, decoder_heads=self.decoder_heads,
         )
+
+
+def run_dir(job: TrainJob) -> str:
+    """The run directory: ``<storage_path>/<run_name>``."""
+    return storage.join(job.storage_path, job.run_name)
 
 
 def check_cache(job: TrainJob) -> CacheSpec:
