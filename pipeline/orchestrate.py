@@ -1,7 +1,11 @@
 """The pipeline's jobs from a :class:`~pipeline.config.PipelineConfig`: extract (or reuse) a cache, train, export.
 
-``run`` computes the cache key of the configuration first (manifest and checkpoint hashes included) and reuses a
-complete cache with that key from the registry instead of extracting again; a half-finished one is resumed.
+The cache key is the hand-off between the stages. ``extract`` and ``run`` resolve the configuration into a
+:class:`~stages.cache_spec.CacheSpec` once (:func:`resolve_cache`: manifest, base checkpoint and its hash,
+preprocessing), reuse a complete cache with that key from the registry instead of extracting again (a half-finished
+one is resumed), hand the spec to the extraction, and record ``request fingerprint → cache key``
+(:func:`request_fingerprint`, :func:`pipeline.registry.record_request`). ``train`` finds its cache from
+``--cache`` or from that record (:func:`locate_cache`), without building the manifest or reading the base model.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from infra import storage
 from pipeline import config as C
 from pipeline import ledger
 from pipeline.flops import tec_step_macs
-from pipeline.registry import cache_url_for, runs_root
+from pipeline.registry import cache_url_for, record_request, recorded_request, request_url, runs_root
 from pipeline.run_logs import write_run_logs
 from stages import manifest as M
 from stages.cache import open_cache, write_config_attr
-from stages.cache_spec import CacheSpec
+from stages.cache_spec import CacheSpec, canonical_json
+from stages.device import extraction_precision
 from stages.extract import ExtractJob, ExtractResult, build_spec, run_extract
 from stages.train import TrainResult, latest_checkpoint_state, run_train, write_export
 from stages.train.job import TrainJob
@@ -132,56 +137,142 @@ class CacheReady:
     reused: bool
 
 
-def _extract_job(cfg: C.PipelineConfig, cache_url: str | None) -> tuple[ExtractJob, str]:
-    """The config's extract job at its registry location (or ``cache_url``), and its cache key."""
+@dataclass(frozen=True)
+class ResolvedCache:
+    """A configuration's cache, resolved once: the extract job at the cache's location, with working URLs, and the
+    spec (hence the key) its targets have."""
+
+    job: ExtractJob
+    spec: CacheSpec
+
+
+def resolve_cache(cfg: C.PipelineConfig, cache_url: str | None = None) -> ResolvedCache:
+    """Resolve ``cfg`` into its cache spec: build (or find) the manifest, resolve the base checkpoint (pre-training
+    it when the config asks) and hash it, once. The cache lives at ``cache_url`` or at the key's registry location.
+    """
     manifest_url, manifest_sha, n_images = prepare_manifest(cfg)
     checkpoint_url = prepare_base(cfg, manifest_url, manifest_sha)
     checkpoint_sha = hashlib.sha256(storage.read_bytes(checkpoint_url)).hexdigest()
-    job = C.to_extract_job(cfg, cache_url="", manifest_url=manifest_url, checkpoint_url=checkpoint_url)
-    key = build_spec(job, manifest_sha, n_images, checkpoint_sha).key
-    url = storage.absolute(cache_url or cache_url_for(cfg.output_root, key))
-    return dataclasses.replace(job, cache_url=url), key
+    job = C.to_extract_job(cfg, cache_url="", manifest_url=storage.absolute(manifest_url),
+                           checkpoint_url=storage.absolute(checkpoint_url))
+    spec = build_spec(job, manifest_sha, n_images, checkpoint_sha,
+                      extraction_precision(job.precision, torch.device("cpu")))
+    url = storage.absolute(cache_url or cache_url_for(cfg.output_root, spec.key))
+    return ResolvedCache(dataclasses.replace(job, cache_url=url), spec)
+
+
+def _extract_job(cfg: C.PipelineConfig, cache_url: str | None) -> tuple[ExtractJob, str]:
+    """The config's extract job at its registry location (or ``cache_url``), and its cache key."""
+    resolved = resolve_cache(cfg, cache_url)
+    return resolved.job, resolved.spec.key
+
+
+def request_fingerprint(cfg: C.PipelineConfig) -> str:
+    """SHA-256 hex of the configuration's cache-determining inputs, as written (nothing is read): the data
+    (source, path, limit, input policy), the base (checkpoint URL without its secrets, or the pre-training recipe;
+    architecture, checkpoint key), the preprocessing and the extraction settings that enter the cache key."""
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "test_path"}
+    data["path"] = storage.redact_url(storage.absolute(cfg.data.path))
+    checkpoint = cfg.base.checkpoint
+    ex = cfg.extract
+    what = {
+        "data": data,
+        "base": {"checkpoint": storage.redact_url(storage.absolute(checkpoint)) if checkpoint else None,
+                 "checkpoint_key": cfg.base.checkpoint_key, "timm_kwargs": C.base_timm_kwargs(cfg),
+                 "pretrain": None if checkpoint else dataclasses.asdict(cfg.base.pretrain)},
+        "preprocess": C.preprocess(cfg).to_dict(),
+        "targets": {"k_max": ex.k_max, "last_layers": ex.last_layers, "view_seed": ex.seed,
+                    "views_per_image": ex.views_per_image},
+    }
+    return hashlib.sha256(canonical_json(what).encode()).hexdigest()
+
+
+def _checkpoint_size(cfg: C.PipelineConfig) -> int | None:
+    """The configured base checkpoint's size in bytes (a stat, not a read), or None without ``base.checkpoint`` or
+    when the store does not answer (e.g. an expired presigned URL: the check is then skipped)."""
+    if not cfg.base.checkpoint:
+        return None
+    try:
+        return storage.size(storage.absolute(cfg.base.checkpoint))
+    except OSError as exc:
+        log.debug("no size for base.checkpoint %s (%s)", storage.redact_url(cfg.base.checkpoint), exc)
+        return None
+
+
+def _registry_cache_url(cfg: C.PipelineConfig) -> str:
+    """The registry location of the cache that the extraction of ``cfg``'s request recorded.
+
+    Raises:
+        FileNotFoundError: nothing is recorded for this request, or the base checkpoint changed size since.
+    """
+    fingerprint = request_fingerprint(cfg)
+    row = recorded_request(cfg.output_root, fingerprint)
+    if row is None:
+        raise FileNotFoundError(
+            f"no target cache recorded for this configuration under {storage.redact_url(cfg.output_root)} (request "
+            f"{fingerprint[:16]}, {storage.redact_url(request_url(cfg.output_root, fingerprint))} is absent): run "
+            "`run_pipeline.py extract` (or `run`) with this configuration first (a complete cache is reused, not "
+            "extracted again), or pass --cache")
+    size = _checkpoint_size(cfg)
+    if row.get("checkpoint_size") is not None and size is not None and size != row["checkpoint_size"]:
+        raise FileNotFoundError(
+            f"base.checkpoint {storage.redact_url(cfg.base.checkpoint)} has {size} bytes, {row['checkpoint_size']} "
+            "when its cache was extracted: the base changed; run `run_pipeline.py extract` again")
+    return storage.absolute(cache_url_for(cfg.output_root, row["cache_key"]))
 
 
 def locate_cache(cfg: C.PipelineConfig, cache_url: str | None = None) -> CacheReady:
-    """The complete cache for ``cfg`` (registry lookup by key, or ``cache_url``); refuses a missing/partial one."""
-    job, key = _extract_job(cfg, cache_url)
+    """The cache for ``cfg``: ``cache_url``, or the one the extraction of this configuration recorded in the
+    registry. Reads neither the images nor the base checkpoint and writes nothing: the training stage checks the
+    cache's fit and completeness before it starts.
+
+    Raises:
+        FileNotFoundError: no cache is recorded for the configuration, or none is at the location; the message
+            names what to run.
+    """
+    url = storage.absolute(cache_url) if cache_url else _registry_cache_url(cfg)
     try:
-        cache = open_cache(job.cache_url)
+        cache = open_cache(url)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no target cache for this configuration (key {key[:16]}) at {job.cache_url}: "
-                                "run `run_pipeline.py extract` (or `run`) first") from None
-    if len(cache.complete_units()) != cache.n_units:
-        raise RuntimeError(f"{job.cache_url}: extraction unfinished ({len(cache.complete_units())}/{cache.n_units} "
-                           "units); re-run `extract` to finish it")
-    return CacheReady(job.cache_url, cache.spec.with_working_urls(job.checkpoint_url, job.manifest_url), None,
-                      reused=True)
+        raise FileNotFoundError(f"no target cache at {storage.redact_url(url)}: run `run_pipeline.py extract` (or "
+                                "`run`) first") from None
+    spec = cache.spec
+    manifest = storage.absolute(storage.join(cfg.output_root, "manifests", f"{spec.manifest_sha256[:16]}.parquet"))
+    checkpoint = storage.absolute(cfg.base.checkpoint) if cfg.base.checkpoint else None
+    return CacheReady(url, spec.with_working_urls(checkpoint, manifest), None, reused=True)
 
 
 def ensure_cache(cfg: C.PipelineConfig, cache_url: str | None = None) -> CacheReady:
     """Extract the configuration's cache, or reuse the complete cache with the same key (registry or
-    ``cache_url``); a half-finished cache is resumed.
+    ``cache_url``); a half-finished cache is resumed. A cache at its registry location is recorded for the
+    configuration's request (:func:`request_fingerprint`), so ``train`` finds it without resolving it again.
 
     A complete cache whose ledger lacks the rows of some units (a crash between a run's last unit and its ledger
     row, or a killed extraction) gets them derived from the units' completion markers
     (:func:`pipeline.ledger.record_unrecorded_units`, idempotent)."""
-    job, key = _extract_job(cfg, cache_url)
+    resolved = resolve_cache(cfg, cache_url)
+    job, key = resolved.job, resolved.spec.key
+    working = (job.checkpoint_url, job.manifest_url)
     _start_ray(cfg, cfg.extract.num_actors > 0)
+    ready = None
     with contextlib.suppress(FileNotFoundError):
         cache = open_cache(job.cache_url)
         if cache.spec.key == key and len(cache.complete_units()) == cache.n_units:
             log.info("reusing complete cache %s (key %s)", job.cache_url, key[:12])
             ledger.record_unrecorded_units(job.cache_url)
-            return CacheReady(job.cache_url, cache.spec.with_working_urls(job.checkpoint_url, job.manifest_url),
-                              None, reused=True)
-    result = run_extract(job, num_actors=cfg.extract.num_actors, address=cfg.ray.address,
-                         threads_per_actor=cfg.extract.threads_per_actor)
-    spec = open_cache(job.cache_url).spec.with_working_urls(job.checkpoint_url, job.manifest_url)
-    write_config_attr(job.cache_url, C.resolved_dict(cfg))
-    if result.units_written:
-        ledger.record_extraction(job.cache_url, result, spec)
-    ledger.record_unrecorded_units(job.cache_url)
-    return CacheReady(job.cache_url, spec, result, reused=False)
+            ready = CacheReady(job.cache_url, cache.spec.with_working_urls(*working), None, reused=True)
+    if ready is None:
+        result = run_extract(job, num_actors=cfg.extract.num_actors, address=cfg.ray.address,
+                             threads_per_actor=cfg.extract.threads_per_actor)
+        spec = open_cache(job.cache_url).spec.with_working_urls(*working)
+        write_config_attr(job.cache_url, C.resolved_dict(cfg))
+        if result.units_written:
+            ledger.record_extraction(job.cache_url, result, spec)
+        ledger.record_unrecorded_units(job.cache_url)
+        ready = CacheReady(job.cache_url, spec, result, reused=False)
+    if cache_url is None:
+        record_request(cfg.output_root, request_fingerprint(cfg), key, _checkpoint_size(cfg))
+    return ready
 
 
 def train_from(cfg: C.PipelineConfig, cache: CacheReady, run_name: str | None = None) -> TrainResult:

@@ -4,10 +4,14 @@ Layout under ``root`` (any fsspec URL; ``./outputs`` by default):
 
     <root>/manifests/<sha256[:16]>.parquet   content-addressed manifests
     <root>/bases/<name>.pth                  base checkpoints made on the spot
-    <root>/caches/<key[:16]>/                one target cache per cache key (DESIGN §3)
+    <root>/caches/<key[:16]>/                one target cache per cache key
+    <root>/requests/<fingerprint[:16]>.json  which cache key a configuration's extraction resolved to
     <root>/runs/<run_name>/                  Ray Train storage of each run (checkpoints, metrics, export)
 
-A cache's directory name is derived from its key, so ``run`` finds a cache by computing the key of its config.
+A cache's directory name is derived from its key, so ``run`` and ``extract`` find a cache by computing the key of
+their config (manifest and checkpoint hashes included). ``train`` does not compute it: it looks up the key that the
+extraction of the same request (:func:`pipeline.orchestrate.request_fingerprint`: the config's cache-determining
+inputs) recorded, so it reads neither the images nor the base checkpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +37,27 @@ def runs_root(root: str) -> str:
 def cache_url_for(root: str, key: str) -> str:
     """The registry location of the cache with this key."""
     return storage.join(caches_root(root), key[:16])
+
+
+def request_url(root: str, fingerprint: str) -> str:
+    """Where the cache key resolved for a request fingerprint is recorded."""
+    return storage.join(root, "requests", f"{fingerprint[:16]}.json")
+
+
+def record_request(root: str, fingerprint: str, cache_key: str, checkpoint_size: int | None) -> None:
+    """Record that the request ``fingerprint`` resolves to the cache ``cache_key`` (the base checkpoint then had
+    ``checkpoint_size`` bytes); rewritten by every extraction of the request, so the newest resolution wins."""
+    row = {"fingerprint": fingerprint, "cache_key": cache_key, "checkpoint_size": checkpoint_size}
+    storage.write_bytes(request_url(root, fingerprint), json.dumps(row, indent=2).encode())
+
+
+def recorded_request(root: str, fingerprint: str) -> dict | None:
+    """The record of a request fingerprint (``cache_key``, ``checkpoint_size``), or None when none was recorded."""
+    try:
+        row = json.loads(storage.read_bytes(request_url(root, fingerprint)))
+    except FileNotFoundError:
+        return None
+    return row if row.get("fingerprint") == fingerprint else None
 
 
 @dataclass
