@@ -2,7 +2,7 @@
 
 **Epoch order**: a pure function of ``(seed, epoch)``, identical on every
 rank and machine. Images are grouped in blocks of ``block_size`` consecutive indices (block b = images
-``[b·bs, (b+1)·bs)``, aligned with the cache's inner chunks along N, see :func:`cache_block_size`). Random numbers
+``[b·bs, (b+1)·bs)``, aligned with the cache's inner chunks along N, see :attr:`TargetCache.block_size`). Random numbers
 come from a Philox4x64 bit generator whose key is derived by ``SeedSequence((domain, seed, epoch))``; only its raw
 64-bit outputs are used (permutations are ``argsort`` of random keys, stable), so no numpy ``Generator`` algorithm and
 no global RNG state is involved. Then:
@@ -45,11 +45,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from infra import storage
-from stages.cache import TargetCache, UnitIncompleteError, open_cache, raw_bytes_per_view
+from stages.cache import open_cache, raw_bytes_per_view
 from stages.cache_spec import CacheMismatchError, CacheSpec, expected_differences
 from stages.images import ImageSource
 from stages.manifest import expected_sizes, read_manifest
@@ -222,25 +221,6 @@ def _block_rows(plan: SamplePlan, block: int) -> range:
     return range(block * plan.block_size, min((block + 1) * plan.block_size, plan.valid.size))
 
 
-def cache_block_size(cache: TargetCache) -> int:
-    """Images per inner chunk of ``features`` along N: the block size that aligns reads with chunks."""
-    group = zarr.open_group(storage.zarr_store(cache.url, read_only=True), mode="r", zarr_format=3)
-    return int(group["features"].chunks[0])
-
-
-def cache_valid(cache: TargetCache) -> np.ndarray:
-    """The cache's (N,) bool ``valid`` array, for building a :class:`SamplePlan`.
-
-    Raises:
-        UnitIncompleteError: some unit has no completion marker (its rows would read as invalid).
-    """
-    missing = sorted(set(range(cache.n_units)) - set(cache.complete_units()))
-    if missing:
-        raise UnitIncompleteError(f"{cache.url}: units {missing[:10]} are not complete; finish the extraction")
-    group = zarr.open_group(storage.zarr_store(cache.url, read_only=True), mode="r", zarr_format=3)
-    return np.asarray(group["valid"][:], dtype=bool)
-
-
 def check_plan_fits_cache(url: str, spec: CacheSpec, plan: SamplePlan, preprocess: Preprocess, in_chans: int,
                           view_seed: int | None) -> None:
     """Refuse a cache whose shapes, views or preprocessing differ from a plan's (names every field).
@@ -301,9 +281,9 @@ class TrainBatches(IterableDataset):
         if cache_url is not None and checked_spec is None:
             cache = open_cache(cache_url)
             check_plan_fits_cache(cache_url, cache.spec, plan, preprocess, in_chans, view_seed)
-            if plan.block_size % cache_block_size(cache):
+            if plan.block_size % cache.block_size:
                 logger.warning("block_size %d is not a multiple of the cache's inner chunk (%d images): reads "
-                               "fetch more than they deliver", plan.block_size, cache_block_size(cache))
+                               "fetch more than they deliver", plan.block_size, cache.block_size)
         self.plan, self.epoch, self.rank, self.start_step = plan, epoch, rank, start_step
         self.manifest_url, self.preprocess, self.in_chans = manifest_url, preprocess, in_chans
         self.cache_url, self.view_seed, self.uri_policy = cache_url, view_seed, uri_policy

@@ -29,7 +29,7 @@ from infra import storage
 from stages import device as D
 from stages.cache import TargetCache, open_cache
 from stages.cache_spec import CacheSpec
-from stages.train.data import SamplePlan, TrainBatches, cache_block_size, cache_valid, make_loader
+from stages.train.data import SamplePlan, TrainBatches, make_loader
 from stages.train.job import TrainJob, run_dir
 from stages.train.rundir import record_start
 from stages.train.session import STATE_FILE, RaySession, TrainSession, latest_state
@@ -59,7 +59,7 @@ def make_plan(job: TrainJob, world: int, cache: TargetCache | None = None) -> tu
     images)."""
     if job.cache_url:
         cache = cache or open_cache(job.cache_url)
-        valid, block = cache_valid(cache), cache_block_size(cache)
+        valid, block = cache.valid(), cache.block_size
     else:
         from stages.manifest import read_manifest
 

@@ -104,11 +104,10 @@ def require_complete_cache(cache_url: str) -> None:
         UnitIncompleteError: naming the cache and the count of complete units.
     """
     cache = open_cache(cache_url)
-    done = cache.complete_units()
-    if len(done) != cache.n_units:
-        missing = sorted(set(range(cache.n_units)) - set(done))
+    if missing := cache.missing_units():
         raise UnitIncompleteError(
-            f"target cache {storage.redact_url(cache_url)}: extraction unfinished ({len(done)}/{cache.n_units} units "
+            f"target cache {storage.redact_url(cache_url)}: extraction unfinished "
+            f"({cache.n_units - len(missing)}/{cache.n_units} units "
             f"complete, missing {missing[:10]}); run `run_pipeline.py extract` (or `run`) again to finish it")
 
 

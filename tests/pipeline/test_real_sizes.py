@@ -23,7 +23,6 @@ from PIL import Image
 import run_pipeline
 from stages.cache import open_cache
 from stages.manifest import read_manifest
-from stages.train.data import cache_valid
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "imagenet_vitb_mae.yaml")
@@ -83,7 +82,7 @@ def test_failures_table_names_only_the_truncated_jpeg(vitb_run, imagenet_folder)
     paths = [Path(u.removeprefix("file://")) for u in uris.column("uri").to_pylist()]
     assert sorted(paths) == sorted(files.values())
     # CMYK JPEG, RGBA PNG and 16-bit grey PNG are converted and kept
-    assert [p for p, ok in zip(paths, cache_valid(cache), strict=True) if not ok] == [files["truncated"]]
+    assert [p for p, ok in zip(paths, cache.valid(), strict=True) if not ok] == [files["truncated"]]
 
 
 def test_the_folder_holds_the_awkward_modes(imagenet_folder):

@@ -19,8 +19,6 @@ from stages.images import ImageSource
 from stages.train.data import (
     SamplePlan,
     TrainBatches,
-    cache_block_size,
-    cache_valid,
     fetch_amplification,
     make_loader,
 )
@@ -142,10 +140,10 @@ def cached(ray_cluster, fmnist_manifest, base_checkpoint, tmp_path_factory):
 
 def cached_plan(url: str, world_size: int = 2) -> SamplePlan:
     cache = open_cache(url)
-    valid = cache_valid(cache)
+    valid = cache.valid()
     assert valid.all()
     valid[list(INVALID)] = False  # the plan may serve a subset of the cache's valid samples
-    return SamplePlan(valid, block_size=cache_block_size(cache), views_per_image=2, seed=4, global_batch=8,
+    return SamplePlan(valid, block_size=cache.block_size, views_per_image=2, seed=4, global_batch=8,
                       world_size=world_size, shuffle_window=1)
 
 
@@ -169,7 +167,7 @@ def test_block_size_is_the_feature_inner_chunk(cached):
     url, _ = cached
     cache = open_cache(url)
     spec = cache.spec
-    assert cache_block_size(cache) == inner_images(spec.unit_size, spec.num_patches * spec.embed_dim * 2) == 16
+    assert cache.block_size == inner_images(spec.unit_size, spec.num_patches * spec.embed_dim * 2) == 16
 
 
 def test_cached_batches_rebuild_pixels_from_stored_boxes_and_serve_read_samples_rows(cached):

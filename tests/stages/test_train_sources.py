@@ -13,7 +13,7 @@ from stages.cache import open_cache
 from stages.extract import ExtractJob, UnitExtractor, prepare
 from stages.images import SourceChangedError
 from stages.manifest import manifest_from_uri_list, write_manifest
-from stages.train.data import SamplePlan, TrainBatches, cache_block_size, cache_valid, make_loader
+from stages.train.data import SamplePlan, TrainBatches, make_loader
 from stages.uri_policy import UriPolicy, UriPolicyError
 from tests.fixtures.data import encode, sample_images
 from tests.fixtures.extract import make_job
@@ -39,7 +39,7 @@ def extracted(tmp_path: Path, base_checkpoint: Path) -> tuple[list[Path], str, E
 
 def _batches(job: ExtractJob, manifest: str, online: bool, policy: UriPolicy | None = None) -> list[dict]:
     cache = open_cache(job.cache_url)
-    plan = SamplePlan(cache_valid(cache), block_size=cache_block_size(cache), views_per_image=2, seed=0,
+    plan = SamplePlan(cache.valid(), block_size=cache.block_size, views_per_image=2, seed=0,
                       global_batch=4, world_size=1)
     data = TrainBatches(plan, 0, 0, 0, manifest_url=manifest, preprocess=job.preprocess, in_chans=1,
                         cache_url=None if online else job.cache_url, view_seed=job.view_seed, uri_policy=policy)
