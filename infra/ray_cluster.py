@@ -21,6 +21,8 @@ import time
 
 import ray
 
+from infra import ray_logs
+
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
@@ -38,14 +40,18 @@ def job_env_vars() -> dict[str, str]:
     Every worker of such a job already receives them; ``ray.init`` refuses a driver runtime environment that sets
     any of the same names again.
     """
+    return dict(_job_runtime_env().get("env_vars") or {})
+
+
+def _job_runtime_env() -> dict:
+    """The runtime environment of the submitted Ray job this process runs in (else empty)."""
     raw = os.environ.get(_JOB_CONFIG_ENV)
     if not raw:
         return {}
     try:
-        runtime_env = json.loads(raw).get("runtime_env") or {}
-    except (ValueError, AttributeError):
+        return dict(json.loads(raw).get("runtime_env") or {})
+    except (ValueError, AttributeError, TypeError):
         return {}
-    return dict(runtime_env.get("env_vars") or {})
 
 
 def forwarded_env() -> dict[str, str]:
@@ -65,17 +71,35 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    env = forwarded_env()
-    kwargs: dict = {"runtime_env": {"env_vars": env}} if env else {}
+    kwargs: dict = {"runtime_env": _runtime_env(), "log_to_driver": True, "logging_level": _ray_driver_level()}
     if address:
         log.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True, **kwargs)
+        ray.init(address=address, **kwargs)
     else:
         log.info("starting a local Ray cluster on 127.0.0.1 (num_cpus=%s)", num_cpus or os.cpu_count())
         # Loopback only. The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner
         # polls; without it every poll fails with a warning and orphaned placement groups are never cleaned.
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
-                 log_to_driver=True, **kwargs)
+                 **kwargs)
+    if ray_logs.route_worker_output():
+        where = ray_logs.session_logs_dir() or "the Ray session logs of each node (/tmp/ray/session_latest/logs)"
+        log.info("Ray's own output (Ray Train reports, actor warnings) goes to %s; --log-level DEBUG shows it here",
+                 where)
+
+
+def _runtime_env() -> dict:
+    """The driver's runtime environment: the forwarded variables and the workers' logging hook, where the
+    submitted job's own runtime environment does not set them already."""
+    env = forwarded_env()
+    runtime_env: dict = {"env_vars": env} if env else {}
+    if "worker_process_setup_hook" not in _job_runtime_env():
+        runtime_env["worker_process_setup_hook"] = ray_logs.SETUP_HOOK
+    return runtime_env
+
+
+def _ray_driver_level() -> int:
+    """Level of Ray's own logger on the driver: its start-up notices and warnings only with ``--log-level DEBUG``."""
+    return logging.INFO if logging.getLogger().isEnabledFor(logging.DEBUG) else logging.ERROR
 
 
 def gpus_available() -> int:

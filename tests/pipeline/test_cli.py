@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -32,20 +34,22 @@ def two_runs(tmp_path_factory) -> tuple[Path, list[dict]]:
     """``run`` twice on the tiny config into a fresh output root, with a secret in the env and in a URL."""
     root = tmp_path_factory.mktemp("cli_root")
     overrides = [f"output_root={root}", f"data.test_path=s3://user:{SECRET}@example.invalid/t10k.gz"]
-    outputs, records = [], []
+    outputs, records, terminal = [], [], io.StringIO()
     handler = logging.Handler(level=logging.DEBUG)
     handler.emit = lambda record: records.append(handler.format(record))
     root_logger, level = logging.getLogger(), logging.getLogger().level
     root_logger.addHandler(handler)
     root_logger.setLevel(logging.INFO)
     try:
-        with pytest.MonkeyPatch.context() as mp:
+        # what Ray prints of its workers' output lands on sys.stdout / sys.stderr
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(terminal), \
+                contextlib.redirect_stdout(terminal):
             mp.setenv("AWS_SESSION_TOKEN", SECRET)
             # the first run on Ray, the second (which reuses the cache) trains in-process: the same code, half the time
             for extra in ([], ["train.num_workers=0"]):
                 run_pipeline.main(["--log-level", "INFO", "run", "--config", TINY, *overrides, *extra])
                 runs = sorted((root / "runs").iterdir())
-                outputs.append({"runs": [r.name for r in runs], "log": records})
+                outputs.append({"runs": [r.name for r in runs], "log": records, "terminal": terminal})
     finally:
         root_logger.removeHandler(handler)
         root_logger.setLevel(level)
@@ -106,6 +110,15 @@ def test_secrets_never_written(two_runs):
     log_text = "\n".join(two_runs[1][-1]["log"])
     assert "reusing complete cache" in log_text  # the capture works: the second run logged its reuse
     assert SECRET not in log_text
+
+
+def test_terminal_at_info_shows_the_stages_progress_and_none_of_rays_reports(two_runs):
+    """At INFO the workers' own lines arrive as records (naming the worker); Ray Train's reports do not."""
+    log, printed = two_runs[1][-1]["log"], two_runs[1][-1]["terminal"].getvalue()
+    assert any("extract: units 4/4" in r for r in log)  # the driver's extraction progress
+    assert any(r.startswith("(RayTrainWorker pid=") and "step" in r for r in log)  # a Ray Train worker's progress
+    assert not [r for r in log if "TrainingReport(" in r or "Reporting training result" in r]
+    assert "TrainingReport(" not in printed and "Setting up process group" not in printed
 
 
 def test_status_shows_a_half_finished_extraction(tmp_path, capsys):
