@@ -26,9 +26,7 @@ botocore's own retries reduced to 2 attempts (``AWS_MAX_ATTEMPTS``) so each faul
 from __future__ import annotations
 
 import http.client
-import json
 import logging
-import os
 import re
 import socket
 import threading
@@ -43,6 +41,7 @@ from typing import Any
 import pytest
 
 from infra import storage
+from tests.faults import figures
 
 log = logging.getLogger(__name__)
 
@@ -371,39 +370,10 @@ def faulty_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultyS3]:
 
 
 def record(section: str, **fields: Any) -> None:
-    """Append one result row (``section`` plus ``fields``) to ``$TEC_FAULT_REPORT`` (JSON lines), if set.
+    """Append one result row to ``$TEC_FAULT_REPORT`` (JSON lines), if set: ``section`` plus ``fields``, and where it
+    was measured (:func:`tests.faults.figures.write`).
 
-    docs/reliability_inputs.md is built from these rows (:func:`summarize`); without the variable nothing is written.
+    ``section="fault"`` rows (``kind``, ``injected``, ``survived``, ``data_lost``, what was compared) and
+    ``section="input"`` rows (``input``, ``outcome``) become docs/reliability.md's tables (:mod:`tests.faults.report`).
     """
-    path = os.environ.get("TEC_FAULT_REPORT")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"section": section, **fields}, sort_keys=True) + "\n")
-
-
-def summarize(path: str) -> str:
-    """Markdown tables of the rows :func:`record` wrote: faults by kind, and bad inputs by outcome."""
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    faults: dict[str, list[int]] = {}
-    for r in (r for r in rows if r["section"] == "fault"):
-        agg = faults.setdefault(r["kind"], [0, 0, 0, 0])
-        agg[0] += r["injected"]
-        agg[1] += r["injected"] if r["survived"] else 0
-        agg[2] += r["data_lost"]
-        agg[3] += 0 if r["survived"] else 1
-    out = ["| fault kind | injected | survived by retry | runs ending in a clear error | data lost |",
-           "|---|---|---|---|---|"]
-    out += [f"| {k} | {v[0]} | {v[1]} | {v[3]} | {v[2]} |" for k, v in sorted(faults.items())]
-    totals = [sum(v[i] for v in faults.values()) for i in range(4)]
-    out.append(f"| **total** | {totals[0]} | {totals[1]} | {totals[3]} | {totals[2]} |")
-    out += ["", "| bad input | how it ended |", "|---|---|"]
-    tmp = re.compile(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/]+/")
-    out += [f"| {r['input']} | {tmp.sub('<tmp>/', r['outcome'])} |" for r in rows if r["section"] == "input"]
-    return "\n".join(out) + "\n"
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.stdout.write(summarize(sys.argv[1]))
+    figures.write(figures.REPORT_VAR, {"section": section, **fields})

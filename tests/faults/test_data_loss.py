@@ -32,7 +32,8 @@ class CrashError(RuntimeError):
 
 
 @pytest.mark.faults
-def test_an_extraction_row_lost_in_a_crash_is_derived_from_the_markers_once(fmnist_dir, tmp_path, monkeypatch):
+def test_an_extraction_row_lost_in_a_crash_is_derived_from_the_markers_once(fmnist_dir, tmp_path, monkeypatch,
+                                                                           record_figures):
     cfg = tiny_config(tmp_path, fmnist_dir)
     seen = {}
 
@@ -60,16 +61,22 @@ def test_an_extraction_row_lost_in_a_crash_is_derived_from_the_markers_once(fmni
     objects = sorted(storage.list_objects(ledger.ledger_url(url)))
 
     O.ensure_cache(cfg)  # idempotent: nothing new
-    assert sorted(storage.list_objects(ledger.ledger_url(url))) == objects
+    rerun = sorted(storage.list_objects(ledger.ledger_url(url)))
+    assert rerun == objects
     # the run's own row arriving late supersedes the derived one: no unit is counted twice
     ledger.record_extraction(url, result, seen["spec"])
     ext, _ = ledger.read_ledger(url)
     assert ext.num_rows == 1 and not ext.to_pylist()[0]["recovered"]
     assert cache_costs(url)["views_extracted"] == result.views_written
+    record_figures(section="refusal", kind="a crash between the last unit and the ledger row",
+                   outcome="row derived from the completion markers", units_in_row=len(json.loads(row["units_json"])),
+                   views_in_row=row["views"], ledger_objects_after_rerun=len(rerun),
+                   new_ledger_objects_on_rerun=len(set(rerun) - set(objects)), rows_after_late_row=ext.num_rows,
+                   lost=len(result.units_written) - len(json.loads(row["units_json"])))
 
 
 @pytest.mark.faults
-def test_a_changed_configuration_is_refused_before_the_run_is_overwritten(fmnist_dir, tmp_path):
+def test_a_changed_configuration_is_refused_before_the_run_is_overwritten(fmnist_dir, tmp_path, record_figures):
     cfg = tiny_config(tmp_path, fmnist_dir)
     cache = O.ensure_cache(cfg)
     result = O.train_from(cfg, cache, run_name="kept")
@@ -78,14 +85,23 @@ def test_a_changed_configuration_is_refused_before_the_run_is_overwritten(fmnist
     assert {Path("config.yaml"), Path("config.json")} <= before.keys()
 
     changed = tiny_config(tmp_path, fmnist_dir, "train.blr=3e-3", "model.mask_ratio=0.5")
-    with pytest.raises(RunConfigChangedError, match=r"(?s)blr: run has 0\.0015, now 0\.003.*mask_ratio"):
+    with pytest.raises(RunConfigChangedError, match=r"(?s)blr: run has 0\.0015, now 0\.003.*mask_ratio") as info:
         O.train_from(changed, cache, run_name="kept")
     after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    assert after == before, f"the refused start changed {sorted(k for k in after if after[k] != before.get(k))}"
+    changed_files = sorted(k for k in after.keys() | before.keys() if after.get(k) != before.get(k))
+    assert after == before, f"the refused start changed {changed_files}"
+    record_figures(section="refusal", kind="a run started again with a changed configuration",
+                   outcome=f"`{type(info.value).__name__}`", fields_named=str(info.value).count(": run has "),
+                   files_kept=len(before) - len(changed_files), bytes_kept=sum(len(d) for d in before.values()),
+                   files_changed=len(changed_files), lost=len(changed_files))
 
 
 @pytest.mark.faults
-def test_default_run_names_do_not_collide_within_a_second(fmnist_dir, tmp_path):
+def test_default_run_names_do_not_collide_within_a_second(fmnist_dir, tmp_path, record_figures):
     cfg = tiny_config(tmp_path, fmnist_dir)
-    names = {C.default_run_name(cfg, now=1_700_000_000) for _ in range(50)}
+    drawn = [C.default_run_name(cfg, now=1_700_000_000) for _ in range(50)]
+    names = set(drawn)
     assert len(names) == 50, sorted(names)[:5]
+    record_figures(section="refusal", kind="default run names drawn within one second",
+                   outcome="no collision", names_drawn=len(drawn), distinct=len(names),
+                   collisions=len(drawn) - len(names), lost=len(drawn) - len(names))

@@ -124,15 +124,17 @@ def test_transient_faults_on_each_operation_are_retried(faulty_s3: FaultyS3, cas
                     "list": lambda: storage.list_objects(faulty_s3.url, FAST)}[op]()
         assert got == {"read": payload, "size": len(payload), "list": {"dir/obj.bin": len(payload)}}[op]
     assert rule.fired == rule.count, f"{case}: fault fired {rule.fired} of {rule.count} times"
-    assert faulty_s3.objects()["data/dir/obj.bin"] == expected
-    record("fault", test=case, kind=case, injected=rule.fired, survived=True, data_lost=0)
+    stored = faulty_s3.objects()["data/dir/obj.bin"]
+    assert stored == expected
+    record("fault", case=case, kind=case, injected=rule.fired, survived=True, bytes_compared=len(expected),
+           data_lost=int(stored != expected))
 
 
 @pytest.mark.faults
 def test_persistent_outage_ends_in_a_clear_bounded_error(faulty_s3: FaultyS3) -> None:  # noqa: F811
     """A store answering 503 forever: exactly attempts x botocore-attempts requests, then one clear StorageError."""
     url = storage.join(faulty_s3.url, "never.bin")
-    rule = faulty_s3.proxy.add("status", "PUT", count=None)
+    rule = put_rule = faulty_s3.proxy.add("status", "PUT", count=None)
     started = time.monotonic()
     with pytest.raises(storage.StorageError) as info:
         storage.write_bytes(url, b"x" * 1000, FAST)
@@ -143,7 +145,8 @@ def test_persistent_outage_ends_in_a_clear_bounded_error(faulty_s3: FaultyS3) ->
     assert "Traceback" not in message and "aiobotocore" not in message
     assert rule.fired == FAST.attempts * 2  # AWS_MAX_ATTEMPTS=2 per storage attempt: bounded
     assert elapsed < 15
-    assert "data/never.bin" not in faulty_s3.objects()
+    partial = int("data/never.bin" in faulty_s3.objects())
+    assert not partial
 
     faulty_s3.proxy.clear()
     storage.write_bytes(url, b"ok")
@@ -155,10 +158,12 @@ def test_persistent_outage_ends_in_a_clear_bounded_error(faulty_s3: FaultyS3) ->
     with pytest.raises(storage.StorageError, match=r"read s3://.*/data/never\.bin failed after 5 attempts"):
         sync(store.get("never.bin", default_buffer_prototype()))
     assert rule.fired == retry.DEFAULT_RETRY.attempts * 2
-    record("fault", test="persistent_503_put", kind="persistent_http_503", injected=FAST.attempts * 2,
-           survived=False, data_lost=0)
-    record("fault", test="persistent_500_zarr_get", kind="persistent_http_500", injected=rule.fired, survived=False,
-           data_lost=0)
+    faulty_s3.proxy.clear()
+    kept = storage.read_bytes(url)
+    record("fault", case="persistent_503_put", kind="persistent_http_503", injected=put_rule.fired,
+           survived=False, clear_errors=1, seconds_to_error=round(elapsed, 2), data_lost=partial)
+    record("fault", case="persistent_500_zarr_get", kind="persistent_http_500", injected=rule.fired, survived=False,
+           clear_errors=1, bytes_compared=len(kept), data_lost=int(kept != b"ok"))
 
 
 # ---------------------------------------------------------------------------------------- unit extraction
@@ -183,9 +188,9 @@ def test_a_shard_that_fails_to_land_never_gets_a_marker(faulty_s3: FaultyS3, ref
     faulty_s3.proxy.clear()
     extractor.run_unit(0)
     extractor.run_unit(1)
-    assert_same_cache(cache, reference)
-    record("fault", test="persistent_503_shard_put", kind="persistent_http_503", injected=injected, survived=False,
-           data_lost=0)
+    compared = assert_same_cache(cache, reference)
+    record("fault", case="persistent_503_shard_put", kind="persistent_http_503", injected=injected, survived=False,
+           clear_errors=1, images_compared=compared, data_lost=lost_images(faulty_s3.url, reference))
 
 
 @pytest.mark.faults
@@ -205,7 +210,7 @@ def test_transient_faults_during_extraction_and_reading_lose_nothing(
     ]
     cache = extract_all(job)
     assert [r.fired for r in rules] == [r.count for r in rules]
-    assert_same_cache(cache, reference)
+    compared = assert_same_cache(cache, reference)
     reads = [
         proxy.add("status", "GET", path=r"/features/c/0/", count=3, status=503),
         proxy.add("drop", "GET", path=r"/attn_logits/c/1/", count=2),
@@ -217,10 +222,11 @@ def test_transient_faults_during_extraction_and_reading_lose_nothing(
     for name in ARRAYS:
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
     assert [r.fired for r in reads] == [r.count for r in reads]
+    lost = lost_images(faulty_s3.url, reference)
     for r in rules + reads:
         kind = r.kind if r.kind != "status" else f"http_{r.status}"
-        record("fault", test=f"extract_{r.method}_{r.path}", kind=f"{kind}_{r.method.lower()}", injected=r.fired,
-               survived=True, data_lost=0)
+        record("fault", case=f"extract_{r.method}_{r.path}", kind=f"{kind}_{r.method.lower()}", injected=r.fired,
+               survived=True, images_compared=compared if r in rules else len(idx), data_lost=lost)
 
 
 def _outage_on(moto: Any, marker: str, down_s: float | None,
@@ -267,9 +273,10 @@ def test_moto_restart_in_the_middle_of_a_unit(faulty_s3: FaultyS3, reference: Ta
     pending = [u for u in range(cache.n_units) if u not in open_cache(faulty_s3.url).complete_units()]
     for unit in pending:
         extractor.run_unit(unit)
-    assert_same_cache(cache, reference)
-    record("fault", test=f"moto_restart_{down_s}", kind="server_restart_mid_unit", injected=1,
-           survived=down_s is not None, data_lost=lost_images(faulty_s3.url, reference))
+    compared = assert_same_cache(cache, reference)
+    record("fault", case=f"moto_restart_{down_s}", kind="server_restart_mid_unit", injected=int(fired.is_set()),
+           survived=down_s is not None, clear_errors=int(down_s is None), images_compared=compared,
+           data_lost=lost_images(faulty_s3.url, reference))
 
 
 def _keys_when_back(faulty: FaultyS3) -> dict[str, bytes]:
@@ -291,7 +298,8 @@ def test_an_unavailable_image_store_is_not_recorded_as_a_bad_image(faulty_s3: Fa
     storage.write_bytes(url, _png(7))
     source = ImageSource(in_chans=1, retry=FAST)
     burst = faulty_s3.proxy.add("status", "GET", path=r"/images/", count=3)
-    assert source.read(url).max() == 7
+    pixels = source.read(url)
+    assert pixels.max() == 7
     assert burst.fired == 3
     faulty_s3.proxy.clear()
     outage = faulty_s3.proxy.add("status", "GET", path=r"/images/", count=None)
@@ -301,9 +309,11 @@ def test_an_unavailable_image_store_is_not_recorded_as_a_bad_image(faulty_s3: Fa
     with pytest.raises(BadImageError, match="missing"):  # a permanent error stays a recorded skip
         faulty_s3.proxy.clear()
         source.read(storage.join(faulty_s3.url, "images", "absent.png"))
-    record("fault", test="image_get_burst", kind="http_503_get", injected=burst.fired, survived=True, data_lost=0)
-    record("fault", test="image_get_outage", kind="persistent_http_503", injected=outage.fired, survived=False,
-           data_lost=0)
+    record("fault", case="image_get_burst", kind="http_503_get", injected=burst.fired, survived=True,
+           images_compared=1, data_lost=int(pixels.max() != 7))
+    record("fault", case="image_get_outage", kind="persistent_http_503", injected=outage.fired, survived=False,
+           clear_errors=int(isinstance(info.value, storage.StorageError)),
+           data_lost=int(isinstance(info.value, BadImageError)))
 
 
 # Store errors on image reads: each ends the unit in StorageError naming the URL, never in "missing" skips.
@@ -341,22 +351,28 @@ def test_store_errors_on_image_reads_stop_the_unit_instead_of_skipping_images(
     if status:
         monkeypatch.setitem(s3_faults._ERROR_CODES, status, code)
         rule = faulty_s3.proxy.add("status", "GET", path=r"/images/", count=None, status=status)
+    sent = sum(faulty_s3.proxy.stats.requests.values())
     with pytest.raises(storage.StorageError) as info:
         extractor.run_unit(0)
+    requests_refused = sum(faulty_s3.proxy.stats.requests.values()) - sent  # all answered with an error
     message = str(info.value)
     assert not isinstance(info.value, BadImageError)
     assert message.startswith(f"read {uris[0]} failed"), message
     assert info.value.transient == (code == "SlowDown")
     assert "does not exist" in message if status is None else (rule is not None and rule.fired > 0)
     assert cache.complete_units() == [] and not (tmp_path / "cache" / "units" / "0.done").exists()
-    assert cache.failures().num_rows == 0
+    skips = cache.failures().num_rows
+    assert skips == 0
+    valid = 0
     if status:
         faulty_s3.proxy.clear()
         extractor.run_unit(0)
         assert cache.complete_units() == [0] and cache.failures().num_rows == 0
-        assert cache.read_unit(0).valid.all()
-    record("fault", test=f"image_get_{case}", kind=f"image_read_{case}", injected=rule.fired if rule else 1,
-           survived=False, data_lost=0)
+        valid = int(cache.read_unit(0).valid.sum())
+        assert valid == len(uris)
+    record("fault", case=f"image_get_{case}", kind=f"image_read_{case}", survived=False, clear_errors=1,
+           injected=rule.fired if rule else requests_refused, skips_recorded=skips, images_valid_on_rerun=valid,
+           data_lost=skips)
 
 
 @pytest.mark.faults
@@ -394,7 +410,8 @@ def test_sustained_partial_faults_over_a_whole_extraction(
         np.testing.assert_array_equal(got.features, want.features)
     proxy.clear()
     assert all(r.fired > 0 for r in rules)
-    assert_same_cache(cache, reference)
+    compared, lost = assert_same_cache(cache, reference), lost_images(faulty_s3.url, reference)
     for r in rules:
         kind = r.kind if r.kind != "status" else f"http_{r.status}"
-        record("fault", test="soak", kind=f"{kind}_{r.method.lower()}", injected=r.fired, survived=True, data_lost=0)
+        record("fault", case="soak", kind=f"{kind}_{r.method.lower()}", injected=r.fired, survived=True,
+               images_compared=compared, data_lost=lost)
