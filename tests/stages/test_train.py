@@ -23,6 +23,7 @@ from stages.train.rundir import RunConfigChangedError, read_attempts
 from stages.train.session import checkpoint_names
 from tec_model import vit_kwargs
 from tests.faults.conftest import global_indices, kill_group, spawn_paused_train, wait_until
+from tests.faults.figures import record
 from tests.fixtures.extract import EXTRACT_DEFAULTS, base_kwargs, make_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,7 +138,7 @@ def test_sigkill_and_resume_gives_identical_weights_on_s3(inprocess_reference, s
         assert torch.equal(value, new_state[key]), f"{key} differs after resume"
 
 
-def test_a_resume_on_another_number_of_workers_continues_the_global_sample_order(reference, tmp_path):
+def test_a_resume_on_another_number_of_workers_continues_the_global_sample_order(reference, request, tmp_path):
     """A 2-worker Ray run resumed in-process (one rank) from its step-6 checkpoint: each global batch is the
     concatenation of the two ranks' slices of the uninterrupted run. The weights differ (masks are per rank)."""
     job, result = reference
@@ -154,6 +155,11 @@ def test_a_resume_on_another_number_of_workers_continues_the_global_sample_order
     ours, theirs = global_indices(run_dir(copy)), global_indices(result.run_dir)
     assert sorted(ours) == [6, 7] and all(len(ours[s]) == GLOBAL_BATCH for s in ours)
     assert {s: ours[s] for s in ours} == {s: theirs[s] for s in ours}
+    record(request.node, kind="resume on another number of workers (2 Ray workers, then in-process)",
+           faults=int(starts[0][1] != starts[-1][1]),
+           survived=int(starts[-1][0] > 0), steps=resumed.metrics["step"], start_steps=[s for s, _ in starts],
+           world_sizes=[w for _, w in starts], steps_order_compared=sum(ours[s] == theirs[s] for s in ours),
+           lost=sum(ours[s] != theirs[s] for s in ours))
     ref_state, new_state = final_state(result.run_dir), final_state(resumed.run_dir)
     assert any(not torch.equal(v, new_state[k]) for k, v in ref_state.items()), "masks are drawn per rank"
 
