@@ -39,7 +39,7 @@ from pipeline.flops import UNIT, base_macs_per_view
 from stages.train.job import USER_TARGET_SOURCES as TARGET_SOURCES
 
 if TYPE_CHECKING:
-    from stages.cache_spec import CacheSpec
+    from stages.cache.spec import CacheSpec
     from stages.extract import ExtractResult
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from pipeline.registry import cache_url_for, record_request, recorded_request, r
 from pipeline.run_logs import write_run_logs
 from stages import manifest as M
 from stages.cache import open_cache, write_config_attr
-from stages.cache_spec import CacheSpec, canonical_json
+from stages.cache.spec import CacheSpec, canonical_json
 from stages.device import extraction_precision
 from stages.extract import ExtractJob, ExtractResult, build_spec, run_extract
 from stages.train import TrainResult, latest_checkpoint_state, run_train, write_export

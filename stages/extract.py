@@ -39,7 +39,7 @@ from stages.cache import (
     no_space_guard,
     open_cache,
 )
-from stages.cache_spec import CacheMismatchError, CacheSpec
+from stages.cache.spec import CacheMismatchError, CacheSpec
 from stages.device import autocast, configure_matmul, extraction_precision, resolve_device
 from stages.extract_pool import InProcessPool, RayActorPool, WorkerLostError
 from stages.images import BadImageError, FailureRecord, ImageSource, check_failure_rate

@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from stages.cache import CacheFullError
-from stages.cache_spec import CacheSpec
+from stages.cache.spec import CacheSpec
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from infra import storage
-from stages.failures import (  # noqa: F401 - re-exported: callers import the failures table from here
+from stages.cache.failures import (  # noqa: F401 - re-exported: callers import the failures table from here
     FAILURES_SCHEMA,
     FailureRecord,
     TooManyBadImagesError,

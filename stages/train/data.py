@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from infra import storage
 from stages.cache import open_cache, raw_bytes_per_view
-from stages.cache_spec import CacheMismatchError, CacheSpec, expected_differences
+from stages.cache.spec import CacheMismatchError, CacheSpec, expected_differences
 from stages.images import ImageSource
 from stages.manifest import expected_sizes, read_manifest
 from stages.uri_policy import UriPolicy

@@ -10,7 +10,7 @@ from typing import Any, Literal, get_args
 
 from infra import storage
 from stages.cache import open_cache
-from stages.cache_spec import CacheSpec, expected_differences
+from stages.cache.spec import CacheSpec, expected_differences
 from stages.views import Preprocess
 from tec_model import TECModel, num_patches
 

@@ -28,7 +28,7 @@ from torch import nn
 from infra import storage
 from stages import device as D
 from stages.cache import TargetCache, open_cache
-from stages.cache_spec import CacheSpec
+from stages.cache.spec import CacheSpec
 from stages.train.data import SamplePlan, TrainBatches, make_loader
 from stages.train.job import TrainJob, run_dir
 from stages.train.rundir import record_start

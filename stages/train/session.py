@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from infra import storage
-from stages.cache import Claim, _new_claim, new_owner_id
+from stages.cache import Claim, new_claim, new_owner_id
 from stages.device import resolve_device
 from stages.extract import LeaseConfig
 
@@ -263,7 +263,7 @@ class RunLease:
         if current is not None and current.owner != self.owner:
             log.warning("%s: taking over the lease of %s (pid %d on %s), which is gone or expired", self.url,
                         current.owner, current.pid, current.host)
-        claim = _new_claim(0, self.owner, self.lease.ttl_s)
+        claim = new_claim(0, self.owner, self.lease.ttl_s)
         storage.write_bytes(self.url, claim.to_bytes())
         time.sleep(self.lease.confirm_delay_s * (1.0 + random.random()))
         again = self.read()
@@ -297,7 +297,7 @@ class RunLease:
                     self.lost = lost_message(self.url, current)
                     log.error("%s", self.lost)
                     return
-                storage.write_bytes(self.url, _new_claim(0, self.owner, self.lease.ttl_s, self._token).to_bytes())
+                storage.write_bytes(self.url, new_claim(0, self.owner, self.lease.ttl_s, self._token).to_bytes())
             except Exception as exc:  # a failed renewal is retried at the next beat
                 log.warning("%s: renewing the lease failed: %s", self.url, exc)
 

@@ -30,9 +30,10 @@ import numpy as np
 import pytest
 
 from infra import storage
-from stages.cache import cache_content, open_cache
+from stages.cache import open_cache
 from stages.extract import run_extract
 from tests.faults.seed import fault_seed
+from tests.fixtures.cache_content import cache_content
 from tests.fixtures.extract import make_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -269,7 +270,7 @@ def claimed_units(url: str) -> set[int]:
 
 
 def assert_same_cache(url: str, reference: str) -> None:
-    """Every object of the two caches' content (:func:`stages.cache.cache_content`) is byte-identical."""
+    """Every object of the two caches' content (:func:`tests.fixtures.cache_content.cache_content`) is byte-identical."""
     got, want = cache_content(url), cache_content(reference)
     assert sorted(got) == sorted(want), f"object sets differ: {sorted(set(got) ^ set(want))[:10]}"
     differing = [key for key in want if got[key] != want[key]]

@@ -23,9 +23,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
-from stages.cache import create_or_open
+from stages.cache import TooManyBadImagesError, create_or_open
 from stages.extract import NonFiniteTargetsError, UnitExtractor, prepare, run_extract
-from stages.failures import TooManyBadImagesError
 from stages.idx import IdxError, idx_uri
 from stages.manifest import ManifestError, validate_manifest, write_manifest
 from stages.train import NonFiniteLossError, TargetProvider, optimizer_step

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from infra import storage
-from stages.cache import ClaimLostError, _create, array_shapes, new_owner_id
+from stages.cache import ClaimLostError, array_shapes, new_owner_id
+from stages.cache import create_arrays as _create
 from stages.extract import ExtractResult, prepare, run_extract
 from tests.faults.conftest import (
     assert_markers_kept,

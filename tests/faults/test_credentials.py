@@ -31,7 +31,7 @@ from pipeline import ledger
 from pipeline.config import base_timm_kwargs, load_config
 from pipeline.orchestrate import locate_cache
 from stages.cache import create_or_open, open_cache
-from stages.cache_spec import CacheSpec
+from stages.cache.spec import CacheSpec
 from stages.extract import UnitExtractor, prepare
 from tec_model import build_vit
 from tests.faults.s3_faults import FaultyS3, MotoServer, faulty_s3, record  # noqa: F401 - faulty_s3 is a fixture

@@ -1,7 +1,8 @@
 """SIGKILL the extract driver, and separately single extraction actors, at seeded random points; resume each time.
 
 The promise checked: a crash costs at most the units in flight (``actors × in_flight_per_actor``), never rewrites a
-complete unit, and the final cache is byte-identical (:func:`stages.cache.cache_content`) to an uninterrupted one.
+complete unit, and the final cache is byte-identical (:func:`tests.fixtures.cache_content.cache_content`)
+to an uninterrupted one.
 """
 
 from __future__ import annotations

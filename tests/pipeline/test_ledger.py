@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from infra import storage
 from pipeline import ledger
 from pipeline.flops import base_macs_per_view
-from stages.cache_spec import CacheSpec
+from stages.cache.spec import CacheSpec
 from stages.extract import ExtractResult
 from tec_model import build_vit, vit_kwargs
 

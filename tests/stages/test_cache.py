@@ -1,4 +1,4 @@
-"""stages.cache / stages.cache_spec: format, key, completion markers, local and S3 round trips."""
+"""stages.cache: format, key, completion markers, local and S3 round trips."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import zarr
 
 from infra import storage
 from stages import cache as cache_mod
-from stages.cache import UnitIncompleteError, create_or_open, gather_failures, open_cache
-from stages.cache_spec import CacheMismatchError, CacheSpec, cache_key, diff_specs
+from stages.cache import UnitIncompleteError, create_or_open, gather_failures, gather_rows, open_cache
+from stages.cache.spec import CacheMismatchError, CacheSpec, cache_key, diff_specs
 from stages.images import FailureRecord
 
 N, V, L, C, H, K, U = 10, 2, 16, 8, 2, 3, 4
@@ -280,5 +280,5 @@ def test_gather_equals_numpy_indexing_for_any_index_pattern(tmp_path):
     arr[...] = data
     rng = np.random.default_rng(0)
     for idx in (np.array([36, 0, 5, 5, 17]), rng.integers(0, 37, 50), np.arange(37)[::-1], np.array([], np.int64)):
-        assert np.array_equal(cache_mod._gather(arr, idx), data[idx])
-        assert np.array_equal(cache_mod._gather(arr, idx, 2), data[idx, 2])
+        assert np.array_equal(gather_rows(arr, idx), data[idx])
+        assert np.array_equal(gather_rows(arr, idx, 2), data[idx, 2])

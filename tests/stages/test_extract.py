@@ -15,7 +15,7 @@ import zarr
 
 from infra import storage
 from stages.cache import ARRAYS, open_cache
-from stages.cache_spec import CacheMismatchError
+from stages.cache.spec import CacheMismatchError
 from stages.extract import prepare, run_extract
 from stages.images import ImageSource
 from stages.manifest import manifest_from_uri_list, write_manifest

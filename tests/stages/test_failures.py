@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from stages.failures import FailureRecord, TooManyBadImagesError, allowed_failures, check_failure_rate
+from stages.cache.failures import FailureRecord, TooManyBadImagesError, allowed_failures, check_failure_rate
 
 
 @pytest.mark.parametrize(("total", "fraction", "allowed"), [

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from infra import storage
-from stages.cache import cache_content, open_cache
+from stages.cache import open_cache
 from stages.extract import run_extract
 from stages.train import latest_checkpoint_state, run_train
 from stages.train.job import TrainJob
 from stages.train.session import checkpoint_names
 from tec_model import vit_kwargs
+from tests.fixtures.cache_content import cache_content
 from tests.fixtures.extract import EXTRACT_DEFAULTS, base_kwargs, make_job
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stages.cache import inner_images, open_cache, raw_bytes_per_view
-from stages.cache_spec import CacheMismatchError
+from stages.cache.spec import CacheMismatchError
 from stages.extract import run_extract
 from stages.images import ImageSource
 from stages.train.data import (

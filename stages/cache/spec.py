@@ -1,7 +1,7 @@
 """What a target cache contains, as a typed spec: its ``tec_cache`` group attribute, its key, and spec diffs.
 
 The extract stage builds a :class:`CacheSpec` from its config and writes it into the cache; the train stage builds
-one from its own config and refuses a cache whose :func:`diff_specs` is not empty. The attribute layout is DESIGN §3:
+one from its own config and refuses a cache whose :func:`diff_specs` is not empty. The attribute layout:
 
     {format_version, key,
      base_model: {checkpoint, checkpoint_sha256, timm_kwargs},
@@ -27,11 +27,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from infra.redaction import redact_url
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ATTR_NAME = "tec_cache"
@@ -87,7 +90,7 @@ _DEFAULTS_WHEN_ABSENT = {"targets.precision": "float32"}
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """Everything a target cache records about how its targets were made (DESIGN §3).
+    """Everything a target cache records about how its targets were made.
 
     Shapes of the arrays it implies: ``features`` (n_images, views_per_image, num_patches, embed_dim),
     ``attn_logits`` (n_images, views_per_image, k_max + 1, num_heads, num_patches), ``topk_index``
@@ -291,3 +294,25 @@ def expected_differences(cache: CacheSpec, **expected: Any) -> list[str]:
         :func:`diff_specs` lines for the fields that differ (``"preprocess.mean: cache has [...], config asks [...]"``).
     """
     return diff_specs(cache, cache.replace(**expected))
+
+
+def check_compatible(url: str, cache: CacheSpec, wanted: CacheSpec) -> None:
+    """Refuse to continue or read the cache at ``url`` (spec ``cache``) for a job that wants ``wanted``.
+
+    The keys must agree, and the forward precision too (units of two precisions would differ under one key). A
+    different ``unit_size`` is only logged: the cache keeps its own layout.
+
+    Raises:
+        CacheMismatchError: naming every differing field, with both values.
+    """
+    if cache.key != wanted.key:
+        raise CacheMismatchError(url, diff_specs(cache, wanted) or [f"key: cache has {cache.key}, "
+                                                                    f"config asks {wanted.key}"])
+    if cache.precision != wanted.precision:
+        raise CacheMismatchError(url, [
+            f"targets.precision: cache was extracted in {cache.precision}, this job computes "
+            f"{wanted.precision} (set extract.precision={cache.precision} to continue it, or extract into "
+            "another cache: units of two precisions would differ under one key)"])
+    if cache.unit_size != wanted.unit_size:
+        logger.warning("%s: cache has unit_size %d, config asks %d: using the cache's layout", url,
+                       cache.unit_size, wanted.unit_size)

@@ -1,4 +1,5 @@
-"""The failures of a unit: the failures table the cache stores, and the guard against losing too many images.
+"""The failures of a unit: the failures table the cache stores (``failures/<u>.parquet``), and the guard against
+losing too many images.
 
 Each image of a unit that cannot be used (:class:`stages.images.BadImageError`) becomes one row of the unit's failures
 table and an invalid sample. :func:`check_failure_rate` stops a unit in which more images failed than
@@ -8,11 +9,17 @@ whole must end the job with an error, not become a cache of invalid samples mark
 
 from __future__ import annotations
 
+import io
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+from infra import storage
+
+FAILURES_DIR = "failures"
 
 
 class FailureRecord(NamedTuple):
@@ -77,3 +84,27 @@ def check_failure_rate(unit: int, total: int, failures: Sequence[FailureRecord],
     first = failures[0]
     detail = f"Reasons: {reasons}; first: {first.uri} ({first.reason}: {first.message}). "
     raise TooManyBadImagesError(unit, len(failures), total, max_fraction, detail)
+
+
+def failures_parquet(records: Sequence[FailureRecord]) -> bytes:
+    """The bytes of ``failures/<u>.parquet`` for a unit's ``records`` (:func:`failures_table`)."""
+    sink = io.BytesIO()
+    pq.write_table(failures_table(list(records)), sink)
+    return sink.getvalue()
+
+
+def gather_failures(url: str, units: Iterable[int] | None = None) -> pa.Table:
+    """Concatenate ``failures/<u>.parquet`` of the cache at ``url`` for the given units (default: every unit that
+    wrote one)."""
+    root = storage.join(url, FAILURES_DIR)
+    if units is None:
+        units = sorted(int(n[: -len(".parquet")]) for n in storage.list_objects(root) if n.endswith(".parquet"))
+    tables = []
+    for u in units:
+        try:
+            tables.append(pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, f"{u}.parquet")))))
+        except FileNotFoundError:
+            continue
+    if not tables:
+        return FAILURES_SCHEMA.empty_table()
+    return pa.concat_tables([t.cast(FAILURES_SCHEMA) for t in tables])
