@@ -8,13 +8,15 @@ so a kill is a driver crash on a live cluster: Ray itself reaps the dead job's a
 (``train.num_workers: 0``, ``extract.num_actors: 0``) never import Ray; the *paused* ones stop at a chosen point
 (a training step, a unit) and write an event file, so the test kills them exactly there.
 
-Each test appends its measured figures (faults injected, survived, units recomputed, data lost) to
-``$TEC_FAULT_FIGURES`` (JSON lines) when that variable is set; ``docs/reliability_kills.md`` is built from them.
+Each test appends the figures it measured (faults injected, survived, units recomputed, objects and bytes compared,
+data lost) to ``$TEC_FAULT_FIGURES`` (JSON lines, :mod:`tests.faults.figures`) when that variable is set;
+``docs/reliability.md`` is generated from them (:mod:`tests.faults.report`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -32,6 +34,7 @@ import pytest
 from infra import storage
 from stages.cache import open_cache
 from stages.extract import run_extract
+from tests.faults import figures
 from tests.faults.seed import fault_seed
 from tests.fixtures.cache_content import cache_content
 from tests.fixtures.extract import make_job
@@ -96,19 +99,19 @@ def fault_rng(request: pytest.FixtureRequest) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(request.node.nodeid.encode())])
 
 
+@pytest.fixture(autouse=True)
+def _figures_context(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Rows :func:`tests.faults.s3_faults.record` writes during a test are attributed to it."""
+    figures.begin(request.node)
+    yield
+    figures.end()
+
+
 @pytest.fixture
 def record_figures(request: pytest.FixtureRequest) -> Callable[..., None]:
-    """``record(kind=..., faults=..., survived=..., recomputed=..., bound=..., lost=..., **more)``: one figures row."""
-
-    def record(**row: Any) -> None:
-        row = {"test": request.node.nodeid, "seed": fault_seed(), **row}
-        print("fault figures:", json.dumps(row, sort_keys=True))
-        path = os.environ.get("TEC_FAULT_FIGURES")
-        if path:
-            with open(path, "a") as f:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
-
-    return record
+    """``record(kind=..., faults=..., survived=..., recomputed=..., bound=..., lost=..., **more)``: one figures row
+    of measured counts (:func:`tests.faults.figures.record`; ``section="refusal"`` for a refused start)."""
+    return functools.partial(figures.record, request.node)
 
 
 def ray_address() -> str:
@@ -269,19 +272,45 @@ def claimed_units(url: str) -> set[int]:
     return {int(n[: -len(".json")]) for n in names if n.endswith(".json") and "/" not in n}
 
 
-def assert_same_cache(url: str, reference: str) -> None:
-    """Every object of the two caches' content (:func:`tests.fixtures.cache_content.cache_content`) is byte-identical."""
+def assert_same_cache(url: str, reference: str) -> dict[str, int]:
+    """Every object of the two caches' content (:func:`cache_content`) is byte-identical.
+
+    Returns:
+        What was compared: ``objects_compared``, ``bytes_compared`` and ``objects_differing`` (0 when it returns).
+    """
     got, want = cache_content(url), cache_content(reference)
     assert sorted(got) == sorted(want), f"object sets differ: {sorted(set(got) ^ set(want))[:10]}"
     differing = [key for key in want if got[key] != want[key]]
     assert not differing, f"objects differ: {differing[:10]}"
+    return {"objects_compared": len(want), "bytes_compared": sum(len(v) for v in want.values()),
+            "objects_differing": len(differing)}
 
 
-def assert_markers_kept(url: str, before: dict[int, bytes]) -> None:
-    """No marker that existed before was rewritten (raw bytes, timings included: a recomputed unit would differ)."""
+def assert_markers_kept(url: str, before: dict[int, bytes]) -> dict[str, int]:
+    """No marker that existed before was rewritten (raw bytes, timings included: a recomputed unit would differ).
+
+    Returns:
+        ``markers_compared`` (the markers that existed before) and ``markers_rewritten`` (0 when it returns).
+    """
     now = markers(url)
     rewritten = [u for u, data in before.items() if now.get(u) != data]
     assert not rewritten, f"complete units were rewritten: {rewritten}"
+    return {"markers_compared": len(before), "markers_rewritten": len(rewritten)}
+
+
+def assert_same_weights(reference: dict[str, Any], state: dict[str, Any], what: str) -> dict[str, int]:
+    """Every tensor of ``state`` is ``torch.equal`` to ``reference``'s (same names).
+
+    Returns:
+        ``tensors_compared``, ``values_compared`` (elements) and ``tensors_differing`` (0 when it returns).
+    """
+    import torch
+
+    assert sorted(state) == sorted(reference), f"{what}: other tensor names (seed {fault_seed()})"
+    differing = [key for key, value in reference.items() if not torch.equal(value, state[key])]
+    assert not differing, f"{what}: {differing[:5]} differ from the uninterrupted run (seed {fault_seed()})"
+    return {"tensors_compared": len(reference), "values_compared": sum(v.numel() for v in reference.values()),
+            "tensors_differing": len(differing)}
 
 
 def assert_complete_units_verify(url: str) -> None:

@@ -51,8 +51,11 @@ def test_full_disk_fails_clearly_keeps_the_cache_consistent_and_resumes(
     resumed = run_extract(job, num_actors=1)
     assert sorted(resumed.units_skipped) == sorted(complete)
     assert sorted(resumed.units_written + resumed.units_skipped) == list(range(n_units))
-    assert_markers_kept(url, complete)
-    assert_same_cache(url, reference)
+    kept = assert_markers_kept(url, complete)
+    same = assert_same_cache(url, reference)
     assert open_cache(url).summary().units_complete == n_units
-    record_figures(kind="full disk (tmpfs/loop) ENOSPC", faults=1, survived=1, units=n_units,
-                   complete_at_failure=len(complete), recomputed=0, lost=0, byte_identical=True)
+    record_figures(kind="full disk (tmpfs/loop) ENOSPC", faults=int(isinstance(failure.value, CacheFullError)),
+                   survived=int(sorted(resumed.units_skipped) == sorted(complete)), units=n_units,
+                   complete_at_failure=len(complete), written_by_resume=len(resumed.units_written),
+                   recomputed=len(set(resumed.units_written) & set(complete)),
+                   lost=kept["markers_rewritten"] + same["objects_differing"], **kept, **same)

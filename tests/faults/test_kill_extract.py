@@ -67,12 +67,14 @@ def test_driver_killed_repeatedly_then_resumed_is_byte_identical(
     assert not set(resumed.units_written) & set(before), "complete units were recomputed"
     assert sorted(resumed.units_written + resumed.units_skipped) == list(range(n_units))
     assert set(resumed.units_taken_over) <= claims_left
-    assert_markers_kept(cache, before)
+    kept = assert_markers_kept(cache, before)
     assert claimed_units(cache) == set(), "claims left behind by a finished run"
-    assert_same_cache(cache, reference)
-    record_figures(kind="extract driver SIGKILL", faults=rounds, survived=rounds, units=n_units,
-                   recomputed=sum(lost_in_flight), recomputed_max_per_kill=max(lost_in_flight),
-                   bound_per_kill=IN_FLIGHT, lost=0, byte_identical=True)
+    same = assert_same_cache(cache, reference)
+    record_figures(kind="extract driver SIGKILL", faults=len(lost_in_flight), survived=len(lost_in_flight),
+                   units=n_units, recomputed=sum(lost_in_flight), recomputed_max_per_kill=max(lost_in_flight),
+                   bound=IN_FLIGHT * len(lost_in_flight), taken_over=len(resumed.units_taken_over),
+                   written_by_resume=len(resumed.units_written),
+                   lost=kept["markers_rewritten"] + same["objects_differing"], **kept, **same)
 
 
 @pytest.mark.parametrize("rounds", ROUNDS)
@@ -118,6 +120,8 @@ def test_actors_killed_repeatedly_are_replaced_and_the_cache_is_byte_identical(
     assert sorted(result.units_written) == list(range(n_units)), "every unit written exactly once"
     assert len(result.units_retried) <= IN_FLIGHT * rounds
     assert claimed_units(cache) == set()
-    assert_same_cache(cache, reference)
-    record_figures(kind="extract actor SIGKILL", faults=rounds, survived=rounds, units=n_units,
-                   recomputed=len(result.units_retried), bound_per_kill=IN_FLIGHT, lost=0, byte_identical=True)
+    same = assert_same_cache(cache, reference)
+    record_figures(kind="extract actor SIGKILL", faults=len(kills), survived=result.actors_replaced, units=n_units,
+                   recomputed=len(result.units_retried), bound=IN_FLIGHT * len(kills),
+                   recomputed_max_per_kill=max(len(in_flight) for _, in_flight in kills),
+                   written=len(result.units_written), lost=same["objects_differing"], **same)

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from infra import storage
 from stages.train import run_train
 from stages.train.rundir import read_attempts
-from tests.faults.conftest import alive_actors, fault_seed, kill_group, spawn_train, wait_until
+from tests.faults.conftest import alive_actors, assert_same_weights, fault_seed, kill_group, spawn_train, wait_until
 from tests.stages.test_train import STEPS_PER_EPOCH, final_state, make_train_job
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -38,13 +37,17 @@ def epochs_for(rounds: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def train_reference(reference_cache, tmp_path_factory):
-    """``make(epochs)`` → (job, final encoder state) of an uninterrupted run on a 64-image cache (cached)."""
-    made: dict[int, tuple] = {}
+def train_reference(ray_train_reference, tmp_path_factory):
+    """``make(epochs)`` → (job, final encoder state) of an uninterrupted run on a 64-image cache (cached). Two epochs
+    is the session's 2-worker run (tests/fixtures/train_runs.py), the kill runs without its index log and loader
+    process (neither changes the weights)."""
+    shared_job, shared = ray_train_reference
+    assert shared_job.epochs == 2 and shared_job.checkpoint_every == CHECKPOINT_EVERY, shared_job
+    made: dict[int, tuple] = {2: (shared_job.replace(log_indices=False, loader_workers=0), final_state(shared.run_dir))}
 
     def make(epochs: int):
         if epochs not in made:
-            job = make_train_job(reference_cache(64, 16), str(tmp_path_factory.mktemp("train_runs")), f"ref{epochs}",
+            job = make_train_job(shared_job.cache_url, str(tmp_path_factory.mktemp("train_runs")), f"ref{epochs}",
                                  epochs=epochs, checkpoint_every=CHECKPOINT_EVERY)
             made[epochs] = job, final_state(run_train(job).run_dir)
         return made[epochs]
@@ -59,12 +62,6 @@ def steps_checkpointed(run_dir: str) -> int:
     except FileNotFoundError:
         return 0
     return max((json.loads(line)["step"] for line in text.splitlines() if line.strip()), default=0)
-
-
-def assert_same_weights(reference: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
-    assert sorted(state) == sorted(reference)
-    differing = [key for key, value in reference.items() if not torch.equal(value, state[key])]
-    assert not differing, f"{what}: {differing[:5]} differ from the uninterrupted run (seed {fault_seed()})"
 
 
 @pytest.mark.parametrize("rounds", DRIVER_ROUNDS)
@@ -92,9 +89,11 @@ def test_driver_killed_at_random_steps_resumes_to_identical_weights(
     starts = [a["start_step"] for a in read_attempts(run_dir)]
     assert len(starts) == rounds + 1 and starts[0] == 0, f"starts {starts} (seed {fault_seed()})"
     assert all(k <= s < total for k, s in zip(kill_steps, starts[1:], strict=True)), (starts, kill_steps)
-    assert_same_weights(ref_state, final_state(resumed.run_dir), "driver kills")
-    record_figures(kind="train driver SIGKILL", faults=rounds, survived=rounds, steps=total,
-                   checkpointed_step_at_kills=kill_steps, lost=0, weights_identical=True)
+    same = assert_same_weights(ref_state, final_state(resumed.run_dir), "driver kills")
+    record_figures(kind="train driver SIGKILL", faults=len(kill_steps), survived=len(starts) - 1, steps=total,
+                   checkpointed_step_at_kills=kill_steps, start_steps=starts,
+                   recomputed=sum(s - k for k, s in zip(kill_steps, starts[1:], strict=True)),
+                   lost=same["tensors_differing"], **same)
 
 
 @pytest.mark.parametrize("rounds", TRAIN_ROUNDS)
@@ -142,6 +141,7 @@ def test_workers_killed_at_random_steps_are_restarted_to_identical_weights(
     starts = [a["start_step"] for a in attempts]
     assert starts[0] == 0 and all(k <= s < total for k, s in zip(kills, starts[1:], strict=True)), \
         f"starts {starts}, checkpointed steps at the kills {kills} (seed {fault_seed()})"
-    assert_same_weights(ref_state, final_state(result.run_dir), "worker kills")
-    record_figures(kind="train worker SIGKILL", faults=rounds, survived=rounds, steps=epochs * STEPS_PER_EPOCH,
-                   checkpointed_step_at_kills=kills, lost=0, weights_identical=True)
+    same = assert_same_weights(ref_state, final_state(result.run_dir), "worker kills")
+    record_figures(kind="train worker SIGKILL", faults=len(kills), survived=len(attempts) - 1, steps=total,
+                   checkpointed_step_at_kills=kills, start_steps=starts,
+                   worker_groups=len({a["pid"] for a in attempts}), lost=same["tensors_differing"], **same)

@@ -12,12 +12,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from stages.train import run_dir, run_train
 from stages.train.rundir import read_attempts
 from stages.train.session import RunBusyError, checkpoint_names
-from tests.faults.conftest import fault_seed, global_indices, kill_group, spawn_paused_train, wait_until
+from tests.faults.conftest import (
+    assert_same_weights,
+    fault_seed,
+    global_indices,
+    kill_group,
+    spawn_paused_train,
+    wait_until,
+)
 from tests.stages.test_train import final_state, make_train_job
 
 N_IMAGES, BATCH, EPOCHS, EVERY = 64, 8, 2, 5
@@ -40,11 +46,6 @@ def reference(reference_cache, tmp_path_factory):
     return job, final_state(result.run_dir), indices
 
 
-def assert_same_weights(reference: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
-    differing = [key for key, value in reference.items() if not torch.equal(value, state[key])]
-    assert state.keys() == reference.keys() and not differing, f"{what}: {differing[:5]} differ (seed {fault_seed()})"
-
-
 @pytest.mark.parametrize("position", POSITIONS)
 def test_killed_mid_epoch_resumes_at_its_checkpoint_with_the_same_sample_order(
     position, reference, fault_rng, record_figures, tmp_path
@@ -58,10 +59,14 @@ def test_killed_mid_epoch_resumes_at_its_checkpoint_with_the_same_sample_order(
 
     # the live run holds its name: a second start is refused and writes nothing
     assert json.loads((run / "lease.json").read_text())["pid"] == proc.pid
-    config = (run / "config.json").read_bytes()
-    with pytest.raises(RunBusyError, match=rf"live process .*pid {proc.pid}"):
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "lease.json"}
+    with pytest.raises(RunBusyError, match=rf"live process .*pid {proc.pid}") as busy:
         run_train(job)
-    assert (run / "config.json").read_bytes() == config
+    changed = [p for p, data in files.items() if not p.exists() or p.read_bytes() != data]
+    assert not changed, f"the refused start changed {changed}"
+    record_figures(section="refusal", kind="a second start of a live run (same name, same root)",
+                   outcome=f"`{type(busy.value).__name__}`", files_kept=len(files) - len(changed),
+                   bytes_kept=sum(len(d) for d in files.values()), files_changed=len(changed), lost=len(changed))
 
     assert proc.poll() is None, f"the trainer ended before its kill at step {kill_at} (seed {fault_seed()})"
     kill_group(proc)
@@ -76,15 +81,19 @@ def test_killed_mid_epoch_resumes_at_its_checkpoint_with_the_same_sample_order(
     after = global_indices(str(run))
     assert sorted(after) == list(range(position, TOTAL)), "the resumed process did not start at the checkpoint"
     order = [before[s] for s in range(position)] + [after[s] for s in range(position, TOTAL)]
-    assert order == [ref_indices[s] for s in range(TOTAL)], f"sample order differs (seed {fault_seed()})"
-    assert_same_weights(ref_state, final_state(resumed.run_dir), f"killed at step {kill_at}")
-    record_figures(kind="in-process trainer SIGKILL mid-epoch", faults=1, survived=1, steps=TOTAL,
-                   checkpoint=position, killed_at=kill_at, recomputed=kill_at - position, lost=0,
-                   weights_identical=True, same_sample_order=True)
+    expected = [ref_indices[s] for s in range(TOTAL)]
+    assert order == expected, f"sample order differs (seed {fault_seed()})"
+    same = assert_same_weights(ref_state, final_state(resumed.run_dir), f"killed at step {kill_at}")
+    record_figures(kind=f"in-process trainer SIGKILL after checkpoint {position}", faults=int(proc.returncode == -9),
+                   survived=len(starts) - 1, steps=TOTAL, checkpoint=position, killed_at=kill_at,
+                   start_steps=[s for s, _, _ in starts], first_resumed_step=min(after),
+                   recomputed=len(before) - min(after),
+                   steps_order_compared=sum(a == b for a, b in zip(order, expected, strict=True)),
+                   lost=same["tensors_differing"] + sum(a != b for a, b in zip(order, expected, strict=True)), **same)
 
 
 @pytest.mark.faults
-def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(reference, caplog, tmp_path):
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(reference, caplog, record_figures, tmp_path):
     ref_job, ref_state, _ = reference
     job = ref_job.replace(storage_path=str(tmp_path / "runs"), log_indices=False)
     run = Path(run_dir(job))
@@ -97,6 +106,10 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(reference,
         resumed = run_train(job)
     warned = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
     assert warned and str(newest) in warned[0], caplog.text[-2000:]
-    assert read_attempts(str(run))[-1]["start_step"] == CHECKPOINTS[-2]  # trained on from the previous checkpoint
+    start = read_attempts(str(run))[-1]["start_step"]
+    assert start == CHECKPOINTS[-2]  # trained on from the previous checkpoint
     assert resumed.metrics["step"] == TOTAL
-    assert_same_weights(ref_state, final_state(resumed.run_dir), "resumed from the previous checkpoint")
+    same = assert_same_weights(ref_state, final_state(resumed.run_dir), "resumed from the previous checkpoint")
+    record_figures(kind="truncated newest checkpoint", faults=len(warned), survived=int(start > 0), steps=TOTAL,
+                   first_resumed_step=start, recomputed=resumed.metrics["step"] - start,
+                   lost=same["tensors_differing"], **same)
