@@ -1,5 +1,5 @@
 """The bad-input corpus: every bad input ends in a named error (class and a message naming the file or field) or in a
-recorded skip (a row of the cache's failures table with a reason), as docs/reliability_inputs.md lists.
+recorded skip (a row of the cache's failures table with a reason), as docs/reliability.md lists.
 
 Decode-level cases of single images are in tests/stages/test_images.py, override-level config errors in
 tests/pipeline/test_config.py and format-level checkpoint errors in tests/tec_model/test_checkpoint.py; here the bad
@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,8 +124,11 @@ def test_a_unit_losing_too_many_images_stops_the_job(tmp_path: Path, base_checkp
     assert "Reasons: missing ×4" in str(info.value)
     cache = create_or_open(job.cache_url, prepare(job)[0])
     assert 1 not in cache.complete_units() and not (tmp_path / "cache" / "units" / "1.done").exists()
+    failed, total = map(int, re.search(r"unit 1: (\d+) of (\d+) images failed", str(info.value)).groups())
     record("input", input="a unit whose images are all missing",
-           outcome=f"`TooManyBadImagesError`, unit not written: {_first_line(_cause_text(info.value))[:80]}")
+           outcome=f"`TooManyBadImagesError`, unit not written: {_first_line(_cause_text(info.value))[:80]}",
+           images_failed=failed, images_in_unit=total, units_complete=len(cache.complete_units()),
+           unit_marked_complete=int(1 in cache.complete_units()))
 
 
 def _cause_text(exc: BaseException) -> str:
@@ -164,11 +168,13 @@ def test_hostile_uris_end_extraction_in_a_named_error_within_a_second(case: str,
     started = time.monotonic()
     with address_space_cap(), pytest.raises(error) as info:
         extractor.run_unit(0)
-    assert time.monotonic() - started < 1.0
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.0
     assert fragment in str(info.value) and uris[1].split("#")[0].removeprefix("idx://") in str(info.value)
     assert cache.complete_units() == []
     record("input", input=f"image URI: {case.replace('_', ' ')}",
-           outcome=f"`{error.__name__}`, unit not written: {_first_line(info.value)[:90]}")
+           outcome=f"`{error.__name__}`, unit not written: {_first_line(info.value)[:90]}",
+           seconds_to_error=round(elapsed, 3))
 
 
 def test_a_device_file_in_a_manifest_is_a_recorded_skip_never_read(tmp_path: Path, base_checkpoint: Path) -> None:

@@ -33,6 +33,7 @@ from tests.faults.conftest import (
 from tests.fixtures.extract import make_job
 
 UNIT = 8
+IN_FLIGHT = 2  # units an in-process extraction keeps in flight: what a killed job can lose
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -72,10 +73,20 @@ def _claim_race(cache, contenders: int, units: list[int]) -> dict[int, list[str]
 
 
 @pytest.mark.faults
-def test_simultaneous_claims_leave_each_unit_to_at_most_one_owner(small_cache):
-    won = _claim_race(small_cache, 4, list(range(small_cache.n_units)))
+def test_simultaneous_claims_leave_each_unit_to_at_most_one_owner(small_cache, cache_url, record_figures):
+    contenders = 4
+    won = _claim_race(small_cache, contenders, list(range(small_cache.n_units)))
     assert all(len(owners) <= 1 for owners in won.values()), won
     assert any(won.values()), "nobody got any unit"
+    winners = {o for holders in won.values() for o in holders}
+    record_figures(kind=f"claim race, {contenders} owners at one instant ({_store(cache_url)})", faults=contenders,
+                   survived=contenders, units=len(won), winners=len(winners), claimed=sum(len(h) for h in won.values()),
+                   double_claimed=sum(len(h) > 1 for h in won.values()),
+                   lost=sum(len(h) > 1 for h in won.values()))
+
+
+def _store(url: str) -> str:
+    return url.split(":")[0] if "://" in url else "local"
 
 
 def _dead_pid() -> int:
@@ -85,7 +96,7 @@ def _dead_pid() -> int:
 
 
 @pytest.mark.faults
-def test_stale_claims_are_taken_over_and_live_ones_respected(small_cache):
+def test_stale_claims_are_taken_over_and_live_ones_respected(small_cache, cache_url, record_figures):
     cache, claims = small_cache, storage.join(small_cache.url, "claims")
     live_other = new_owner_id()
     assert cache.claim_units([0], live_other, want=1, confirm_delay_s=0.01).claimed == [0]
@@ -97,6 +108,7 @@ def test_stale_claims_are_taken_over_and_live_ones_respected(small_cache):
     remote_live = dict(expired, unit=3, owner="remote", expires=time.time() + 600)
     storage.write_bytes(storage.join(claims, "3.json"), json.dumps(remote_live).encode())
 
+    planted = claimed_units(cache.url) - {0}  # the dead, expired and live remote claims
     me = new_owner_id()
     outcome = cache.claim_units([0, 1, 2, 3, 4], me, want=5, confirm_delay_s=0.01)
     assert outcome.claimed == [1, 2, 4] and outcome.taken_over == [1, 2] and outcome.busy == [0, 3]
@@ -105,19 +117,27 @@ def test_stale_claims_are_taken_over_and_live_ones_respected(small_cache):
     assert cache.read_claim(0).owner == live_other
     cache.release_claim(4, me)
     assert cache.read_claim(4) is None
+    record_figures(kind=f"stale claims: dead pid, expired, live ({_store(cache_url)})", faults=len(planted),
+                   survived=len(set(outcome.taken_over) | (set(outcome.busy) & planted)),
+                   taken_over=len(outcome.taken_over), live_respected=len(outcome.busy),
+                   lost=int(cache.read_claim(0).owner != live_other))
 
 
 @pytest.mark.faults
-def test_a_writer_whose_claim_was_taken_over_writes_nothing(small_cache):
+def test_a_writer_whose_claim_was_taken_over_writes_nothing(small_cache, cache_url, record_figures):
     cache, me, other = small_cache, new_owner_id(), new_owner_id()
     assert cache.claim_units([5], me, want=1, confirm_delay_s=0.01).claimed == [5]
     claim = json.loads(storage.read_bytes(storage.join(cache.url, "claims", "5.json")))
     storage.write_bytes(storage.join(cache.url, "claims", "5.json"), json.dumps(dict(claim, owner=other)).encode())
+    overwritten = int(cache.read_claim(5).owner == other)
     zeros = _zero_unit(cache, 5)
     with pytest.raises(ClaimLostError, match=r"unit 5 is claimed by"):
         cache.write_unit(5, *zeros, owner=me)
     keys = storage.list_objects(cache.url)
-    assert not cache.is_complete(5) and not any(k.startswith(("features/c/5/", "views/c/5/")) for k in keys)
+    written = [k for k in keys if k.startswith(("features/c/5/", "views/c/5/"))]
+    assert not cache.is_complete(5) and not written
+    record_figures(kind=f"a writer whose claim was taken over ({_store(cache_url)})", faults=overwritten,
+                   survived=overwritten * int(not written), objects_written=len(written), lost=len(written))
 
 
 def _zero_unit(cache, unit: int) -> list[np.ndarray]:
@@ -172,10 +192,12 @@ def test_two_jobs_at_once_split_the_units_and_match_an_uninterrupted_cache(
     assert sorted(a.units_written + b.units_written) == list(range(n_units))
     assert set(a.units_by_others) <= set(b.units_written) and set(b.units_by_others) <= set(a.units_written)
     assert claimed_units(cache_url) == set()
-    assert_same_cache(cache_url, reference_cache(n_images, UNIT))
-    record_figures(kind=f"two concurrent extract jobs ({cache_url.split(':')[0] if '://' in cache_url else 'local'})",
-                   faults=1, survived=1, units=n_units, written_a=len(a.units_written),
-                   written_b=len(b.units_written), written_by_both=0, recomputed=0, lost=0, byte_identical=True)
+    same = assert_same_cache(cache_url, reference_cache(n_images, UNIT))
+    record_figures(kind=f"two concurrent extract jobs ({_store(cache_url)})",
+                   faults=len(out) - 1, survived=len(out) - 1, jobs=len(out), units=n_units,
+                   written_a=len(a.units_written), written_b=len(b.units_written), written_by_both=len(both),
+                   by_others=len(a.units_by_others) + len(b.units_by_others), recomputed=len(both),
+                   lost=same["objects_differing"], **same)
 
 
 @pytest.mark.faults
@@ -208,13 +230,15 @@ def test_second_job_finishes_the_units_a_killed_first_job_abandoned(
     assert b.units_written, "the second job wrote nothing"
     assert abandoned <= set(b.units_taken_over), (f"abandoned {sorted(abandoned)}, taken over "
                                                   f"{sorted(b.units_taken_over)} (seed {fault_seed()})")
-    assert_markers_kept(cache, at_kill)
+    kept = assert_markers_kept(cache, at_kill)
     assert sorted(set(b.units_written) | set(at_kill)) == list(range(n_units))
     assert not set(b.units_written) & set(by_first), "the second job rewrote units the first had completed"
     assert claimed_units(cache) == set()
-    assert_same_cache(cache, reference_cache(n_images, UNIT))
-    record_figures(kind="first of two concurrent extract jobs SIGKILLed", faults=1, survived=1, units=n_units,
+    same = assert_same_cache(cache, reference_cache(n_images, UNIT))
+    record_figures(kind="first of two concurrent extract jobs SIGKILLed", faults=int(first.returncode == -9),
+                   survived=int(abandoned <= set(b.units_taken_over)), units=n_units,
                    abandoned_claims=len(abandoned), taken_over=len(b.units_taken_over),
-                   recomputed=len(b.units_taken_over), bound_per_kill=2, lost=0, byte_identical=True,
+                   recomputed=len(b.units_taken_over), bound=IN_FLIGHT,
                    written_first=len(at_kill) - len(set(at_kill) & set(b.units_written)),
-                   written_second=len(b.units_written))
+                   written_second=len(b.units_written),
+                   lost=kept["markers_rewritten"] + same["objects_differing"], **kept, **same)
