@@ -1,7 +1,7 @@
 """The pipeline's jobs from a :class:`~pipeline.config.PipelineConfig`: extract (or reuse) a cache, train, export.
 
 The cache key is the hand-off between the stages. ``extract`` and ``run`` resolve the configuration into a
-:class:`~stages.cache_spec.CacheSpec` once (:func:`resolve_cache`: manifest, base checkpoint and its hash,
+:class:`~stages.cache.CacheSpec` once (:func:`resolve_cache`: manifest, base checkpoint and its hash,
 preprocessing), reuse a complete cache with that key from the registry instead of extracting again (a half-finished
 one is resumed), hand the spec to the extraction, and record ``request fingerprint → cache key``
 (:func:`request_fingerprint`, :func:`pipeline.registry.record_request`). ``train`` finds its cache from

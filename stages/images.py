@@ -36,7 +36,7 @@ Reads follow a :class:`stages.uri_policy.UriPolicy`: a URI it refuses (scheme, m
 :class:`~stages.uri_policy.UriPolicyError`, which also stops the job; an image over ``max_image_bytes`` or
 ``max_image_pixels`` is ``too_large``. A source whose size differs from the one its manifest recorded raises
 :class:`SourceChangedError` (:meth:`ImageSource.read` with ``expected_size``). :func:`check_failure_rate` stops a
-unit in which too many images failed (:class:`~stages.failures.TooManyBadImagesError`).
+unit in which too many images failed (:class:`~stages.cache.failures.TooManyBadImagesError`).
 """
 
 from __future__ import annotations

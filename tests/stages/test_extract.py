@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -16,7 +18,7 @@ import zarr
 from infra import storage
 from stages.cache import ARRAYS, open_cache
 from stages.cache.spec import CacheMismatchError
-from stages.extract import prepare, run_extract
+from stages.extract import prepare, resolve_spec, run_extract
 from stages.images import ImageSource
 from stages.manifest import manifest_from_uri_list, write_manifest
 from tec_model import BaseModel
@@ -86,6 +88,28 @@ def test_rerun_skips_complete_units_and_other_config_is_refused(extracted):
         prepare(make_job(url, job.manifest_url, job.checkpoint_url, k_max=4))
     with pytest.raises(CacheMismatchError, match=r"views\.seed"):
         prepare(make_job(url, job.manifest_url, job.checkpoint_url, view_seed=8))
+
+
+def test_a_resolved_spec_is_trusted_not_resolved_again(extracted, tmp_path, monkeypatch):
+    """Given the spec, the driver reads neither manifest nor checkpoint and the worker does not hash the checkpoint:
+    the worker reads each once (URIs, weights), and a spec whose checkpoint hash nobody could match is used as is."""
+    url, job, _ = extracted
+    job = dataclasses.replace(job, cache_url=str(tmp_path / "cache"))
+    spec = resolve_spec(job).replace(checkpoint_sha256="0" * 64)
+    reads: collections.Counter[str] = collections.Counter()
+    real_read = storage.read_bytes
+
+    def counting_read(target, *args, **kwargs):
+        reads[os.path.basename(str(target))] += 1
+        return real_read(target, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "read_bytes", counting_read)
+    result = run_extract(job, num_actors=0, spec=spec)
+    assert sorted(result.units_written) == [0, 1, 2] and result.cache_key == spec.key
+    assert reads[os.path.basename(job.checkpoint_url)] == 1 and reads[os.path.basename(job.manifest_url)] == 1
+    assert_identical(job.cache_url, url)
+    with pytest.raises(ValueError, match="k_max"):  # a spec of another job is refused, naming the field
+        run_extract(dataclasses.replace(job, k_max=job.k_max - 1), num_actors=0, spec=spec)
 
 
 def test_whole_extraction_on_s3_read_back_with_plain_zarr(s3_url, extracted):

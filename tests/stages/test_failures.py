@@ -1,4 +1,4 @@
-"""stages.failures: how many failed images a unit may have, and the error that stops a unit with more."""
+"""stages.cache.failures: how many failed images a unit may have, and the error that stops a unit with more."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """Who runs the extraction's units: a pool of Ray actors, or one worker in the calling process.
 
-The driver (:func:`stages.extract.run_extract`) claims units and hands them to a pool through four calls, the same
-for both pools, so the in-process mode (``extract.num_actors: 0``) runs the very code the cluster runs:
+The driver (:func:`stages.extract.driver.run_extract`) claims units and hands them to a pool through four calls,
+the same for both pools, so the in-process mode (``extract.num_actors: 0``) runs the very code the cluster runs:
 
 * ``submit(slot, unit, owner) -> ref``: queue a unit on a slot's worker;
 * ``next_done(refs, timeout) -> ref | None``: the first finished unit (None when none finished in time);
 * ``outcome(ref) -> stats``: the unit's marker stats, or the exception the unit raised (a Ray task's cause is
-  unwrapped for :class:`~stages.cache.CacheFullError`); a worker that died raises :class:`WorkerLostError`;
+  unwrapped for :class:`~stages.cache.errors.CacheFullError`); a worker that died raises :class:`WorkerLostError`;
 * ``replace(slot, worker)``: start a fresh worker in place of a dead one (only if ``worker`` still holds the slot).
 
 :class:`RayActorPool` imports Ray when it is built; :class:`InProcessPool` never does (it runs units on threads).
@@ -18,8 +18,9 @@ import logging
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from stages.cache import CacheFullError
-from stages.cache.spec import CacheSpec
+from stages.cache import CacheFullError, CacheSpec
+from stages.extract.job import ExtractJob
+from stages.extract.worker import UnitExtractor
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class WorkerLostError(RuntimeError):
 
 
 class InProcessPool:
-    """One :class:`~stages.extract.UnitExtractor` in this process, running ``per_slot`` units at once on threads.
+    """One :class:`~stages.extract.worker.UnitExtractor` in this process, running ``per_slot`` units at once on threads.
 
     As a Ray actor with ``max_concurrency`` does, two units in flight let reading and writing one unit overlap the
     other's forward (the extractor runs one forward at a time; torch releases the GIL while it computes).
@@ -40,9 +41,7 @@ class InProcessPool:
         per_slot: units in flight.
     """
 
-    def __init__(self, job: Any, spec: CacheSpec, device: str = "auto", per_slot: int = 2) -> None:
-        from stages.extract import UnitExtractor  # extract imports this module
-
+    def __init__(self, job: ExtractJob, spec: CacheSpec, device: str = "auto", per_slot: int = 2) -> None:
         self.per_slot = per_slot
         self.workers = [UnitExtractor(job, spec, device)]
         self.device = self.workers[0].ready()
@@ -76,10 +75,8 @@ class RayActorPool:
         per_slot: units kept in flight per actor (reading the next unit overlaps the current forward).
     """
 
-    def __init__(self, job: Any, spec: CacheSpec, size: int, gpu: bool, threads: int, per_slot: int) -> None:
+    def __init__(self, job: ExtractJob, spec: CacheSpec, size: int, gpu: bool, threads: int, per_slot: int) -> None:
         import ray
-
-        from stages.extract import UnitExtractor
 
         self.ray, self.per_slot = ray, per_slot
         self._cls = ray.remote(UnitExtractor).options(
