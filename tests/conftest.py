@@ -10,6 +10,7 @@ pytest_plugins = [
     "tests.fixtures.data",
     "tests.fixtures.extract",
     "tests.fixtures.images",
+    "tests.fixtures.train_runs",  # the training set-ups several modules only read
     "tests.faults.seed",  # the fault suite's seed, printed in the header and the summary
 ]
 

@@ -16,7 +16,6 @@ import torch
 
 from infra import storage
 from stages.cache import UnitIncompleteError
-from stages.extract import run_extract
 from stages.train import run_dir, run_train
 from stages.train.job import CacheIncompatibleError, TrainJob, check_cache
 from stages.train.rundir import RunConfigChangedError, read_attempts
@@ -24,7 +23,7 @@ from stages.train.session import checkpoint_names
 from tec_model import vit_kwargs
 from tests.faults.conftest import global_indices, kill_group, spawn_paused_train, wait_until
 from tests.faults.figures import record
-from tests.fixtures.extract import EXTRACT_DEFAULTS, base_kwargs, make_job
+from tests.fixtures.extract import EXTRACT_DEFAULTS, base_kwargs
 
 REPO = Path(__file__).resolve().parents[2]
 N_IMAGES, GLOBAL_BATCH, STEPS_PER_EPOCH = 64, 16, 4
@@ -32,10 +31,9 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 @pytest.fixture(scope="module")
-def cache_url(fmnist_manifest, base_checkpoint, tmp_path_factory) -> str:
-    url = str(tmp_path_factory.mktemp("train_cache") / "cache")
-    run_extract(make_job(url, fmnist_manifest(N_IMAGES), base_checkpoint), num_actors=0)  # Ray actors' bytes
-    return url
+def cache_url(train_cache) -> str:
+    """The session's 64-image cache (tests/fixtures/train_runs.py), extracted in-process: Ray actors' bytes."""
+    return train_cache
 
 
 def make_train_job(cache_url: str, storage_path: str, name: str, **overrides) -> TrainJob:
@@ -66,11 +64,10 @@ def losses(run_dir: str) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def reference(cache_url, tmp_path_factory) -> tuple[TrainJob, object]:
-    """An uninterrupted 2-epoch cached run with 2 workers, logging the indices each rank trained on."""
-    job = make_train_job(cache_url, str(tmp_path_factory.mktemp("runs")), "reference", log_indices=True,
-                         loader_workers=1)
-    return job, run_train(job)
+def reference(ray_train_reference) -> tuple[TrainJob, object]:
+    """An uninterrupted 2-epoch cached run with 2 workers, logging the indices each rank trained on (the session's,
+    tests/fixtures/train_runs.py: the worker-kill test compares its weights with it too)."""
+    return ray_train_reference
 
 
 @pytest.fixture(scope="module")
