@@ -119,7 +119,7 @@ class UnitExtractor:
                 claim has meanwhile passed to another job.
 
         Raises:
-            stages.failures.TooManyBadImagesError: more images failed than ``job.max_failed_fraction`` allows.
+            stages.cache.TooManyBadImagesError: more images failed than ``job.max_failed_fraction`` allows.
             infra.storage.StorageError: the image store failed (nothing is recorded as a skip for it).
         """
         t0 = time.perf_counter()
