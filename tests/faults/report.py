@@ -145,7 +145,7 @@ def _recomputed(row: dict[str, Any]) -> str:
     if "bound" in row:
         text += f" (≤ {_n(row['bound'])})"
     if "recomputed_max_per_kill" in row:
-        text += f", max {_n(row['recomputed_max_per_kill'])} in one kill"
+        text += f"; at most {_n(row['recomputed_max_per_kill'])} in flight at one kill"
     return text
 
 
