@@ -253,7 +253,7 @@ class ImageSource:
         in_chans: The model's input channels, 1 or 3.
         storage_options: fsspec options for non-local URLs; by default those of :mod:`infra.storage` (endpoint,
             region and timeouts from the environment; credentials resolved by botocore, never passed here).
-        retry: back-off for transient read failures (default :data:`infra.storage.DEFAULT_RETRY`).
+        retry: back-off for transient read failures (default :data:`infra.retry.DEFAULT_RETRY`).
         policy: which URIs may be read and how much of them (default :data:`stages.uri_policy.DEFAULT_POLICY`).
     """
 
