@@ -14,12 +14,14 @@ import io
 import json
 import logging
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from infra import storage
 from pipeline.flops import UNIT, base_macs_per_view, format_macs, tec_step_macs
 from pipeline.ledger import read_ledger
-from tec_model.archs import vit_kwargs
+from stages.cache import raw_bytes_per_view
+from tec_model.archs import num_patches, vit_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +163,11 @@ def write_cost_chart(cache_url: str, path: str) -> str:
 
 
 def bytes_per_view(num_patches: int, embed_dim: int, num_heads: int, k_max: int) -> int:
-    """Decoded cache bytes of one view (DESIGN §3): features ``L·C·2`` + attention ``(K+1)·H·L·2`` + top-k
-    ``K·2`` + views ``5·4`` (ViT-B/16, K=15: 376 370 B)."""
-    return num_patches * embed_dim * 2 + (k_max + 1) * num_heads * num_patches * 2 + k_max * 2 + 5 * 4
+    """Decoded cache bytes of one view, as the cache format lays it out (:func:`stages.cache.raw_bytes_per_view`):
+    features ``L·C·2`` + attention ``(K+1)·H·L·2`` + top-k ``K·2`` + views ``5·4``."""
+    shapes = SimpleNamespace(n_images=1, views_per_image=1, num_patches=num_patches, embed_dim=embed_dim,
+                             num_heads=num_heads, k_max=k_max)  # the fields array_shapes reads
+    return raw_bytes_per_view(shapes)
 
 
 def _arch(arch: str | dict[str, Any]) -> dict[str, Any]:
@@ -205,7 +209,7 @@ def project(
         saved, break-even (``break_even_run_epochs`` = V), net saving over ``runs`` and, with ``new``, training MACs.
     """
     kw = _arch(base)
-    length = (kw["img_size"] // kw["patch_size"]) ** 2
+    length = num_patches(kw)
     per_view_raw = bytes_per_view(length, kw["embed_dim"], kw["num_heads"], k_max)
     base_macs = base_macs_per_view(kw)
     views = n_images * views_per_image

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from tec_model.archs import num_patches as count_patches
 from tec_model.flops import block_macs, vit_forward_macs
-from tec_model.layers import block_groups
+from tec_model.layers import AttentionHead, block_groups
 from tec_model.masking import num_visible
+from tec_model.tec import check_args
 
 UNIT = "MACs (multiply-accumulates; FLOPs = 2×MACs)"
 TRAIN_FACTOR = 3  # forward + backward ≈ 3 × forward
@@ -80,18 +82,15 @@ def tec_step_macs(
         A dict: the parts above, ``forward_macs`` (their sum), ``train_macs_per_sample`` (= 3 × forward:
         forward + backward ≈ 3× forward), ``visible_tokens``, ``num_patches`` and ``unit``.
     """
-    kw = timm_kwargs_new
-    c, depth, patch = kw["embed_dim"], kw["depth"], kw["patch_size"]
-    length = (kw["img_size"] // patch) ** 2
-    if length != num_patches:
-        raise ValueError(f"the new model has L={length} patches, the base model L={num_patches}")
-    if adapters not in ("none", "input", "encoder", "both"):
-        raise ValueError(f"adapters must be none|input|encoder|both, got {adapters!r}")
-    if decoder_dim % decoder_heads:
-        raise ValueError(f"decoder_dim {decoder_dim} is not divisible by decoder_heads {decoder_heads}")
-    proj = att_proj_dim or base_embed_dim
-    if attention_target and proj % base_num_heads:
-        raise ValueError(f"att_proj_dim {proj} is not divisible by the base model's {base_num_heads} heads")
+    kw, proj = timm_kwargs_new, att_proj_dim or base_embed_dim
+    problems = [f"{names[0]}: {message}" for names, message in check_args(
+        kw, num_patches, adapters=adapters, topk=topk, mask_ratio=mask_ratio, decoder_dim=decoder_dim,
+        decoder_heads=decoder_heads)]
+    if attention_target and (head := AttentionHead.check_args(proj, base_num_heads)):
+        problems.append(head)
+    if problems:
+        raise ValueError("incompatible TEC model settings: " + "; ".join(problems))
+    c, depth, patch, length = kw["embed_dim"], kw["depth"], kw["patch_size"], count_patches(kw)
     vis = num_visible(length, mask_ratio)
     enc_tokens, dec_tokens, d = 1 + vis, 1 + length, decoder_dim
     paths = 2 if attention_target else 1

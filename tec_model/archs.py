@@ -101,11 +101,43 @@ def build_vit(timm_kwargs: dict[str, Any]) -> VisionTransformer:
 
 
 def num_patches(timm_kwargs: dict[str, Any]) -> int:
-    """L, the number of patch tokens for these kwargs (square images)."""
+    """L, the number of patch tokens for these kwargs (square images).
+
+    Raises:
+        ValueError: ``img_size`` is not a multiple of ``patch_size``.
+    """
     img, patch = timm_kwargs["img_size"], timm_kwargs["patch_size"]
     if img % patch:
-        raise ValueError(f"img_size {img} is not a multiple of patch_size {patch}")
+        raise ValueError(_NOT_A_MULTIPLE.format(img=img, patch=patch))
     return (img // patch) ** 2
+
+
+_NOT_A_MULTIPLE = "img_size {img} is not a multiple of patch_size {patch}"
+_SIZE_INTS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
+
+
+def check_vit_kwargs(timm_kwargs: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """Why these ViT kwargs cannot make a square-image ViT; empty when they can. Absent kwargs are not checked.
+
+    Returns:
+        One ``(kwarg names, message)`` per problem: the kwargs it reads, the one to blame first.
+    """
+    kw = timm_kwargs
+    problems = [((name,), f"expected a positive int, got {_show(kw[name])}") for name in _SIZE_INTS
+                if name in kw and (not isinstance(kw[name], int) or isinstance(kw[name], bool) or kw[name] < 1)]
+    if problems:
+        return problems
+    if "img_size" in kw and "patch_size" in kw and kw["img_size"] % kw["patch_size"]:
+        problems.append((("patch_size", "img_size"),
+                         _NOT_A_MULTIPLE.format(img=kw["img_size"], patch=kw["patch_size"])))
+    if "embed_dim" in kw and "num_heads" in kw and kw["embed_dim"] % kw["num_heads"]:
+        problems.append((("num_heads", "embed_dim"),
+                         f"embed_dim {kw['embed_dim']} is not divisible by num_heads {kw['num_heads']}"))
+    return problems
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
 
 
 def _small_entrypoint(name: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:

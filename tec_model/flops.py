@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tec_model.archs import num_patches
+
 
 def block_macs(tokens: int, dim: int, mlp_ratio: float = 4.0) -> int:
     """MACs of one transformer block on ``tokens`` tokens of width ``dim``.
@@ -25,8 +27,7 @@ def vit_forward_macs(timm_kwargs: dict[str, Any], tokens: int | None = None) -> 
         timm_kwargs: the ViT's kwargs (img_size, patch_size, in_chans, embed_dim, depth, mlp_ratio, ...).
         tokens: tokens the blocks see (default: all patches plus prefix tokens; pass fewer for a masked encoder).
     """
-    patch, dim = timm_kwargs["patch_size"], timm_kwargs["embed_dim"]
-    length = (timm_kwargs["img_size"] // patch) ** 2
+    patch, dim, length = timm_kwargs["patch_size"], timm_kwargs["embed_dim"], num_patches(timm_kwargs)
     prefix = int(timm_kwargs.get("class_token", True)) + int(timm_kwargs.get("reg_tokens", 0) or 0)
     t = length + prefix if tokens is None else tokens
     embed = length * patch * patch * timm_kwargs.get("in_chans", 3) * dim

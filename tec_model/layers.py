@@ -147,11 +147,19 @@ class AttentionHead(nn.Module):
 
     def __init__(self, decoder_dim: int, proj_dim: int, num_heads: int) -> None:
         super().__init__()
-        if proj_dim % num_heads:
-            raise ValueError(f"att_proj_dim {proj_dim} is not divisible by the base model's {num_heads} heads")
+        problem = self.check_args(proj_dim, num_heads)
+        if problem:
+            raise ValueError(problem)
         self.qk = nn.Linear(decoder_dim, 2 * proj_dim)
         self.num_heads = num_heads
         self.scale = proj_dim**-0.5
+
+    @staticmethod
+    def check_args(proj_dim: int, num_heads: int) -> str | None:
+        """Why ``proj_dim`` cannot be split into ``num_heads`` heads, or None."""
+        if num_heads < 1 or proj_dim % num_heads:
+            return f"att_proj_dim {proj_dim} is not divisible by the base model's {num_heads} heads"
+        return None
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Args:

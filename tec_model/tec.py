@@ -8,7 +8,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from tec_model.archs import build_vit
+from tec_model.archs import build_vit, check_vit_kwargs, num_patches
 from tec_model.layers import AttentionHead, EncoderAdapter, MultiTargetDecoder
 from tec_model.losses import FeatureNorm, attention_loss, feature_loss, normalize_features
 from tec_model.masking import num_visible, random_masking
@@ -17,6 +17,69 @@ from tec_model.pos_embed import sincos_2d
 Adapters = Literal["none", "input", "encoder", "both"]
 ADAPTERS = ("none", "input", "encoder", "both")
 FEATURE_NORMS = ("patch", "channel", "none")
+
+
+Problem = tuple[tuple[str, ...], str]  # (the argument names a problem reads, the first to blame; its message)
+
+
+def check_args(
+    timm_kwargs: dict[str, Any] | None,
+    base_num_patches: int | None,
+    *,
+    adapters: str = "both",
+    feature_norm: str = "patch",
+    topk: int = 15,
+    att_tau: float = 1.8,
+    mask_ratio: float = 0.75,
+    decoder_dim: int = 512,
+    decoder_heads: int = 16,
+) -> list[Problem]:
+    """Why these :class:`TECModel` arguments cannot make a model; empty when they can.
+
+    Args:
+        timm_kwargs: the new encoder's ViT kwargs; None when unknown (the rules on them are skipped).
+        base_num_patches: L of the base model; None when unknown.
+        adapters, feature_norm, topk, att_tau, mask_ratio, decoder_dim, decoder_heads: as :class:`TECModel`.
+
+    Returns:
+        One ``(names, message)`` per problem: the arguments it reads (ViT sizes by their timm kwarg name), the one
+        to blame first, and a message that reads after ``"<name>: "``.
+    """
+    out: list[Problem] = []
+    length = base_num_patches
+    if timm_kwargs is not None:
+        kw = timm_kwargs
+        out += check_vit_kwargs(kw)
+        if out:
+            return out
+        length = num_patches(kw)
+        if base_num_patches is not None and length != base_num_patches:
+            out.append((("patch_size", "img_size"), f"the new model has L={length} patches (img_size {kw['img_size']}"
+                        f" / patch_size {kw['patch_size']}) but the base model has L={base_num_patches} (the "
+                        "targets are per base patch)"))
+        if kw["embed_dim"] % 4:
+            out.append((("embed_dim",), f"the new model's embed_dim {kw['embed_dim']} must be divisible by 4 (2-D "
+                        "sin-cos position embedding)"))
+        if kw.get("reg_tokens", 0) or not kw.get("class_token", True) or kw.get("no_embed_class", False):
+            out.append((("reg_tokens", "class_token", "no_embed_class"), "the new model must be a plain ViT (a class "
+                        "token, no register tokens, position embedding over cls + patches): register/no-class-token "
+                        "architectures serve as base models only"))
+    if decoder_heads < 1 or decoder_dim % 4 or decoder_dim % decoder_heads:
+        out.append((("decoder_dim", "decoder_heads"),
+                    f"{decoder_dim} must be divisible by 4 and by decoder_heads {decoder_heads}"))
+    if adapters not in ADAPTERS:
+        out.append((("adapters",), f"must be one of {ADAPTERS}, got {adapters!r}"))
+    if feature_norm not in FEATURE_NORMS:
+        out.append((("feature_norm",), f"must be one of {FEATURE_NORMS}, got {feature_norm!r}"))
+    if length is not None and not 1 <= topk <= length:
+        out.append((("topk",), f"must be in [1, {length}], got {topk}"))
+    if att_tau <= 0:
+        out.append((("att_tau",), f"must be > 0, got {att_tau}"))
+    if not 0 <= mask_ratio < 1:
+        out.append((("mask_ratio",), f"must be in [0, 1), got {mask_ratio}"))
+    elif length is not None and num_visible(length, mask_ratio) < 1:
+        out.append((("mask_ratio",), f"{mask_ratio} leaves no visible patch out of {length}"))
+    return out
 
 
 class TECModel(nn.Module):
@@ -59,11 +122,14 @@ class TECModel(nn.Module):
         att_proj_dim: int | None = None,
     ) -> None:
         super().__init__()
+        problems = check_args(timm_kwargs, base_num_patches, adapters=adapters, feature_norm=feature_norm, topk=topk,
+                              att_tau=att_tau, mask_ratio=mask_ratio, decoder_dim=decoder_dim,
+                              decoder_heads=decoder_heads)
+        if problems:
+            raise ValueError("incompatible TEC model settings: " + "; ".join(f"{n[0]}: {m}" for n, m in problems))
         self.encoder = build_vit(timm_kwargs)
         grid = self.encoder.patch_embed.grid_size
         embed_dim, depth = self.encoder.embed_dim, len(self.encoder.blocks)
-        self._check(timm_kwargs, embed_dim, base_num_patches, adapters, feature_norm, topk, att_tau, mask_ratio,
-                    decoder_dim, decoder_heads)
         self.feature_norm = feature_norm
         self.attention_target = attention_target
         self.topk = topk
@@ -84,36 +150,6 @@ class TECModel(nn.Module):
             AttentionHead(decoder_dim, att_proj_dim or base_embed_dim, base_num_heads) if attention_target else None
         )
         self._init_weights()
-
-    @staticmethod
-    def _check(timm_kwargs, embed_dim, base_l, adapters, feature_norm, topk, att_tau, mask_ratio, d_dec, h_dec):
-        length = (timm_kwargs["img_size"] // timm_kwargs["patch_size"]) ** 2
-        problems = []
-        if length != base_l:
-            problems.append(
-                f"new model has L={length} patches (img_size {timm_kwargs['img_size']} / patch_size "
-                f"{timm_kwargs['patch_size']}) but the base model has L={base_l}"
-            )
-        if embed_dim % 4:
-            problems.append(f"embed_dim {embed_dim} must be divisible by 4 (2-D sin-cos position embedding)")
-        if timm_kwargs.get("reg_tokens", 0) or not timm_kwargs.get("class_token", True) or \
-                timm_kwargs.get("no_embed_class", False):
-            problems.append("the new model is a plain ViT (a class token, no register tokens, position embedding "
-                            "over cls + patches): register/no-class-token architectures serve as base models only")
-        if d_dec % 4 or d_dec % h_dec:
-            problems.append(f"decoder_dim {d_dec} must be divisible by 4 and by decoder_heads {h_dec}")
-        if adapters not in ADAPTERS:
-            problems.append(f"adapters must be one of {ADAPTERS}, got {adapters!r}")
-        if feature_norm not in FEATURE_NORMS:
-            problems.append(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
-        if not 1 <= topk <= length:
-            problems.append(f"topk must be in [1, {length}], got {topk}")
-        if att_tau <= 0:
-            problems.append(f"att_tau must be > 0, got {att_tau}")
-        if not 0 <= mask_ratio < 1 or num_visible(length, mask_ratio) < 1:
-            problems.append(f"mask_ratio must leave at least one visible patch, got {mask_ratio}")
-        if problems:
-            raise ValueError("incompatible TEC model settings: " + "; ".join(problems))
 
     def _init_weights(self) -> None:
         """MAE-style init: xavier-uniform linears (patch embedding as a linear), normal(0.02) tokens."""
