@@ -1,8 +1,8 @@
 """The pipeline configuration's typed schema: one dataclass per YAML section, plain values only.
 
-Field metadata drives the per-field checks in :mod:`pipeline.config`: ``choices`` (allowed values) and ``min``
-(smallest allowed number). Cross-field rules (topk ≤ k_max, matching patch grids, …) live in
-:func:`pipeline.config.validate`.
+Field metadata drives the per-field checks in :mod:`pipeline.config_load`: ``choices`` (allowed values) and ``min``
+(smallest allowed number). Rules between fields (topk ≤ k_max, matching patch grids, …) are collected by
+:mod:`pipeline.config_checks`.
 """
 
 from __future__ import annotations
