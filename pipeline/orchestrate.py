@@ -263,7 +263,7 @@ def ensure_cache(cfg: C.PipelineConfig, cache_url: str | None = None) -> CacheRe
             ready = CacheReady(job.cache_url, cache.spec.with_working_urls(*working), None, reused=True)
     if ready is None:
         result = run_extract(job, num_actors=cfg.extract.num_actors, address=cfg.ray.address,
-                             threads_per_actor=cfg.extract.threads_per_actor)
+                             threads_per_actor=cfg.extract.threads_per_actor, spec=resolved.spec)
         spec = open_cache(job.cache_url).spec.with_working_urls(*working)
         write_config_attr(job.cache_url, C.resolved_dict(cfg))
         if result.units_written:
