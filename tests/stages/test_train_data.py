@@ -1,4 +1,4 @@
-"""stages.train_data: the epoch order (coverage, determinism, views, resume) and batches from a real extracted cache."""
+"""stages.train.data: the epoch order (coverage, determinism, views, resume) and batches from a real extracted cache."""
 
 from __future__ import annotations
 
