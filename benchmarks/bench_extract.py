@@ -1,4 +1,4 @@
-"""Benchmark of the extract stage and the target cache (issue 3), all ratios measured side by side in one run.
+"""Benchmark of the extract stage and the target cache, all ratios measured side by side in one run.
 
 What it measures, on this machine, with real Fashion-MNIST images and a randomly initialised timm ViT saved in MAE
 format (random weights change no throughput; they do change the *values*, see the README on compression):

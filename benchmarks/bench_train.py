@@ -1,4 +1,4 @@
-"""Benchmark of the train stage's step throughput (issue 4): cached targets vs the online base model, in one run.
+"""Benchmark of the train stage's step throughput: cached targets vs the online base model, in one run.
 
 Same model, same global batch, same torch thread count, one process; every step goes through the train stage's
 own ``optimizer_step`` (``stages/train/step.py``), with batches from:

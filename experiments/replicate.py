@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The Fashion-MNIST replication of TEC's claims (README "Replication"), one run at a time, resumable.
+"""The Fashion-MNIST replication of TEC's claims (docs/replication.md), one run at a time, resumable.
 
     python experiments/replicate.py --config configs/fmnist_replication.yaml [--only NAME ...] [--table]
 

@@ -1,7 +1,7 @@
 """What a target cache cost and saved (from its ledger), and what one would cost on paper (:func:`project`).
 
-Units: MACs (multiply-accumulates); **FLOPs = 2×MACs** (DESIGN §3). Every MAC field ends in ``_macs``; the text
-output prints both, e.g. ``17.56 GMAC (35.13 GFLOP)``.
+Units: MACs (multiply-accumulates); **FLOPs = 2×MACs** (docs/method.md#11-flops-convention). Every MAC field ends
+in ``_macs``; the text output prints both, e.g. ``17.56 GMAC (35.13 GFLOP)``.
 
 Break-even: extraction runs the base model once per stored view (N·V forwards); a cached training run avoids one
 base forward per view it serves (N per epoch). At equal data size the cache pays back once the runs' epochs add
@@ -25,7 +25,7 @@ from tec_model.archs import num_patches, vit_kwargs
 
 log = logging.getLogger(__name__)
 
-STORED_OVER_RAW = 0.82  # measured stored/raw bytes of the default codec (README: 0.817)
+STORED_OVER_RAW = 0.82  # measured stored/raw bytes of the default codec (docs/benchmarks.md#extraction)
 
 
 def cache_costs(cache_url: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Evaluate a frozen encoder: k-NN and linear-probe top-1 on a labelled test split (issue 6, item 3).
+"""Evaluate a frozen encoder: k-NN and linear-probe top-1 on a labelled test split.
 
 Any checkpoint the base-model loader reads (MAE ``{"model": ...}``, DINO/iBOT, a timm state dict, a TEC export or
 TEC training state) is loaded into a **timm** ``VisionTransformer`` — exported encoders are evaluated through timm,

@@ -1,6 +1,6 @@
 """Analytic multiply-accumulate counts of a TEC training step and of a base-model forward, for the ledger.
 
-Units (DESIGN §3, "FLOPs convention"): every number here is **MACs; FLOPs = 2×MACs**. The paper's "17.6 G" for a
+Units (docs/method.md#11-flops-convention): every number here is **MACs; FLOPs = 2×MACs**. The paper's "17.6 G" for a
 ViT-B/16 forward is MACs; ``torch.utils.flop_counter.FlopCounterMode`` reports FLOPs (2 per MAC) and counts only
 matmul-like ops (linear, matmul/bmm, convolution), and nothing for CPU fused attention. Norms, softmax, GELU,
 additions, gathers and the losses are not counted here either (< 1% of a ViT), so with non-fused attention

@@ -1,7 +1,8 @@
 """The FLOPs ledger beside a target cache: what extraction spent and what each training run saved.
 
-Units: every ``*_macs`` column is **MACs (multiply-accumulates); FLOPs = 2×MACs** (DESIGN §3), from the analytic
-formulas of :mod:`pipeline.flops`. Bytes are bytes, seconds are seconds.
+Units: every ``*_macs`` column is **MACs (multiply-accumulates); FLOPs = 2×MACs**
+(docs/method.md#11-flops-convention), from the analytic formulas of :mod:`pipeline.flops`.
+Bytes are bytes, seconds are seconds.
 
 Layout: one Parquet **object per row**, so concurrent writers never share an object (no read-modify-write):
 

@@ -1,4 +1,4 @@
-"""The image manifest: which images a target cache covers, in which order (DESIGN §3).
+"""The image manifest: which images a target cache covers, in which order (docs/cache-format.md#5-the-manifest).
 
 A manifest is a Parquet table with one row per sample:
 

@@ -1,4 +1,7 @@
-"""The view plan and the one function that turns (image, view row) into pixels (DESIGN §3 "View plan").
+"""The view plan and the one function that turns (image, view row) into pixels.
+
+The method: docs/method.md#7-augmentation-and-the-view-plan; the stored layout:
+docs/cache-format.md#6-views-from-a-views-row-to-pixels.
 
 **Plan.** View ``(index, view)`` of a data set with seed ``seed`` is a pure function of those three numbers:
 its random numbers come from a Philox4x64-10 counter-based generator (Random123, numpy's
@@ -177,7 +180,8 @@ def build_view(
         output_size: S.
         mean: (C,) per-channel mean in [0, 1] units.
         std: (C,) per-channel standard deviation.
-        interpolation: ``bicubic`` (the default and DESIGN's choice), ``bilinear`` or ``nearest``.
+        interpolation: ``bicubic`` (the default, docs/method.md#7-augmentation-and-the-view-plan),
+            ``bilinear`` or ``nearest``.
 
     Returns:
         float32 tensor (C, S, S).

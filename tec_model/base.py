@@ -1,4 +1,4 @@
-"""The frozen base model and the targets it gives TEC (DESIGN §2, "Base-model targets")."""
+"""The frozen base model and the targets it gives TEC (docs/method.md#2-base-model-targets)."""
 
 from __future__ import annotations
 

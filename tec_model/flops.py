@@ -1,7 +1,8 @@
 """Analytic multiply-accumulate (MAC) counts for ViT forwards.
 
-Convention (DESIGN §3): these are MACs. The paper's "17.6 G" for a ViT-B/16 forward at 224 is MACs; torch's
-``FlopCounterMode`` reports 2 FLOPs per MAC. Norms, softmax, GELU and additions are not counted (< 1% for ViTs).
+Convention (docs/method.md#11-flops-convention): these are MACs. The paper's "17.6 G" for a ViT-B/16 forward at
+224 is MACs; torch's ``FlopCounterMode`` reports 2 FLOPs per MAC. Norms, softmax, GELU and
+additions are not counted (< 1% for ViTs).
 """
 
 from __future__ import annotations

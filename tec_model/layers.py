@@ -30,7 +30,7 @@ def block_groups(depth: int, group_size: int = 3) -> list[range]:
 
 
 class EncoderAdapter(nn.Module):
-    """Merge all block outputs into the decoder input (DESIGN §2, "Encoder adapters").
+    """Merge all block outputs into the decoder input (docs/method.md#43-encoder-adapters).
 
     concat(block outputs) → LayerNorm → per group ``Z = FC(g·C → C)``, ``Z' = Z + MLP(Z)`` → Σ groups → LayerNorm.
 
@@ -76,7 +76,7 @@ class EncoderAdapter(nn.Module):
 
 
 class MultiTargetDecoder(nn.Module):
-    """Target-specific input paths into one shared transformer stack (DESIGN §2, "Multi-target decoder").
+    """Target-specific input paths into one shared transformer stack (docs/method.md#44-multi-target-decoder-and-heads).
 
     Each path has its own ``Linear(C → D_dec)``, mask token and final norm; the blocks are shared and run once per
     path. Fixed 2-D sin-cos position embeddings (zero cls row) are added after un-shuffling.

@@ -1,4 +1,7 @@
-"""TEC target transforms and losses (DESIGN §2), as pure functions."""
+"""TEC target transforms and losses, as pure functions.
+
+See docs/method.md#3-target-transforms-at-training-time and docs/method.md#5-losses.
+"""
 
 from __future__ import annotations
 

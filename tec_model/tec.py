@@ -83,7 +83,7 @@ def check_args(
 
 
 class TECModel(nn.Module):
-    """Target-enhanced conditional mask reconstruction (DESIGN §2, "New model").
+    """Target-enhanced conditional mask reconstruction (docs/method.md#4-the-new-model).
 
     Base and new model may differ in width, depth and heads: the feature head predicts ``C_base`` channels and the
     attention head uses ``H_base`` heads. They must agree on the number of patches L.

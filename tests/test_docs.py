@@ -8,8 +8,6 @@ import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 200
 CODE_DIRS = ("tec_model", "stages", "pipeline", "infra", "benchmarks", "experiments", "tests")
@@ -117,8 +115,6 @@ def test_docs_cited_in_code_exist() -> None:
     assert not missing, "code cites documents that are not in the repository:\n" + "\n".join(missing)
 
 
-@pytest.mark.xfail(strict=True, reason="code still cites DESIGN §N / issue N while the restructure moves those "
-                   "modules; the citations are rewritten to docs/ anchors at its end (see docs/method.md)")
 def test_code_cites_no_outside_documents() -> None:
     found = []
     for path in code_files():

@@ -82,7 +82,8 @@ def test_imagenet_vit_b_worked_example(caplog: pytest.LogCaptureFixture) -> None
     with caplog.at_level(logging.INFO):
         logging.getLogger(__name__).info("\n%s", cost.format_projection(p))
     per_view = 196 * 768 * 2 + 16 * 12 * 196 * 2 + 15 * 2 + 5 * 4
-    assert p["bytes_per_view_raw"] == per_view == 376_370  # DESIGN §3: ≈ 376 KB
+    # ≈ 376 KB a view: docs/cache-format.md#7-layout-chunking-and-compression
+    assert p["bytes_per_view_raw"] == per_view == 376_370
     assert p["storage_raw_bytes"] == n * (8 * per_view + 1)
     assert p["storage_raw_bytes"] / 1e12 == pytest.approx(3.8575, abs=1e-4)  # 1.28M × 8 × 376 KB ≈ 3.86 TB
     assert p["storage_stored_bytes"] == pytest.approx(0.82 * p["storage_raw_bytes"])

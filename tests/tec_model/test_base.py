@@ -1,4 +1,4 @@
-"""The base model's targets against independent recomputations (DESIGN §2)."""
+"""The base model's targets against independent recomputations (docs/method.md#2-base-model-targets)."""
 
 import pytest
 import torch

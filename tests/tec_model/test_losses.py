@@ -1,4 +1,4 @@
-"""Target transforms and losses (DESIGN §2)."""
+"""Target transforms and losses (docs/method.md#5-losses)."""
 
 import math
 
