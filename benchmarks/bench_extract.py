@@ -118,20 +118,6 @@ def bare_forward(setup: Setup, args: argparse.Namespace, batches: list[torch.Ten
         torch.set_num_threads(previous)
 
 
-def unit_breakdown(cache: TargetCache, views_per_image: int) -> dict[str, float]:
-    """Per-view seconds of each extraction step, summed over the units' markers (concurrent units overlap)."""
-    load = forward = write = 0.0
-    views = 0
-    for unit in cache.complete_units():
-        marker = cache.marker(unit)
-        load += marker["timings"]["load_s"]
-        forward += marker["timings"]["forward_s"]
-        write += marker["seconds"]
-        views += marker["n_valid"] * views_per_image
-    return {"load_ms_per_view": 1e3 * load / views, "forward_ms_per_view": 1e3 * forward / views,
-            "write_ms_per_view": 1e3 * write / views, "unit_busy_s": load + forward + write}
-
-
 def extraction(setup: Setup, args: argparse.Namespace, actors: int, threads: int, in_flight: int) -> dict:
     """One ``run_extract`` into a fresh local cache; views/s over ``work_seconds`` plus the per-step breakdown.
 
@@ -151,7 +137,7 @@ def extraction(setup: Setup, args: argparse.Namespace, actors: int, threads: int
     record.update(views=result.views_written, work_seconds=result.work_seconds, wall_seconds=result.wall_seconds,
                   views_per_s=result.views_written / result.work_seconds,
                   views_per_s_wall=result.views_written / result.wall_seconds)
-    breakdown = unit_breakdown(open_cache(cache_url), args.views)
+    breakdown = common.unit_breakdown(open_cache(cache_url), args.views)
     breakdown["concurrency"] = breakdown.pop("unit_busy_s") / (result.work_seconds * actors)
     record["breakdown"] = breakdown
     return record

@@ -273,6 +273,22 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
+def unit_breakdown(cache: Any, views_per_image: int) -> dict[str, float]:
+    """Per-view milliseconds of each extraction step of a :class:`stages.cache.TargetCache`, summed over the units'
+    markers (concurrent units overlap): load (read + view build), forward (model + float16 cast + copy to host),
+    write (the cache write incl. hashing)."""
+    load = forward = write = 0.0
+    views = 0
+    for unit in cache.complete_units():
+        marker = cache.marker(unit)
+        load += marker["timings"]["load_s"]
+        forward += marker["timings"]["forward_s"]
+        write += marker["seconds"]
+        views += marker["n_valid"] * views_per_image
+    return {"load_ms_per_view": 1e3 * load / views, "forward_ms_per_view": 1e3 * forward / views,
+            "write_ms_per_view": 1e3 * write / views, "unit_busy_s": load + forward + write}
+
+
 def row(label: str, value: str, note: str = "", label_width: int = 44, value_width: int = 16) -> str:
     """One line of a results table: indented label, right-aligned value, note."""
     return f"  {label:<{label_width}} {value:>{value_width}}  {note}"

@@ -234,18 +234,9 @@ def section_extract(ctx: CheckContext, out: dict[str, Any]) -> None:
 
 
 def unit_breakdown(job: ExtractJob) -> dict[str, float]:
-    """Per-view milliseconds of each extraction step, from the units' markers: load (read + view build),
-    forward (model + float16 cast + copy to host), write (the cache write incl. hashing)."""
-    cache = open_cache(job.cache_url)
-    load = forward = write = 0.0
-    views = 0
-    for unit in cache.complete_units():
-        marker = cache.marker(unit)
-        load += marker["timings"]["load_s"]
-        forward += marker["timings"]["forward_s"]
-        write += marker["seconds"]
-        views += marker["n_valid"] * job.views_per_image
-    return {"load": 1e3 * load / views, "forward": 1e3 * forward / views, "write": 1e3 * write / views}
+    """Per-view milliseconds of load, forward and write, from the units' markers (:func:`common.unit_breakdown`)."""
+    b = common.unit_breakdown(open_cache(job.cache_url), job.views_per_image)
+    return {"load": b["load_ms_per_view"], "forward": b["forward_ms_per_view"], "write": b["write_ms_per_view"]}
 
 
 def ensure_cache(ctx: CheckContext) -> None:

@@ -19,25 +19,16 @@ from stages.extract import run_extract
 from stages.train import latest_checkpoint_state, run_train
 from stages.train.job import TrainJob
 from stages.train.session import checkpoint_names
-from tec_model import vit_kwargs
 from tests.fixtures.cache_content import cache_content
-from tests.fixtures.extract import EXTRACT_DEFAULTS, base_kwargs, make_job
+from tests.fixtures.extract import make_job
+from tests.fixtures.train_runs import tiny_train_job
 
 REPO = Path(__file__).resolve().parents[2]
 N_IMAGES, GLOBAL_BATCH = 48, 16  # 3 steps per epoch
 
 
 def train_job(cache_url: str, storage_path: str, name: str, **overrides) -> TrainJob:
-    fields = {
-        "run_name": name, "storage_path": storage_path, "cache_url": cache_url,
-        "timm_kwargs": vit_kwargs("vit_pico_patch4_32", in_chans=1), "base_timm_kwargs": base_kwargs(),
-        "preprocess": {"output_size": 32, "crop_scale": [0.2, 1.0], "crop_ratio": [0.75, 4 / 3],
-                       "interpolation": "bicubic", "mean": [0.2860405969887955], "std": [0.35302424451492254]},
-        "views_per_image": 2, "view_seed": EXTRACT_DEFAULTS["view_seed"], "k_max": EXTRACT_DEFAULTS["k_max"],
-        "topk": 4, "decoder_dim": 32, "decoder_heads": 4, "epochs": 2, "global_batch": GLOBAL_BATCH, "blr": 1.5e-3,
-        "num_workers": 0, "loader_workers": 0, "checkpoint_every": 2, "log_every": 1, "keep_checkpoints": 2,
-    }
-    return TrainJob(**(fields | overrides))
+    return tiny_train_job(cache_url, storage_path, name, **overrides)
 
 
 def exported(run_dir: str) -> dict[str, torch.Tensor]:

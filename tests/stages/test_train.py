@@ -23,7 +23,7 @@ from stages.train.session import checkpoint_names
 from tec_model import vit_kwargs
 from tests.faults.conftest import global_indices, kill_group, spawn_paused_train, wait_until
 from tests.faults.figures import record
-from tests.fixtures.extract import EXTRACT_DEFAULTS, base_kwargs
+from tests.fixtures.train_runs import tiny_train_job
 
 REPO = Path(__file__).resolve().parents[2]
 N_IMAGES, GLOBAL_BATCH, STEPS_PER_EPOCH = 64, 16, 4
@@ -37,18 +37,8 @@ def cache_url(train_cache) -> str:
 
 
 def make_train_job(cache_url: str, storage_path: str, name: str, **overrides) -> TrainJob:
-    fields = {
-        "run_name": name, "storage_path": storage_path, "cache_url": cache_url,
-        "timm_kwargs": vit_kwargs("vit_pico_patch4_32", in_chans=1), "base_timm_kwargs": base_kwargs(),
-        "preprocess": {"output_size": 32, "crop_scale": [0.2, 1.0], "crop_ratio": [0.75, 4 / 3],
-                       "interpolation": "bicubic", "mean": [0.2860405969887955], "std": [0.35302424451492254]},
-        "views_per_image": 2, "view_seed": EXTRACT_DEFAULTS["view_seed"], "k_max": EXTRACT_DEFAULTS["k_max"],
-        "topk": 4, "att_tau": 1.8, "decoder_dim": 32, "decoder_heads": 4, "epochs": 2,
-        "global_batch": GLOBAL_BATCH, "blr": 1.5e-3, "warmup_epochs": 0.5, "num_workers": 2,
-        "loader_workers": 0, "checkpoint_every": 2, "log_every": 1, "keep_checkpoints": 2,
-    }
-    fields.update(overrides)
-    return TrainJob(**fields)
+    """:func:`tiny_train_job` on 2 Ray Train workers with half an epoch of warm-up."""
+    return tiny_train_job(cache_url, storage_path, name, **({"warmup_epochs": 0.5, "num_workers": 2} | overrides))
 
 
 def final_state(result_run_dir: str) -> dict[str, torch.Tensor]:
