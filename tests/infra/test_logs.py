@@ -41,7 +41,8 @@ def test_rays_own_worker_lines_become_debug_records() -> None:
     assert record.getMessage().endswith(line)
 
 
-def test_worker_logging_writes_marked_lines_that_the_driver_reads_back(capsys) -> None:
+def test_worker_logging_writes_marked_lines_that_the_driver_reads_back(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("TEC_LOG_LEVEL", "INFO")  # the level a worker reads at start-up (CI runs at WARNING)
     loggers = {name: logging.getLogger(name) for name in ray_logs.PROJECT_LOGGERS}
     saved = {name: (lg.handlers[:], lg.level, lg.propagate) for name, lg in loggers.items()}
     try:

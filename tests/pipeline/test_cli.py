@@ -45,6 +45,7 @@ def two_runs(tmp_path_factory) -> tuple[Path, list[dict]]:
         with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(terminal), \
                 contextlib.redirect_stdout(terminal):
             mp.setenv("AWS_SESSION_TOKEN", SECRET)
+            mp.setenv("TEC_LOG_LEVEL", "INFO")  # the level Ray workers log at, whatever the CI sets (WARNING)
             # the first run on Ray, the second (which reuses the cache) trains in-process: the same code, half the time
             for extra in ([], ["train.num_workers=0"]):
                 run_pipeline.main(["--log-level", "INFO", "run", "--config", TINY, *overrides, *extra])
