@@ -31,6 +31,7 @@ from stages.cache.errors import UnitIncompleteError, no_space_guard
 from stages.cache.failures import FAILURES_DIR, FailureRecord, failures_parquet, gather_failures
 from stages.cache.layout import ARRAYS, TargetBatch, array_shapes, create_arrays, gather_rows, raw_bytes_per_view
 from stages.cache.leases import UnitClaims
+from stages.cache.local_tier import LocalCacheSettings, LocalTier
 from stages.cache.spec import ATTR_NAME, FORMAT_VERSION, CacheFormatError, CacheSpec, check_compatible
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,11 @@ def create_or_open(url: str, spec: CacheSpec, compressor: str = "shuffle") -> Ta
     return TargetCache(url, existing, read_only=False)
 
 
-def open_cache(url: str, expected: CacheSpec | None = None, read_only: bool = True) -> TargetCache:
-    """Open an existing cache; with ``expected``, refuse it unless the keys agree.
+def open_cache(url: str, expected: CacheSpec | None = None, read_only: bool = True,
+               local_cache: LocalCacheSettings | None = None) -> TargetCache:
+    """Open an existing cache; with ``expected``, refuse it unless the keys agree. ``local_cache`` (readers): serve
+    the complete units' data objects from a node-local directory and count the bytes read
+    (:mod:`stages.cache.local_tier`).
 
     Raises:
         FileNotFoundError: no cache at ``url``.
@@ -101,7 +105,7 @@ def open_cache(url: str, expected: CacheSpec | None = None, read_only: bool = Tr
         raise FileNotFoundError(f"no target cache at {url}")
     if expected is not None:
         check_compatible(url, existing, expected)
-    return TargetCache(url, existing, read_only=read_only)
+    return TargetCache(url, existing, read_only=read_only, local_cache=local_cache)
 
 
 def _sha256(array: np.ndarray) -> str:
@@ -116,15 +120,21 @@ class TargetCache(UnitClaims):
         url: root URL of the cache.
         spec: the spec stored in the cache.
         read_only: whether writes are refused.
+        local: the node-local tier and byte counters (:class:`~stages.cache.local_tier.LocalTier`), or None.
     """
 
-    def __init__(self, url: str, spec: CacheSpec, read_only: bool = True) -> None:
+    def __init__(self, url: str, spec: CacheSpec, read_only: bool = True,
+                 local_cache: LocalCacheSettings | None = None) -> None:
         self.url = str(url).rstrip("/")
         self.spec = spec
         self.read_only = read_only
-        self._group = zarr.open_group(storage.zarr_store(self.url, read_only=read_only), mode="r" if read_only
+        store = storage.zarr_store(self.url, read_only=read_only)
+        self.local = None if local_cache is None else LocalTier(self.url, spec, store, local_cache)
+        self._group = zarr.open_group(store if self.local is None else self.local.store, mode="r" if read_only
                                       else "r+", zarr_format=3)
         self._arrays = {name: self._group[name].with_config(_WRITE_CONFIG) for name in ARRAYS}
+        if self.local is not None:
+            self.local.attach(self, self._arrays)
 
     @property
     def unit_size(self) -> int:
