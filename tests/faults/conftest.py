@@ -42,9 +42,19 @@ from tests.fixtures.extract import make_job
 REPO = Path(__file__).resolve().parents[2]
 # Rounds of repeated kills: a couple in the CI subset, ten in the full suite.
 CI_ROUNDS, FULL_ROUNDS = 2, 10
-ROUNDS = [pytest.param(CI_ROUNDS, marks=pytest.mark.faults, id=f"{CI_ROUNDS}rounds"),
-          pytest.param(FULL_ROUNDS, marks=[pytest.mark.faults_full, pytest.mark.timeout(1800)],
-                       id=f"{FULL_ROUNDS}rounds")]
+
+
+def kill_rounds(ci_rounds: int = CI_ROUNDS) -> list:
+    """``rounds`` parameters: ``ci_rounds`` in the CI subset (``faults``), :data:`FULL_ROUNDS` in ``faults_full``."""
+    return [pytest.param(ci_rounds, marks=pytest.mark.faults, id=f"{ci_rounds}rounds"),
+            pytest.param(FULL_ROUNDS, marks=[pytest.mark.faults_full, pytest.mark.timeout(1800)],
+                         id=f"{FULL_ROUNDS}rounds")]
+
+
+ROUNDS = kill_rounds()
+# A killed driver costs a new driver process and a new actor per round (about twice an actor kill's time): CI kills
+# it once (the resume after it still takes over its claims), the full suite ten times.
+DRIVER_ROUNDS = kill_rounds(1)
 
 EXTRACT_DRIVER = (
     "import json, sys; from stages.extract import run_extract; from tests.fixtures.extract import make_job; "

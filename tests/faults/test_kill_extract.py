@@ -14,6 +14,7 @@ import pytest
 
 from stages.extract import run_extract
 from tests.faults.conftest import (
+    DRIVER_ROUNDS,
     ROUNDS,
     alive_actors,
     assert_markers_kept,
@@ -37,7 +38,7 @@ def n_images_for(rounds: int) -> int:
     return UNIT * max(24, 6 * rounds + 8)
 
 
-@pytest.mark.parametrize("rounds", ROUNDS)
+@pytest.mark.parametrize("rounds", DRIVER_ROUNDS)
 def test_driver_killed_repeatedly_then_resumed_is_byte_identical(
     rounds, fmnist_manifest, base_checkpoint, reference_cache, fault_rng, record_figures, tmp_path
 ):

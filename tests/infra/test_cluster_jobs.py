@@ -102,7 +102,8 @@ def two_jobs(ray_cluster, local_ray_cluster, moto_endpoint: str, s3_root: str, f
     extract_logs, extract_env = submit(local_ray_cluster, runtime_env, "extract", "--config", TINY, *overrides)
     extract_actors = actor_nodes(local_ray_cluster, "UnitExtractor")
     train_logs, train_env = submit(local_ray_cluster, runtime_env, "train", "--config", TINY, "--run-name", RUN_NAME,
-                                   *overrides, "train.epochs=1")  # not part of the cache key
+                                   *overrides, "train.epochs=1",  # not part of the cache key
+                                   "train.loader_workers=0")  # batches read in the workers: no loader start-up
     return {"extract": last_json(extract_logs), "train": last_json(train_logs), "train_logs": train_logs,
             "extract_actors": extract_actors, "train_workers": actor_nodes(local_ray_cluster, "RayTrainWorker"),
             "stored_runtime_envs": [extract_env, train_env]}

@@ -46,8 +46,11 @@ def two_runs(tmp_path_factory) -> tuple[Path, list[dict]]:
                 contextlib.redirect_stdout(terminal):
             mp.setenv("AWS_SESSION_TOKEN", SECRET)
             mp.setenv("TEC_LOG_LEVEL", "INFO")  # the level Ray workers log at, whatever the CI sets (WARNING)
-            # the first run on Ray, the second (which reuses the cache) trains in-process: the same code, half the time
+            # the first run trains on Ray Train, the second (which reuses the cache) in-process: the same code, half
+            # the time. Both extract in-process and read in the training process (Ray actors and spawned loader
+            # workers have tests of their own; here they would add process start-ups only).
             for extra in ([], ["train.num_workers=0"]):
+                extra += ["extract.num_actors=0", "train.loader_workers=0"]
                 run_pipeline.main(["--log-level", "INFO", "run", "--config", TINY, *overrides, *extra])
                 runs = sorted((root / "runs").iterdir())
                 outputs.append({"runs": [r.name for r in runs], "log": records, "terminal": terminal})
