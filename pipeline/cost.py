@@ -21,6 +21,7 @@ from infra import storage
 from pipeline.flops import UNIT, base_macs_per_view, format_macs, tec_step_macs
 from pipeline.ledger import read_ledger
 from stages.cache import raw_bytes_per_view
+from stages.cache.codecs import CODECS, stored_bytes_per_view
 from tec_model.archs import num_patches, vit_kwargs
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,9 @@ def project(
         "stored_over_raw": stored_over_raw,
     }
     out["storage_stored_bytes"] = out["storage_raw_bytes"] * stored_over_raw
+    out["storage_by_codec"] = {  # uncompressed stored bytes (before Blosc), docs/cache-format.md#10
+        codec: n_images * (views_per_image * stored_bytes_per_view(codec, length, kw["embed_dim"], kw["num_heads"],
+                                                                   k_max) + 1) for codec in CODECS}
     out["extraction_cost"] = out["extraction_device_hours"] * device_price_per_hour
     out["money_saved_per_run"] = out["device_hours_saved_per_run"] * device_price_per_hour
     out["net_saving_device_hours"] = out["net_saving_macs"] * hours
@@ -256,6 +260,8 @@ def format_projection(p: dict[str, Any]) -> str:
         f"(stored/raw {p['stored_over_raw']})",
         f"  storage            {p['storage_raw_bytes'] / tb:.3f} TB raw, "
         f"{p['storage_stored_bytes'] / tb:.3f} TB stored",
+        "  storage per codec  " + ", ".join(f"{codec} {size / tb:.3f} TB" for codec, size in
+                                            p["storage_by_codec"].items()) + " (extract.codec; before Blosc)",
         f"  extraction         {format_macs(p['extraction_macs'])} = {p['extraction_device_hours']:,.2f} "
         f"device-hours at {format_macs(p['device_macs_per_s'])}/s = {p['extraction_cost']:,.2f} at "
         f"{p['device_price_per_hour']:g}/h",
