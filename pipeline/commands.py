@@ -45,6 +45,10 @@ def cost_cli(args: Any) -> None:
 
     cfg = C.load_config(args.config, args.overrides)
     if args.project:
+        if not args.images and not storage.exists(cfg.data.path):
+            raise FileNotFoundError(
+                f"cost --project counts the images of data.path, and {cfg.data.path} does not exist: pass --images N "
+                f"(the data set's size, e.g. --images 1281167 for ImageNet-1k train) or data.path=<your data>")
         n_images = args.images or prepare_manifest(cfg)[2]
         m = cfg.model
         tec = {"mask_ratio": m.mask_ratio, "adapters": m.adapters, "attention_target": m.attention_target,
@@ -54,7 +58,8 @@ def cost_cli(args: Any) -> None:
                     epochs=args.epochs if args.epochs is not None else cfg.train.epochs, runs=args.runs,
                     k_max=cfg.extract.k_max, new=C.model_timm_kwargs(cfg), tec=tec,
                     step_rate_views_per_s_per_worker=args.step_rate,
-                    device_macs_per_s=args.device_tflops * 1e12 / 2, device_price_per_hour=args.price)
+                    device_macs_per_s=args.device_tflops * 1e12 / 2, device_price_per_hour=args.price,
+                    local_cache_max_bytes=cfg.train.local_cache.max_bytes)
         print(format_projection(p))
         return
     urls = [args.cache] if args.cache else [c.url for c in list_caches(cfg.output_root)]

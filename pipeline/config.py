@@ -148,6 +148,7 @@ def to_train_job(cfg: PipelineConfig, cache_url: str | None, run_name: str, stor
     model_fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("arch",
                                                                                                "timm_overrides")}
     train_fields = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name != "run_name"}
+    train_fields["local_cache"] = dataclasses.asdict(t.local_cache)  # the job holds plain values
     return TrainJob(
         run_name=check_name(run_name, "run_name"), storage_path=storage_path, timm_kwargs=model_timm_kwargs(cfg),
         base_timm_kwargs=base_timm_kwargs(cfg), preprocess=preprocess(cfg).to_dict(), cache_url=cache_url,

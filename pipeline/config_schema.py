@@ -131,6 +131,22 @@ class ModelConfig:
 
 
 @dataclass
+class LocalCacheConfig:
+    """``train.local_cache``: a node-local copy of a REMOTE target cache's objects, fetched once per node per run
+    and shared by every rank and loader worker of the node (:mod:`stages.cache.local_tier`).
+
+    ``dir`` is a directory on each node's local disk (null: off); ``max_bytes`` bounds it (null: unbounded; below
+    the cache's size a fixed set of objects stays local and the rest is read by byte range); ``verify_local``
+    hashes each local file fully on its first use in each process (default: a size check only). A cache on a local
+    path is read in place: it is already local. See docs/pipeline.md#local-cache.
+    """
+
+    dir: str | None = None
+    max_bytes: int | None = field(default=None, metadata=_at_least(0))
+    verify_local: bool = False
+
+
+@dataclass
 class TrainConfig:
     """The training stage (MAE's recipe; ``global_batch`` counts samples per optimiser step)."""
 
@@ -155,6 +171,7 @@ class TrainConfig:
     log_every: int = field(default=10, metadata=_at_least(1))
     max_steps: int | None = field(default=None, metadata=_at_least(1))
     amp_dtype: str = field(default="bfloat16", metadata=_one_of(AMP_DTYPES))
+    local_cache: LocalCacheConfig = field(default_factory=LocalCacheConfig)
 
 
 @dataclass

@@ -35,7 +35,8 @@ def cache_costs(cache_url: str) -> dict[str, Any]:
     Returns:
         A dict: extraction spent (``spent_base_macs``, ``extract_device_seconds`` by device kind,
         ``bytes_stored``), runs (``runs``, ``cache_runs``, ``views_served`` by cache runs, ``base_macs_avoided``,
-        ``train_macs``, ``bytes_read``), ``net_saving_macs`` (avoided − spent), ``bytes_read_per_avoided_mac``,
+        ``train_macs``, ``bytes_read``; ``object_store_bytes`` / ``local_cache_bytes`` summed over the runs that
+        measured them, ``network_runs`` of them), ``net_saving_macs`` (avoided − spent), ``bytes_read_per_avoided_mac``,
         ``break_even_run_epochs`` (= V), ``run_epochs_served`` (cache views served / images) and
         ``break_even_reached`` (None without an extraction row).
     """
@@ -52,6 +53,7 @@ def cache_costs(cache_url: str) -> dict[str, Any]:
     avoided = sum(row["base_macs_avoided"] for row in cached)
     served = sum(row["views_served"] for row in cached)
     bytes_read = sum(row["bytes_read"] for row in cached)
+    measured = [row for row in cached if row.get("object_store_bytes") is not None]
     return {
         "cache_url": cache_url, "cache_key": e[-1]["cache_key"] if e else "", "unit": UNIT,
         "extractions": len(e), "images_extracted": images, "views_extracted": views_extracted,
@@ -61,6 +63,8 @@ def cache_costs(cache_url: str) -> dict[str, Any]:
         "bytes_stored": e[-1]["cache_stored_bytes"] if e else 0,
         "runs": len(r), "cache_runs": len(cached), "views_served": served, "base_macs_avoided": avoided,
         "train_macs": sum(row["train_macs"] for row in r), "bytes_read": bytes_read,
+        "object_store_bytes": sum(row["object_store_bytes"] for row in measured),
+        "local_cache_bytes": sum(row["local_cache_bytes"] or 0 for row in measured), "network_runs": len(measured),
         "net_saving_macs": avoided - spent,
         "bytes_read_per_avoided_mac": bytes_read / avoided if avoided else None,
         "break_even_run_epochs": e[-1]["views_per_image"] if e else None,
@@ -109,6 +113,8 @@ def format_cost_rows(rows: list[dict[str, Any]]) -> str:
             f"  net saving         {format_macs(c['net_saving_macs'])} (avoided − spent)",
             f"  bytes read         {_bytes(c['bytes_read'])}; "
             + (f"{per * 1e9:.0f} B per GMAC avoided" if per is not None else "no MACs avoided yet"),
+            f"  network            object store {_bytes(c['object_store_bytes'])}, local cache "
+            f"{_bytes(c['local_cache_bytes'])} ({c['network_runs']} of {c['cache_runs']} cache run(s) measured)",
             f"  break-even         runs×epochs needed = V = {c['break_even_run_epochs']}; served so far "
             + (f"{served:.2f} run-epochs" if served is not None else "-") + f": {reached}",
         ]
@@ -189,6 +195,7 @@ def project(
     device_macs_per_s: float = 150e12,
     device_price_per_hour: float = 2.0,
     stored_over_raw: float = STORED_OVER_RAW,
+    local_cache_max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Project a cache and its runs on paper (MACs; FLOPs = 2×MACs).
 
@@ -203,6 +210,8 @@ def project(
         device_macs_per_s: sustained device throughput in MACs/s (= sustained FLOP/s ÷ 2).
         device_price_per_hour: price of one device-hour (any currency).
         stored_over_raw: compression, stored/raw bytes (0.82 measured for the default codec).
+        local_cache_max_bytes: ``train.local_cache.max_bytes`` (None: unbounded), for the object-store bytes of a
+            run with the node-local cache (:func:`object_store_bytes_with_local_cache`).
 
     Returns:
         A dict of the numbers :func:`format_projection` prints: bytes per view (raw, stored), storage, extraction
@@ -237,6 +246,9 @@ def project(
     out["storage_by_codec"] = {  # uncompressed stored bytes (before Blosc), docs/cache-format.md#10
         codec: n_images * (views_per_image * stored_bytes_per_view(codec, length, kw["embed_dim"], kw["num_heads"],
                                                                    k_max) + 1) for codec in CODECS}
+    out["object_store_bytes_per_run_local_cache"] = object_store_bytes_with_local_cache(
+        out["bytes_read_per_run"], out["storage_stored_bytes"], local_cache_max_bytes)
+    out["local_cache_max_bytes"] = local_cache_max_bytes
     out["extraction_cost"] = out["extraction_device_hours"] * device_price_per_hour
     out["money_saved_per_run"] = out["device_hours_saved_per_run"] * device_price_per_hour
     out["net_saving_device_hours"] = out["net_saving_macs"] * hours
@@ -248,6 +260,15 @@ def project(
         out["online_saving_fraction"] = base_macs / (base_macs + train["train_macs_per_sample"])
     log.debug("projection: %s", out)
     return out
+
+
+def object_store_bytes_with_local_cache(bytes_read: float, stored: float, max_bytes: int | None) -> float:
+    """Object-store bytes of one run on one node with the node-local cache: the kept share k = min(1,
+    max_bytes / stored) is fetched once, whole; the rest is read as without the cache; never more than without it
+    (a run reading less than all of an object keeps nothing it would fetch whole, :mod:`stages.cache.local_tier`).
+    """
+    k = 1.0 if max_bytes is None or not stored else min(1.0, max_bytes / stored)
+    return min(bytes_read, k * stored + (1.0 - k) * bytes_read)
 
 
 def format_projection(p: dict[str, Any]) -> str:
@@ -270,6 +291,9 @@ def format_projection(p: dict[str, Any]) -> str:
         f"  saving per run     {format_macs(p['base_macs_avoided_per_run'])} = "
         f"{p['device_hours_saved_per_run']:,.2f} device-hours = {p['money_saved_per_run']:,.2f}; reads "
         f"{p['bytes_read_per_run'] / tb:.3f} TB; each view served {p['reuse_per_view_per_run']:g}× per run",
+        f"  object store       {p['bytes_read_per_run'] / tb:.3f} TB per run without the local cache, "
+        f"{p['object_store_bytes_per_run_local_cache'] / tb:.3f} TB per node with it (train.local_cache, bound "
+        + ("none" if p["local_cache_max_bytes"] is None else f"{p['local_cache_max_bytes'] / tb:.3f} TB") + ")",
         f"  break-even         runs×epochs needed = V = {p['break_even_run_epochs']}; planned "
         f"{p['runs'] * p['epochs']:g}: {'reached' if p['break_even_reached'] else 'not reached'}; net saving "
         f"{format_macs(p['net_saving_macs'])} = {p['net_saving_device_hours']:,.2f} device-hours",

@@ -78,6 +78,10 @@ RUN_SCHEMA = pa.schema([
     ("wall_seconds", pa.float64()),
     ("epochs", pa.float64()),
     ("timestamp", pa.string()),
+    # network: bytes the run read from the cache's store (the object store for a remote cache) and bytes its
+    # node-local cache served (null in rows written before they were kept)
+    ("object_store_bytes", pa.int64()),
+    ("local_cache_bytes", pa.int64()),
 ], metadata={"units": UNIT})
 
 
@@ -158,6 +162,9 @@ def record_run(
     wall_seconds: float,
     epochs: float,
     base_macs_per_view: int,
+    *,
+    object_store_bytes: int | None = None,
+    local_cache_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Write (or replace) the ledger row of one training run (MACs; FLOPs = 2×MACs).
 
@@ -173,6 +180,9 @@ def record_run(
         wall_seconds: the run's wall time.
         epochs: epochs completed (fractional when stopped mid-epoch).
         base_macs_per_view: MACs of one base forward (the cache's ``flops.base_forward_macs_per_view``).
+        object_store_bytes: bytes read from the cache's store over all ranks (the train metrics' field of the
+            same name); None: not measured.
+        local_cache_bytes: bytes served from the node-local cache (``train.local_cache``) over all ranks.
 
     Returns:
         The row (keys of :data:`RUN_SCHEMA`) plus ``url``, its object.
@@ -185,6 +195,8 @@ def record_run(
         "views_served": int(views_served), "base_macs_per_view": int(base_macs_per_view),
         "base_macs_avoided": avoided, "bytes_read": int(bytes_read), "train_macs": int(train_macs),
         "wall_seconds": float(wall_seconds), "epochs": float(epochs), "timestamp": _now(),
+        "object_store_bytes": None if object_store_bytes is None else int(object_store_bytes),
+        "local_cache_bytes": None if local_cache_bytes is None else int(local_cache_bytes),
     }
     url = storage.join(ledger_url(cache_url), f"run-{_safe_name(run_name)}.parquet")
     _write_row(url, RUN_SCHEMA, row)

@@ -298,7 +298,9 @@ def train_from(cfg: C.PipelineConfig, cache: CacheReady, run_name: str | None = 
                       views_served=views, bytes_read=int(last.get("bytes_read", 0)),
                       train_macs=views * macs["train_macs_per_sample"], wall_seconds=wall,
                       epochs=float(last.get("epoch", 0.0)),
-                      base_macs_per_view=cache.spec.base_forward_macs_per_view)
+                      base_macs_per_view=cache.spec.base_forward_macs_per_view,
+                      object_store_bytes=last.get("object_store_bytes"),
+                      local_cache_bytes=last.get("local_cache_bytes"))
     return result
 
 

@@ -170,7 +170,11 @@ class LocalTier:
         meta = self._arrays[name].metadata.to_buffer_dict(proto)
         inner = key[len(name) + 1:]
         mem = MemoryStore({**meta, inner: proto.buffer.from_bytes(data)}, read_only=True)
-        rows = zarr.open_array(mem, mode="r", zarr_format=3)[marker["start"]:marker["stop"]]
+        try:
+            rows = zarr.open_array(mem, mode="r", zarr_format=3)[marker["start"]:marker["stop"]]
+        except Exception as err:  # a damaged object may not even decode (codec or shard-index checksum errors)
+            raise ObjectVerifyError(f"{storage.redact_url(self.url)}/{key}: does not decode with the array's "
+                                    f"metadata ({type(err).__name__}: {err})") from err
         digest = hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest()
         if digest != marker["sha256"][name]:
             raise ObjectVerifyError(f"{storage.redact_url(self.url)}/{key}: decoded SHA-256 {digest[:16]}… differs "

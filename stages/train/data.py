@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from infra import storage
 from stages.cache import open_cache, raw_bytes_per_view
+from stages.cache.local_tier import LocalCacheSettings
 from stages.cache.spec import CacheMismatchError, CacheSpec, expected_differences
 from stages.images import ImageSource
 from stages.manifest import expected_sizes, read_manifest
@@ -60,6 +61,7 @@ logger = logging.getLogger(__name__)
 _ORDER_DOMAIN = 0x7EC0_0001  # separates the order stream from the view-offset stream
 _VIEW_DOMAIN = 0x7EC0_0002
 _TARGETS = ("features", "attn_logits", "topk_index", "views", "valid")
+_PREFETCH_STEPS = 2  # this worker's next steps whose local-cache objects are fetched in the background
 
 
 def _philox(*words: int) -> np.random.Philox:
@@ -244,7 +246,9 @@ class TrainBatches(IterableDataset):
     left, height, width, flip) and ``pixels`` float32 (B, C, S, S). Cached mode (``cache_url``) adds the stored
     targets ``features`` float16 (B, L, C_base), ``attn_logits`` float16 (B, K_max+1, H, L), ``topk_index`` int64
     (B, K_max), ``bytes_read`` (decoded target bytes delivered) and ``bytes_fetched`` (decoded bytes of the whole
-    blocks read for this batch; 0 when all were held); pixels are rebuilt from the STORED boxes. Online mode plans
+    blocks read for this batch; 0 when all were held), ``object_store_bytes`` and ``local_cache_bytes`` (bytes this
+    process read from the cache's store and from the node-local cache since its previous batch); pixels are
+    rebuilt from the STORED boxes. Online mode plans
     the boxes with ``preprocess.plan(view_seed, ...)`` (identical to the cache's rows by construction).
 
     Stores and filesystems are opened inside the iterating process. With several DataLoader workers, worker w
@@ -264,12 +268,14 @@ class TrainBatches(IterableDataset):
         checked_spec: the cache's spec as the caller already checked it against this plan (the training workers:
             :func:`stages.train.run.run_train` checks once before they start); None: the cache is opened and checked
             here (:func:`check_plan_fits_cache`).
+        local_cache: the node-local cache of a remote cache's objects (:mod:`stages.cache.local_tier`; None or no
+            ``dir``: off, bytes still counted).
     """
 
     def __init__(self, plan: SamplePlan, epoch: int, rank: int, start_step: int, *, manifest_url: str,
                  preprocess: Preprocess, in_chans: int, cache_url: str | None = None,
                  view_seed: int | None = None, uri_policy: UriPolicy | None = None,
-                 checked_spec: CacheSpec | None = None) -> None:
+                 checked_spec: CacheSpec | None = None, local_cache: LocalCacheSettings | None = None) -> None:
         super().__init__()
         if not 0 <= rank < plan.world_size:
             raise ValueError(f"rank {rank} out of range [0, {plan.world_size})")
@@ -287,6 +293,7 @@ class TrainBatches(IterableDataset):
         self.plan, self.epoch, self.rank, self.start_step = plan, epoch, rank, start_step
         self.manifest_url, self.preprocess, self.in_chans = manifest_url, preprocess, in_chans
         self.cache_url, self.view_seed, self.uri_policy = cache_url, view_seed, uri_policy
+        self.local_cache = local_cache
 
     def __len__(self) -> int:
         """Batches this dataset yields over all DataLoader workers."""
@@ -299,7 +306,9 @@ class TrainBatches(IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         reader = _Reader(self)
-        for step in range(self.start_step + worker, self.plan.steps_per_epoch(), n_workers):
+        steps = range(self.start_step + worker, self.plan.steps_per_epoch(), n_workers)
+        for i, step in enumerate(steps):
+            reader.prefetch(steps[i + 1 : i + 1 + _PREFETCH_STEPS])
             yield reader.batch(step)
 
 
@@ -317,10 +326,27 @@ class _Reader:
         self.source = ImageSource(ds.in_chans, storage.storage_options(storage.protocol_of(first)))
         if ds.uri_policy is not None:
             self.source = self.source.with_policy(ds.uri_policy)
-        self.cache = open_cache(ds.cache_url) if ds.cache_url is not None else None
+        self.cache = (open_cache(ds.cache_url, local_cache=LocalCacheSettings.of(ds.local_cache))
+                      if ds.cache_url is not None else None)
+        self._io = (0, 0)  # (store, local cache) bytes counted so far
         self.lru = _BlockLRU(2 * self.plan.shuffle_window)
         if self.cache is not None:  # complete: the plan's valid rows come from TargetCache.valid(), which checks it
             self.bytes_per_view = raw_bytes_per_view(self.cache.spec)
+
+    def prefetch(self, steps: range) -> None:
+        """Fetch the local cache's objects of ``steps`` (this worker's next ones) on a background thread."""
+        if self.cache is not None and self.cache.local.enabled:
+            for step in steps:
+                self.cache.local.prefetch(step, self.plan.rank_batch(self.ds.epoch, step, self.ds.rank)[0])
+
+    def _io_since_last(self, step: int) -> dict[str, int]:
+        """Bytes read from the store and from the local cache since the previous batch (``step``'s prefetch
+        settled first, so every fetch lands in some batch)."""
+        self.cache.local.settle(step)
+        now = self.cache.local.counters()
+        store, local = (a - b for a, b in zip(now, self._io, strict=True))
+        self._io = now
+        return {"object_store_bytes": store, "local_cache_bytes": local}
 
     def batch(self, step: int) -> dict[str, object]:
         idx, views = self.plan.rank_batch(self.ds.epoch, step, self.ds.rank)
@@ -331,6 +357,7 @@ class _Reader:
                               in zip(idx.tolist(), views.tolist(), images, strict=True)])
         else:
             targets, fetched = self._targets(idx)
+            out.update(self._io_since_last(step))
             boxes = targets["views"]
             out.update(features=torch.from_numpy(targets["features"]),
                        attn_logits=torch.from_numpy(targets["attn_logits"]),

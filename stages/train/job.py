@@ -18,6 +18,7 @@ TargetSource = Literal["cache", "online", "pixel"]
 TARGET_SOURCES: tuple[str, ...] = get_args(TargetSource)
 # What a configuration may ask for: "pixel" is internal (the base.pretrain runs use it).
 USER_TARGET_SOURCES: tuple[str, ...] = tuple(s for s in TARGET_SOURCES if s != "pixel")
+LOCAL_CACHE_FIELDS = ("dir", "max_bytes", "verify_local")
 
 
 class CacheIncompatibleError(ValueError):
@@ -52,6 +53,9 @@ class TrainJob:
         log_indices: each rank writes the sample indices it trained on to ``<run>/indices/`` at every report.
         uri_policy: the data section's input policy (:class:`stages.uri_policy.UriPolicy` fields; empty: defaults),
             so training reads exactly the images extraction was allowed to read.
+        local_cache: ``train.local_cache`` (``dir``, ``max_bytes``, ``verify_local``): a node-local copy of a remote
+            cache's objects (:mod:`stages.cache.local_tier`); empty or ``dir`` None: off. A resource: it may change
+            across a resume.
     """
 
     run_name: str
@@ -98,6 +102,7 @@ class TrainJob:
     base_precision: str = "auto"
     log_indices: bool = False
     uri_policy: dict[str, Any] = field(default_factory=dict)
+    local_cache: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -120,6 +125,8 @@ class TrainJob:
                             f"({self.world_size} × {self.accum_steps})")
         if self.topk > self.k_max:
             problems.append(f"topk {self.topk} exceeds k_max {self.k_max}")
+        if unknown := set(self.local_cache) - set(LOCAL_CACHE_FIELDS):
+            problems.append(f"local_cache: unknown field(s) {sorted(unknown)}; expected {LOCAL_CACHE_FIELDS}")
         if problems:
             raise ValueError("invalid training job: " + "; ".join(problems))
 
@@ -142,7 +149,7 @@ class TrainJob:
         """Hash of what must not change across a resume (everything but resources and stopping point)."""
         mutable = {"num_workers", "use_gpu", "threads_per_worker", "loader_workers", "max_failures", "log_every",
                    "max_steps", "keep_checkpoints", "log_indices", "uri_policy", "storage_path", "cache_url",
-                   "manifest_url", "checkpoint_url"}
+                   "manifest_url", "checkpoint_url", "local_cache"}
         fixed = {k: v for k, v in self.to_dict().items() if k not in mutable}
         return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
 

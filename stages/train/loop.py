@@ -28,6 +28,7 @@ from torch import nn
 from infra import storage
 from stages import device as D
 from stages.cache import TargetCache, open_cache
+from stages.cache.local_tier import LocalCacheSettings
 from stages.cache.spec import CacheSpec
 from stages.train.data import SamplePlan, TrainBatches, make_loader
 from stages.train.job import TrainJob, run_dir
@@ -51,6 +52,8 @@ class Progress:
     samples: int = 0
     bytes_read: int = 0
     skipped_steps: int = 0  # float16 GradScaler steps skipped for inf/NaN gradients (the schedule moves on)
+    object_store_bytes: int = 0  # bytes this rank's readers read from the cache's store (local cache misses)
+    local_cache_bytes: int = 0  # bytes they served from the node-local cache
 
 
 def make_plan(job: TrainJob, world: int, cache: TargetCache | None = None) -> tuple[SamplePlan, int]:
@@ -163,7 +166,8 @@ def _epoch_batches(job: TrainJob, s: _Schedule, epoch: int, rank: int, start: in
     return TrainBatches(s.plan, epoch, rank, start, manifest_url=job.manifest_url or s.spec.manifest_uri,
                         preprocess=job.preprocess_obj(), in_chans=job.base_timm_kwargs.get("in_chans", 3),
                         cache_url=job.cache_url if job.target_source == "cache" else None, view_seed=job.view_seed,
-                        uri_policy=UriPolicy(**job.uri_policy) if job.uri_policy else None, checked_spec=s.spec)
+                        uri_policy=UriPolicy(**job.uri_policy) if job.uri_policy else None, checked_spec=s.spec,
+                        local_cache=LocalCacheSettings.of(job.local_cache, job.epochs))
 
 
 @dataclass
@@ -237,6 +241,8 @@ def _train_step(job: TrainJob, t: _Trainer, s: _Schedule, source: TargetProvider
     t.progress.step += 1
     t.progress.samples += job.global_batch
     t.progress.bytes_read += int(batch.get("bytes_fetched", 0))  # decoded bytes of the blocks read
+    t.progress.object_store_bytes += int(batch.get("object_store_bytes", 0))
+    t.progress.local_cache_bytes += int(batch.get("local_cache_bytes", 0))
     return parts
 
 
@@ -247,23 +253,26 @@ def _metrics_row(job: TrainJob, t: _Trainer, s: _Schedule, parts: dict[str, floa
     encoder_macs = 3 * vit_forward_macs(job.timm_kwargs,
                                         tokens=1 + num_visible(num_patches(job.timm_kwargs), job.mask_ratio))
     step, elapsed = t.progress.step, time.perf_counter() - window.started
+    p = t.progress
+    read, store, local = _sum_over_ranks([p.bytes_read, p.object_store_bytes, p.local_cache_bytes], world)
     row = {"step": step, "epoch": step / s.per_epoch, "lr": float(s.lrs[step - 1]), **parts,
            "samples_per_s": window.samples / elapsed if elapsed else 0.0,
-           "views_served": t.progress.samples, "bytes_read": _sum_over_ranks(t.progress.bytes_read, world),
-           "encoder_train_macs": t.progress.samples * encoder_macs, "skipped_steps": t.progress.skipped_steps}
+           "views_served": t.progress.samples, "bytes_read": read, "object_store_bytes": store,
+           "local_cache_bytes": local, "encoder_train_macs": t.progress.samples * encoder_macs,
+           "skipped_steps": t.progress.skipped_steps}
     t.history.append(row)
     return row
 
 
-def _sum_over_ranks(value: int, world: int) -> int:
-    """Sum an integer over all ranks (every rank calls this at the same steps)."""
+def _sum_over_ranks(values: list[int], world: int) -> list[int]:
+    """Sum integers over all ranks in one all-reduce (every rank calls this at the same steps)."""
     if world == 1:
-        return value
+        return list(values)
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor(values, dtype=torch.int64)
     dist.all_reduce(t)
-    return int(t.item())
+    return [int(v) for v in t.tolist()]
 
 
 def _report(job: TrainJob, t: _Trainer, row: dict, session: TrainSession, checkpoint: bool) -> None:

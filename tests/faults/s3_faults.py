@@ -11,7 +11,9 @@ per-request rules, first match wins:
   request never reaches the store).
 
 A rule matches a method (None: any) and a regular expression searched in the request path (bucket/key); it fires for
-its next ``count`` matching requests (None: until removed). The proxy counts requests and injected faults by kind.
+its next ``count`` matching requests (None: until removed). The proxy counts requests and injected faults by kind,
+and the body bytes of its GET answers by path. Its ``bandwidth`` (bytes/s, None: uncapped) paces every answer body
+through one shared link, like a node's network interface.
 It never logs request headers (they carry the access key id in ``Authorization``).
 
 :class:`MotoServer` is a ``ThreadedMotoServer`` on a fixed port that can be stopped and started again: moto keeps
@@ -99,11 +101,14 @@ class Rule:
 
 @dataclass
 class ProxyStats:
-    """Counters of a :class:`FaultProxy`: requests seen by method and faults injected by kind."""
+    """Counters of a :class:`FaultProxy`: requests seen by method, faults injected by kind, and the body bytes of
+    the GET answers it sent by request path (``get_bytes``; ``get_requests`` counts those GETs)."""
 
     requests: Counter = field(default_factory=Counter)
     injected: Counter = field(default_factory=Counter)
     paths: list[tuple[str, str, str]] = field(default_factory=list)
+    get_bytes: Counter = field(default_factory=Counter)
+    get_requests: Counter = field(default_factory=Counter)
 
 
 class FaultProxy:
@@ -111,10 +116,14 @@ class FaultProxy:
 
     Args:
         upstream_port: port of the S3 server on 127.0.0.1.
+        bandwidth: cap on the body bytes per second it sends, over all connections together (one shared link);
+            None: uncapped. Settable later (``proxy.bandwidth = 20e6``).
     """
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, bandwidth: float | None = None) -> None:
         self.upstream_port = upstream_port
+        self.bandwidth = bandwidth
+        self._link_free_at = 0.0
         self.rules: list[Rule] = []
         self.stats = ProxyStats()
         self._lock = threading.Lock()
@@ -208,7 +217,22 @@ class FaultProxy:
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
             return
+        if method == "GET":
+            with self._lock:
+                self.stats.get_bytes[path] += len(data)
+                self.stats.get_requests[path] += 1
+        self._pace(len(data))
         h.wfile.write(data)
+
+    def _pace(self, n: int) -> None:
+        """Sleep until ``n`` more bytes fit the shared link's ``bandwidth`` (no-op when uncapped)."""
+        if not self.bandwidth or not n:
+            return
+        with self._lock:
+            start = max(time.monotonic(), self._link_free_at)
+            self._link_free_at = start + n / self.bandwidth
+            done = self._link_free_at
+        time.sleep(max(0.0, done - time.monotonic()))
 
     def _forward(self, h: BaseHTTPRequestHandler, body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
         conn = http.client.HTTPConnection(LOOPBACK, self.upstream_port, timeout=60)
