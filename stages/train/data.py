@@ -185,21 +185,36 @@ class SamplePlan:
 
 
 class _BlockLRU:
-    """Which blocks a batch must fetch, given the ``capacity`` most recently used ones are held."""
+    """Which blocks a batch must fetch, given the ``capacity`` most recently used ones are held (each block maps to
+    the :class:`_Fetched` read that holds it, or None where only the accounting matters)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.held: OrderedDict[int, dict[str, np.ndarray] | None] = OrderedDict()
+        self.held: OrderedDict[int, _Fetched | None] = OrderedDict()
 
     def missing(self, blocks: np.ndarray) -> list[int]:
         return [int(b) for b in np.unique(blocks) if int(b) not in self.held]
 
-    def admit(self, blocks: np.ndarray, data: dict[int, dict[str, np.ndarray] | None]) -> None:
+    def admit(self, blocks: np.ndarray, data: dict[int, _Fetched | None]) -> None:
         for b in np.unique(blocks).tolist():
             self.held[b] = data[b] if b in data else self.held[b]
             self.held.move_to_end(b)
         while len(self.held) > self.capacity:
             self.held.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    """One read of whole blocks: its rows sorted by their position in the epoch order (rows the epoch does not
+    serve last), so every batch that lies wholly inside one read is a contiguous slice of it.
+
+    Attributes:
+        keys: int64 (n,) ascending, the rows' sort keys (epoch position; ``order size + row`` when not served).
+        arrays: the targets of those rows in that order, (n, ...) each, as :data:`_TARGETS`.
+    """
+
+    keys: np.ndarray
+    arrays: dict[str, np.ndarray]
 
 
 def fetch_amplification(plan: SamplePlan, epoch: int = 0, num_workers: int = 1) -> float:
@@ -330,6 +345,7 @@ class _Reader:
                       if ds.cache_url is not None else None)
         self._io = (0, 0)  # (store, local cache) bytes counted so far
         self.lru = _BlockLRU(2 * self.plan.shuffle_window)
+        self._epoch_position: np.ndarray | None = None
         if self.cache is not None:  # complete: the plan's valid rows come from TargetCache.valid(), which checks it
             self.bytes_per_view = raw_bytes_per_view(self.cache.spec)
 
@@ -367,32 +383,65 @@ class _Reader:
         out["pixels"] = self.ds.preprocess.build_batch(images, boxes)
         return out
 
+    def _positions(self) -> np.ndarray:
+        """int64 (N,): each image's position in this epoch's order, -1 where the epoch does not serve it."""
+        if self._epoch_position is None:
+            order = self.plan.epoch_order(self.ds.epoch)
+            self._epoch_position = np.full(self.plan.valid.size, -1, np.int64)
+            self._epoch_position[order] = np.arange(order.size)
+        return self._epoch_position
+
+    def _fetch(self, missing: list[int]) -> _Fetched:
+        """ONE read of the whole ``missing`` blocks (their epoch views), rows in epoch-order position."""
+        rows = np.concatenate([np.arange(r.start, r.stop) for r in (_block_rows(self.plan, b) for b in missing)])
+        pos = self._positions()[rows]
+        keys = np.where(pos >= 0, pos, self.plan.valid.size + rows)
+        sort = np.argsort(keys, kind="stable")
+        rows, keys = rows[sort], keys[sort]
+        got = self.cache.read_samples(rows, views=self.plan.views_for(self.ds.epoch, rows), check_complete=False)
+        return _Fetched(keys, {name: getattr(got, name) for name in _TARGETS})
+
     def _targets(self, idx: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
-        """Rows of ``idx`` (their epoch views) from held blocks plus ONE read of the missing whole blocks."""
+        """Rows of ``idx`` (their epoch views) from held blocks plus ONE read of the missing whole blocks.
+
+        A batch whose rows all lie in one read is a slice of it (no copy); otherwise each read's rows (a contiguous
+        run of it) are copied into place once.
+        """
         blocks = idx // self.plan.block_size
         missing = self.lru.missing(blocks)
-        data: dict[int, dict[str, np.ndarray] | None] = {}
+        data: dict[int, _Fetched | None] = {}
         fetched = 0
         if missing:
-            rows = np.concatenate([np.arange(r.start, r.stop) for r in (_block_rows(self.plan, b) for b in missing)])
-            got = self.cache.read_samples(rows, views=self.plan.views_for(self.ds.epoch, rows), check_complete=False)
-            fetched = rows.size * self.bytes_per_view
-            at = 0
-            for b in missing:
-                n = len(_block_rows(self.plan, b))
-                data[b] = {name: getattr(got, name)[at : at + n] for name in _TARGETS}
-                at += n
-        held = {b: data[b] if b in data else self.lru.held[b] for b in np.unique(blocks).tolist()}
-        first = held[int(blocks[0])]
-        out = {name: np.empty((idx.size, *first[name].shape[1:]), first[name].dtype) for name in _TARGETS}
-        for b, block in held.items():
-            at = np.flatnonzero(blocks == b)
-            for name in _TARGETS:
-                out[name][at] = block[name][idx[at] - b * self.plan.block_size]
+            record = self._fetch(missing)
+            fetched = record.keys.size * self.bytes_per_view
+            data = dict.fromkeys(missing, record)
+        unique, block_of = np.unique(blocks, return_inverse=True)
+        records = [data[b] if b in data else self.lru.held[b] for b in unique.tolist()]
+        pos = self._positions()[idx]
+        distinct = list({id(r): r for r in records}.values())
+        if len(distinct) == 1:
+            out = self._rows_of(distinct[0], pos, idx)
+        else:
+            record_of = np.array([next(k for k, r in enumerate(distinct) if r is rec) for rec in records])[block_of]
+            out = {name: np.empty((idx.size, *a.shape[1:]), a.dtype) for name, a in distinct[0].arrays.items()}
+            for k, record in enumerate(distinct):
+                at = np.flatnonzero(record_of == k)
+                for name, part in self._rows_of(record, pos[at], idx[at]).items():
+                    out[name][at] = part
         if not out["valid"].all():
             raise ValueError(f"samples {idx[~out['valid']].tolist()} are invalid in the cache but valid in the plan")
         self.lru.admit(blocks, data)
         return out, fetched
+
+    @staticmethod
+    def _rows_of(record: _Fetched, pos: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows at epoch positions ``pos`` (ascending) of ``record``: a view when they are contiguous there."""
+        src = np.searchsorted(record.keys, pos)
+        if src.size and (src[-1] >= record.keys.size or not np.array_equal(record.keys[src], pos)):
+            raise RuntimeError(f"reader: samples {idx.tolist()} are not where their block's read put them")
+        if src.size and src[-1] - src[0] == src.size - 1:
+            return {name: a[src[0] : src[-1] + 1] for name, a in record.arrays.items()}
+        return {name: a[src] for name, a in record.arrays.items()}
 
 
 def make_loader(dataset: TrainBatches, num_workers: int = 1, prefetch: int = 2,

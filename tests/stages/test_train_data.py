@@ -12,13 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stages.cache import inner_images, open_cache, raw_bytes_per_view
-from stages.cache.spec import CacheMismatchError
+from stages.cache import create_or_open, inner_images, open_cache, raw_bytes_per_view
+from stages.cache.spec import CacheMismatchError, CacheSpec
 from stages.extract import run_extract
 from stages.images import ImageSource
 from stages.train.data import (
     SamplePlan,
     TrainBatches,
+    _Reader,
     fetch_amplification,
     make_loader,
 )
@@ -238,3 +239,60 @@ def test_spawned_loader_workers_yield_the_in_process_batches_in_order(cached, wo
     assert [b["step"] for b in got] == list(range(plan.steps_per_epoch()))
     for a, b in zip(ref, got, strict=True):
         assert_same(a, b, ("step", "bytes_read", *TENSORS))
+
+
+# ------------------------------------------------------------------------------- the reader's gather, no extraction
+SYN_N, SYN_V, SYN_U = 40, 3, 4
+TARGETS = ("features", "attn_logits", "topk_index", "views", "valid")
+
+
+@pytest.fixture(scope="module")
+def synthetic(fmnist_manifest, tmp_path_factory):
+    """A 40-image cache written with ``write_unit`` (random targets, V=3, units and blocks of 4) and its manifest."""
+    url, manifest = str(tmp_path_factory.mktemp("reader") / "cache"), fmnist_manifest(SYN_N)
+    spec = CacheSpec(checkpoint="file:///base.pth", checkpoint_sha256="a" * 64,
+                     timm_kwargs={"img_size": 8, "patch_size": 4, "embed_dim": 6, "depth": 1, "num_heads": 2,
+                                  "in_chans": 1},
+                     k_max=2, output_size=8, mean=(0.5,), std=(0.25,), view_seed=0, views_per_image=SYN_V,
+                     manifest_uri=manifest, manifest_sha256="b" * 64, n_images=SYN_N, num_patches=4, embed_dim=6,
+                     num_heads=2, unit_size=SYN_U)
+    cache, rng = create_or_open(url, spec), np.random.default_rng(0)
+    for u in range(cache.n_units):
+        n = len(cache.unit_range(u))
+        cache.write_unit(u, rng.standard_normal((n, SYN_V, 4, 6)), rng.standard_normal((n, SYN_V, 3, 2, 4)),
+                         rng.integers(0, 4, (n, SYN_V, 2)), rng.integers(0, 28, (n, SYN_V, 5)), np.ones(n, bool))
+    return url, manifest
+
+
+@pytest.mark.parametrize(("global_batch", "world_size", "window", "expected"), [
+    (5, 1, 3, {"fetched", "held", "mixed"}),  # batches straddle windows: held and fresh blocks in one batch
+    (6, 2, 2, {"fetched", "mixed"}),  # two ranks: each fetches the blocks it touches
+    (8, 1, 1, {"fetched", "mixed"}),  # the invalid rows leave blocks partly unserved: held rows meet fresh ones
+])
+def test_reader_targets_equal_read_samples_of_each_batch(synthetic, global_batch, world_size, window, expected):
+    url, manifest = synthetic
+    cache = open_cache(url)
+    valid = cache.valid()
+    valid[list(INVALID)] = False
+    plan = SamplePlan(valid, block_size=cache.block_size, views_per_image=SYN_V, seed=2, global_batch=global_batch,
+                      world_size=world_size, shuffle_window=window)
+    assert plan.block_size == SYN_U
+    for epoch in (0, 1):
+        fetched, seen = 0, set()
+        for rank in range(world_size):
+            reader = _Reader(TrainBatches(plan, epoch, rank, 0, manifest_url=manifest, in_chans=1, cache_url=url,
+                                          preprocess=Preprocess.fashion_mnist(8), checked_spec=cache.spec))
+            for step in range(plan.steps_per_epoch()):
+                idx, views = plan.rank_batch(epoch, step, rank)
+                held = {b in reader.lru.held for b in np.unique(idx // SYN_U).tolist()}
+                seen.add("mixed" if len(held) == 2 else "held" if True in held else "fetched")
+                got, f = reader._targets(idx)
+                ref = cache.read_samples(idx, views=views)
+                for name in TARGETS:
+                    want = getattr(ref, name)
+                    assert got[name].dtype == want.dtype and np.array_equal(got[name], want), (name, epoch, step)
+                fetched += f
+        assert seen == expected
+        per_view = raw_bytes_per_view(cache.spec)
+        assert fetched / per_view / (plan.steps_per_epoch() * global_batch) == pytest.approx(
+            fetch_amplification(plan, epoch))
