@@ -136,7 +136,7 @@ def to_extract_job(cfg: PipelineConfig, cache_url: str, manifest_url: str, check
         timm_kwargs=base_timm_kwargs(cfg), preprocess=preprocess(cfg), views_per_image=ex.views_per_image,
         view_seed=ex.seed, last_layers=ex.last_layers, k_max=ex.k_max, unit_size=ex.unit_size,
         batch_size=ex.batch_size, checkpoint_key=cfg.base.checkpoint_key, compressor=ex.compressor,
-        precision=ex.precision, max_failed_fraction=ex.max_failed_fraction,
+        codec=ex.codec, precision=ex.precision, max_failed_fraction=ex.max_failed_fraction,
         uri_policy=UriPolicy.of(cfg.data),
     )
 
@@ -153,7 +153,7 @@ def to_train_job(cfg: PipelineConfig, cache_url: str | None, run_name: str, stor
         run_name=check_name(run_name, "run_name"), storage_path=storage_path, timm_kwargs=model_timm_kwargs(cfg),
         base_timm_kwargs=base_timm_kwargs(cfg), preprocess=preprocess(cfg).to_dict(), cache_url=cache_url,
         manifest_url=manifest_url, checkpoint_url=checkpoint_url, views_per_image=ex.views_per_image,
-        view_seed=ex.seed, last_layers=ex.last_layers, k_max=ex.k_max, base_precision=ex.precision,
+        view_seed=ex.seed, last_layers=ex.last_layers, k_max=ex.k_max, base_precision=ex.precision, codec=ex.codec,
         uri_policy=dataclasses.asdict(UriPolicy.of(cfg.data)), **model_fields, **train_fields,
     )
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stages.cache import COMPRESSORS
+from stages.cache.codecs import CODECS
 from stages.device import AMP_DTYPES, PRECISIONS
 from stages.train.job import USER_TARGET_SOURCES as TARGET_SOURCES
 from stages.uri_policy import DEFAULT_MAX_IDX_BYTES, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SCHEMES
@@ -109,6 +110,7 @@ class ExtractConfig:
     num_actors: int = field(default=1, metadata=_at_least(0))  # 0: extract in this process, without Ray
     threads_per_actor: int = field(default=1, metadata=_at_least(1))
     compressor: str = field(default="shuffle", metadata=_one_of(COMPRESSORS))
+    codec: str = field(default="float16", metadata=_one_of(CODECS))  # int8 / fp8: quantised targets (key changes)
     precision: str = field(default="auto", metadata=_one_of(PRECISIONS))  # auto: bfloat16 on CUDA, float32 on CPU
     max_failed_fraction: float = field(default=0.05, metadata=_at_least(0.0))  # a unit losing more stops the job
 

@@ -184,6 +184,8 @@ def request_fingerprint(cfg: C.PipelineConfig) -> str:
         "targets": {"k_max": ex.k_max, "last_layers": ex.last_layers, "view_seed": ex.seed,
                     "views_per_image": ex.views_per_image},
     }
+    if ex.codec != "float16":  # absent for float16: the requests recorded before codecs existed still match
+        what["targets"]["codec"] = ex.codec
     return hashlib.sha256(canonical_json(what).encode()).hexdigest()
 
 

@@ -92,7 +92,8 @@ def _torch():  # imported on first use: the rest of the cache package does not n
 
 
 def _tensor(x: np.ndarray) -> Any:
-    return _torch().from_numpy(np.ascontiguousarray(x))
+    x = np.asarray(x)
+    return _torch().from_numpy(x if x.flags.c_contiguous else x.copy())  # (ascontiguousarray makes 0-d 1-d)
 
 
 def _f16_at_least(value: Any) -> Any:
@@ -110,9 +111,9 @@ def _scale(half_range: Any, qmax: float) -> Any:
 
 def _quantise(x: Any, scale: Any, qmax: float, offset: Any = None) -> Any:
     """float32 ``(x - offset) / scale`` (side arrays broadcast over the last axis), clamped to [-qmax, qmax]."""
-    y = x.to(_torch().float32)
+    y = x.to(_torch().float32, copy=True)  # never in place on the caller's array
     if offset is not None:
-        y = y - offset.to(y.dtype)[..., None]
+        y -= offset.to(y.dtype)[..., None]
     return y.div_(scale.to(y.dtype)[..., None]).clamp_(-qmax, qmax)
 
 

@@ -1,4 +1,5 @@
-"""The target cache's layout (format_version 1): its arrays, their chunking and codec, and their creation.
+"""The target cache's layout (format_version 1; 2 for quantised targets): its arrays, their chunking and
+compression, and their creation.
 
 Arrays, with N images, V views, L patches, C channels, H heads, K = k_max:
 
@@ -19,6 +20,11 @@ sharding codec: the shard is the unit (U, V, ...); its inner chunks hold ``inner
 view per image fetches whole inner chunks of several MB (zarr 3.1 issues one range request per inner chunk plus one
 per shard index), not one 300 KB sample per request. Every array is compressed losslessly with Blosc zstd-3,
 byte-shuffle and 256 KiB blocks by default (``compressor="bitshuffle"`` stays selectable for data where it wins).
+
+A quantised target codec (format_version 2, :mod:`stages.cache.codecs`) stores ``features`` and ``attn_logits`` as
+int8 / uint8 codes of the same shapes, plus side arrays ``features_scale`` (N, V, L), ``attn_logits_scale`` and
+``attn_logits_offset`` (N, V, K+1, H), float16, each sharded and inner-chunked along N exactly like its parent
+(:func:`stored_shapes`). The inner chunk is sized by STORED bytes, so int8 features get twice the images per chunk.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from infra import storage
+from stages.cache import codecs
 from stages.cache.spec import ATTR_NAME, CacheSpec
 
 logger = logging.getLogger(__name__)
@@ -46,6 +53,9 @@ _DESCRIPTIONS = {
     "topk_index": "patch index of attn_logits rows 1..k_max, descending by head-mean cls logit",
     "views": "crop top, left, height, width in source pixels, flip (0/1)",
     "valid": "False where the source image could not be read; see failures/*.parquet",
+    "features_scale": "per-token dequantisation scale of features: features = codes * scale",
+    "attn_logits_scale": "per-row dequantisation scale of attn_logits: logits = codes * scale + offset",
+    "attn_logits_offset": "per-row dequantisation offset of attn_logits: logits = codes * scale + offset",
 }
 
 
@@ -85,6 +95,16 @@ def array_shapes(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], str]]:
     }
 
 
+def stored_shapes(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of every STORED array for ``spec``'s codec, side arrays right after their parent; for
+    ``float16`` the same as :func:`array_shapes`."""
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name, (shape, dtype) in array_shapes(spec).items():
+        for stored, (sub_shape, sub_dtype) in codecs.stored_arrays(spec.codec, name, shape).items():
+            out[stored] = (sub_shape, sub_dtype or dtype)
+    return out
+
+
 def raw_bytes_per_view(spec: CacheSpec) -> int:
     """Decoded bytes of one (image, view) sample across all per-view arrays."""
     shapes = array_shapes(spec)
@@ -113,11 +133,15 @@ def make_compressor(name: str = "shuffle") -> BloscCodec | None:
     return BloscCodec(cname="zstd", clevel=3, shuffle=name, blocksize=1 << 18)
 
 
-def _chunking(name: str, shape: tuple[int, ...], dtype: str, unit: int) -> dict[str, Any]:
+def _chunking(name: str, shapes: dict[str, tuple[tuple[int, ...], str]], unit: int) -> dict[str, Any]:
+    """Chunks (and shards) of stored array ``name``: a side array is chunked along N like its parent."""
+    shape = shapes[name][0]
     unit_block = (unit, *shape[1:])
-    if name not in SHARDED:
+    parent = codecs.parent_of(name)
+    if parent not in SHARDED:
         return {"chunks": unit_block, "shards": None}
-    per_image_view = int(np.prod(shape[2:])) * np.dtype(dtype).itemsize
+    parent_shape, parent_dtype = shapes[parent]
+    per_image_view = int(np.prod(parent_shape[2:])) * np.dtype(parent_dtype).itemsize
     return {"shards": unit_block, "chunks": (inner_images(unit, per_image_view), 1, *shape[2:])}
 
 
@@ -127,6 +151,9 @@ _DIMS = {
     "topk_index": ("image", "view", "rank"),
     "views": ("image", "view", "field"),
     "valid": ("image",),
+    "features_scale": ("image", "view", "patch"),
+    "attn_logits_scale": ("image", "view", "row", "head"),
+    "attn_logits_offset": ("image", "view", "row", "head"),
 }
 
 
@@ -142,11 +169,12 @@ def create_arrays(url: str, spec: CacheSpec, compressor: str) -> None:
     except zarr.errors.ContainsGroupError:  # a concurrent creator made the group between our check and our write
         group = zarr.open_group(storage.zarr_store(url), mode="r+", zarr_format=3)
     wanted = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
-    for name, (shape, dtype) in array_shapes(spec).items():
+    shapes = stored_shapes(spec)
+    for name, (shape, dtype) in shapes.items():
         kwargs = {
             "shape": shape, "dtype": dtype, "fill_value": False if dtype == "bool" else 0,
             "compressors": make_compressor(compressor), "dimension_names": _DIMS[name],
-            "attributes": {"description": _DESCRIPTIONS[name]}, **_chunking(name, shape, dtype, spec.unit_size),
+            "attributes": {"description": _DESCRIPTIONS[name]}, **_chunking(name, shapes, spec.unit_size),
         }
         try:
             group.create_array(name, overwrite=False, **kwargs)

@@ -5,7 +5,7 @@ one from its own config and refuses a cache whose :func:`diff_specs` is not empt
 
     {format_version, key,
      base_model: {checkpoint, checkpoint_sha256, timm_kwargs},
-     targets: {last_layers, k_max, precision},
+     targets: {last_layers, k_max, precision[, codec]},
      preprocess: {output_size, crop_scale, crop_ratio, interpolation, mean, std},
      views: {seed, per_image},
      manifest: {uri, sha256},
@@ -15,7 +15,9 @@ one from its own config and refuses a cache whose :func:`diff_specs` is not empt
 The key is the SHA-256 of a canonical JSON of every field that changes the stored bytes. It leaves out where things
 live (the checkpoint URL, the manifest URI: their SHA-256 stand for them), the FLOPs bookkeeping and the layout
 (``unit_size``: chunking changes the objects, not the values). A credential inside one of those URLs therefore
-never changes the key.
+never changes the key. The target codec (``targets.codec``, :mod:`stages.cache.codecs`) enters the key, and the
+attribute, only when it is not the lossless ``float16``: a float16 cache is format_version 1 with the key it always
+had; a quantised one is format_version 2.
 
 The attribute stores the two URLs redacted (:func:`infra.redaction.redact_url`: no userinfo, no presigned
 signature or token): a spec built from a job keeps the working URLs in memory, a spec read back from a cache holds
@@ -33,10 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infra.redaction import redact_url
+from stages.cache.codecs import CODECS, LOSSLESS, check_codec, format_version
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the lossless float16 layout; quantised codecs are format_version 2
+FORMAT_VERSIONS = (1, 2)
 ATTR_NAME = "tec_cache"
 _ABSENT = object()
 
@@ -81,11 +85,14 @@ _LAYOUT: tuple[tuple[str, str, bool], ...] = (
     ("shapes.num_heads", "num_heads", True),
     ("shapes.unit_size", "unit_size", False),
     ("targets.precision", "precision", False),
+    ("targets.codec", "codec", True),
 )
 _KEY_PATHS = tuple(path for path, _, in_key in _LAYOUT if in_key)
 _URL_FIELDS = frozenset({"checkpoint", "manifest_uri"})  # stored redacted
 # Fields that caches written before they existed lack, with the value those caches have.
-_DEFAULTS_WHEN_ABSENT = {"targets.precision": "float32"}
+_DEFAULTS_WHEN_ABSENT = {"targets.precision": "float32", "targets.codec": LOSSLESS}
+# Fields written (and hashed) only when they differ from their default: the float16 layout predates them.
+_OMITTED_WHEN_DEFAULT = ("targets.codec",)
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,8 @@ class CacheSpec:
         precision: the dtype the base model's forward ran in (``float32`` on CPU, ``bfloat16`` autocast on GPU by
             default). Not part of the key, so one configuration finds its cache on any device, but fixed per cache:
             a writer of another precision is refused (:func:`stages.cache.create_or_open`), so units never mix.
+        codec: how ``features`` and ``attn_logits`` are stored (:data:`stages.cache.codecs.CODECS`); part of the key
+            unless it is the lossless ``float16``.
     """
 
     checkpoint: str
@@ -145,6 +154,7 @@ class CacheSpec:
     base_forward_macs_per_view: int = 0
     unit_size: int = field(default=64)
     precision: str = "float32"
+    codec: str = LOSSLESS
 
     def __post_init__(self) -> None:
         for name in ("crop_scale", "crop_ratio", "mean", "std"):
@@ -153,15 +163,22 @@ class CacheSpec:
         _validate(self)
 
     @property
+    def format_version(self) -> int:
+        """1 for the lossless float16 layout, 2 for a quantised codec's."""
+        return format_version(self.codec)
+
+    @property
     def key(self) -> str:
         """The cache key: SHA-256 hex of the canonical JSON of the byte-changing fields."""
         return cache_key(self)
 
     def to_attrs(self) -> dict[str, Any]:
         """The ``tec_cache`` group attribute (a JSON object) for this spec, key included, URLs redacted."""
-        out: dict[str, Any] = {"format_version": FORMAT_VERSION, "key": self.key}
+        out: dict[str, Any] = {"format_version": self.format_version, "key": self.key}
         for path, name, _ in _LAYOUT:
             value = getattr(self, name)
+            if path in _OMITTED_WHEN_DEFAULT and value == _DEFAULTS_WHEN_ABSENT[path]:
+                continue
             _set_dotted(out, path, redact_url(value) if name in _URL_FIELDS else _json_normal(value))
         out["shapes"]["views_per_image"] = self.views_per_image
         return out
@@ -174,13 +191,16 @@ class CacheSpec:
             CacheFormatError: unknown format version or missing fields.
         """
         version = attrs.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CacheFormatError(f"tec_cache format_version {version!r}: this code reads {FORMAT_VERSION}")
+        if version not in FORMAT_VERSIONS:
+            raise CacheFormatError(f"tec_cache format_version {version!r}: this code reads {FORMAT_VERSIONS}")
         try:
             values = {name: _get_dotted(attrs, path, _DEFAULTS_WHEN_ABSENT.get(path, _ABSENT))
                       for path, name, _ in _LAYOUT}
         except KeyError as exc:
             raise CacheFormatError(f"tec_cache attribute lacks {exc.args[0]}") from exc
+        if values["codec"] not in CODECS or format_version(values["codec"]) != version:
+            raise CacheFormatError(f"tec_cache targets.codec {values['codec']!r} does not fit format_version "
+                                   f"{version} (1: float16; 2: one of {CODECS[1:]})")
         return cls(**values)
 
     def replace(self, **changes: Any) -> CacheSpec:
@@ -206,6 +226,7 @@ def _validate(spec: CacheSpec) -> None:
         raise ValueError(f"CacheSpec.k_max {spec.k_max} exceeds num_patches {spec.num_patches}")
     if spec.num_patches > 32767:
         raise ValueError(f"num_patches {spec.num_patches} does not fit topk_index's int16")
+    check_codec(spec.codec)
     if len(spec.mean) != len(spec.std):
         raise ValueError(f"mean has {len(spec.mean)} channels, std has {len(spec.std)}")
 
@@ -235,10 +256,17 @@ def _get_dotted(attrs: Mapping[str, Any], path: str, default: Any = _ABSENT) -> 
     return node
 
 
-def _key_fields(spec: CacheSpec) -> dict[str, Any]:
+def _key_fields(spec: CacheSpec, keep_defaults: bool = False) -> dict[str, Any]:
+    """The hashed fields; a field of :data:`_OMITTED_WHEN_DEFAULT` at its default is left out (so the keys of
+    caches older than it stay what they were) unless ``keep_defaults``, and then ``format_version`` is too."""
     by_path = {path: name for path, name, _ in _LAYOUT}
     fields = {path: _json_normal(getattr(spec, by_path[path])) for path in _KEY_PATHS}
-    fields["format_version"] = FORMAT_VERSION
+    if keep_defaults:
+        return fields
+    for path in _OMITTED_WHEN_DEFAULT:
+        if fields.get(path) == _DEFAULTS_WHEN_ABSENT[path]:
+            del fields[path]
+    fields["format_version"] = spec.format_version
     return fields
 
 
@@ -277,8 +305,8 @@ def diff_specs(cache: CacheSpec, config: CacheSpec) -> list[str]:
         Lines like ``"targets.k_max: cache has 15, config asks 9"``; empty when the keys agree. ``timm_kwargs``
         entries are compared one by one (``base_model.timm_kwargs.depth``).
     """
-    a = _flatten(_key_fields(cache), "")
-    b = _flatten(_key_fields(config), "")
+    a = _flatten(_key_fields(cache, keep_defaults=True), "")
+    b = _flatten(_key_fields(config, keep_defaults=True), "")
     lines = []
     for path in sorted(set(a) | set(b)):
         va, vb = a.get(path, _ABSENT), b.get(path, _ABSENT)

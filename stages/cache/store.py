@@ -27,12 +27,14 @@ import pyarrow as pa
 import zarr
 
 from infra import storage
+from stages.cache import layout
+from stages.cache.codecs import decode_all, encode_all
 from stages.cache.errors import UnitIncompleteError, no_space_guard
 from stages.cache.failures import FAILURES_DIR, FailureRecord, failures_parquet, gather_failures
 from stages.cache.layout import ARRAYS, TargetBatch, array_shapes, create_arrays, gather_rows, raw_bytes_per_view
 from stages.cache.leases import UnitClaims
 from stages.cache.local_tier import LocalCacheSettings, LocalTier
-from stages.cache.spec import ATTR_NAME, FORMAT_VERSION, CacheFormatError, CacheSpec, check_compatible
+from stages.cache.spec import ATTR_NAME, CacheFormatError, CacheSpec, check_compatible
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +134,8 @@ class TargetCache(UnitClaims):
         self.local = None if local_cache is None else LocalTier(self.url, spec, store, local_cache)
         self._group = zarr.open_group(store if self.local is None else self.local.store, mode="r" if read_only
                                       else "r+", zarr_format=3)
-        self._arrays = {name: self._group[name].with_config(_WRITE_CONFIG) for name in ARRAYS}
+        # The STORED arrays (a quantised codec adds scale/offset arrays); reads decode them (:mod:`.codecs`).
+        self._arrays = {name: self._group[name].with_config(_WRITE_CONFIG) for name in layout.stored_shapes(spec)}
         if self.local is not None:
             self.local.attach(self, self._arrays)
 
@@ -155,8 +158,7 @@ class TargetCache(UnitClaims):
     def unit_objects(self, unit_id: int) -> list[str]:
         """Keys (relative to the cache root) of every object unit ``unit_id`` writes, marker last."""
         keys = []
-        for name in ARRAYS:
-            arr = self._arrays[name]
+        for name, arr in self._arrays.items():
             keys.append(f"{name}/{arr.metadata.encode_chunk_key((unit_id,) + (0,) * (arr.ndim - 1))}")
         return [*keys, f"{FAILURES_DIR}/{unit_id}.parquet", f"units/{unit_id}.done"]
 
@@ -193,7 +195,8 @@ class TargetCache(UnitClaims):
         extra: dict[str, Any] | None = None,
         owner: str | None = None,
     ) -> dict[str, Any]:
-        """Write unit ``unit_id`` (n = its image count) as whole objects, then mark it complete.
+        """Write unit ``unit_id`` (n = its image count) as whole objects, then mark it complete. The targets are
+        cast to float16, then stored with the spec's codec (:mod:`stages.cache.codecs`).
 
         Args:
             unit_id: the unit; its images are :meth:`unit_range`.
@@ -234,15 +237,15 @@ class TargetCache(UnitClaims):
         objects = self.unit_objects(unit_id)
         self.remove_partials(unit_id)
         start = time.perf_counter()
-        for name in ARRAYS:
-            arr = self._arrays[name]
+        stored = encode_all(self.spec.codec, data)
+        for name, arr in self._arrays.items():
             storage.with_retries("write", f"{self.url}/{name}[{rows.start}:{rows.stop}]",
-                                 lambda arr=arr, value=data[name]: arr.__setitem__(slice(rows.start, rows.stop),
-                                                                                  value))
+                                 lambda arr=arr, value=stored[name]: arr.__setitem__(slice(rows.start, rows.stop),
+                                                                                    value))
         storage.write_bytes(storage.join(self.url, objects[-2]), failures_parquet(failures))
         self._make_durable(objects[:-1])
         marker = {
-            "format_version": FORMAT_VERSION,
+            "format_version": self.spec.format_version,
             "cache_key": self.spec.key,
             "unit": unit_id,
             "start": rows.start,
@@ -253,7 +256,7 @@ class TargetCache(UnitClaims):
             "raw_bytes": len(rows) * self.spec.views_per_image * raw_bytes_per_view(self.spec) + len(rows),
             "stored_bytes": {key: storage.size(storage.join(self.url, key)) for key in objects[:-1]},
             "seconds": round(time.perf_counter() - start, 6),
-            "sha256": {name: _sha256(data[name]) for name in ARRAYS},
+            "sha256": {name: _sha256(stored[name]) for name in self._arrays},  # of the stored arrays
             **(extra or {}),
         }
         if owner is not None:
@@ -333,12 +336,13 @@ class TargetCache(UnitClaims):
         return np.asarray(self._arrays["valid"][:], dtype=bool)
 
     def read_unit(self, unit_id: int, check_complete: bool = True) -> TargetBatch:
-        """All targets of unit ``unit_id``: one whole-object read per array, all V views."""
+        """All targets of unit ``unit_id`` (decoded: float16 targets): one whole-object read per array, all V
+        views."""
         rows = self.unit_range(unit_id)
         if check_complete:
             self.require_complete([unit_id])
         sel = slice(rows.start, rows.stop)
-        got = {name: self._arrays[name][sel] for name in ARRAYS}
+        got = decode_all(self.spec.codec, {name: arr[sel] for name, arr in self._arrays.items()})
         return TargetBatch(indices=np.arange(rows.start, rows.stop, dtype=np.int64), **got)
 
     def read_samples(
@@ -353,7 +357,7 @@ class TargetCache(UnitClaims):
             check_complete: refuse indices in units without a marker (one listing request).
 
         Returns:
-            A :class:`TargetBatch`; with ``views`` the view axis is dropped.
+            A :class:`TargetBatch` (float16 targets, whatever the codec); with ``views`` the view axis is dropped.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.spec.n_images):
@@ -361,14 +365,14 @@ class TargetCache(UnitClaims):
         if check_complete:
             self.require_complete(np.unique(idx // self.unit_size).tolist())
         if views is None:
-            got = {name: gather_rows(self._arrays[name], idx) for name in ARRAYS}
+            got = {name: gather_rows(arr, idx) for name, arr in self._arrays.items()}
         else:
             vid = np.asarray(views, dtype=np.int64).reshape(-1)
             if vid.shape != idx.shape:
                 raise ValueError(f"views has shape {vid.shape}, indices {idx.shape}")
-            got = {name: self._pick_views(name, idx, vid) for name in ARRAYS if name != "valid"}
-            got["valid"] = gather_rows(self._arrays["valid"], idx)
-        return TargetBatch(indices=idx, **got)
+            got = {name: self._pick_views(name, idx, vid) if name != "valid" else gather_rows(arr, idx)
+                   for name, arr in self._arrays.items()}
+        return TargetBatch(indices=idx, **decode_all(self.spec.codec, got))
 
     def _pick_views(self, name: str, idx: np.ndarray, vid: np.ndarray) -> np.ndarray:
         """``array[idx[j], vid[j]]`` for every j, one read per distinct view (only its chunks)."""

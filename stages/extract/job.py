@@ -37,6 +37,8 @@ class ExtractJob:
         batch_size: views per base-model forward.
         checkpoint_key: force a checkpoint entry (``teacher``/``student``/…) instead of auto-detection.
         compressor: the cache's Blosc shuffle mode (``shuffle``, ``bitshuffle`` or ``none``).
+        codec: how the targets are stored (:data:`stages.cache.codecs.CODECS`: lossless ``float16``, or ``int8`` /
+            ``fp8`` features with int8 attention rows); part of the cache key unless ``float16``.
         precision: the base model's forward precision (``auto``: bfloat16 autocast on CUDA, float32 on the CPU;
             see :mod:`stages.device`). It changes the bytes, so it is recorded in the cache and fixed per cache.
         max_failed_fraction: a unit in which more of its images fail stops the job, nothing of it written (at least
@@ -57,6 +59,7 @@ class ExtractJob:
     batch_size: int = 64
     checkpoint_key: str | None = None
     compressor: str = "shuffle"
+    codec: str = "float16"
     precision: str = "auto"
     max_failed_fraction: float = 0.05
     uri_policy: UriPolicy = DEFAULT_POLICY
@@ -136,6 +139,7 @@ def build_spec(job: ExtractJob, manifest_sha: str, n_images: int, checkpoint_sha
         views_per_image=job.views_per_image, manifest_uri=job.manifest_url, manifest_sha256=manifest_sha,
         n_images=n_images, num_patches=num_patches(kw), embed_dim=kw["embed_dim"], num_heads=kw["num_heads"],
         base_forward_macs_per_view=vit_forward_macs(kw), unit_size=job.unit_size, precision=precision,
+        codec=job.codec,
     )
 
 

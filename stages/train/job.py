@@ -37,7 +37,8 @@ class TrainJob:
             ``base_timm_kwargs`` then describe the encoder itself).
         cache_url: the target cache (cache mode; also the view plan and manifest source when given in online mode).
         manifest_url / checkpoint_url / base_timm_kwargs / preprocess / views_per_image / view_seed / last_layers /
-        k_max: the base model and view plan; in cache mode they are checked against the cache.
+        k_max / codec: the base model, view plan and target codec; in cache mode they are checked against the
+        cache.
         timm_kwargs: the new encoder's ViT kwargs.
         adapters / feature_norm / attention_target / topk / att_tau / mask_ratio / decoder_*: TEC switches.
         epochs / global_batch / accum_steps / blr / weight_decay / warmup_epochs / min_lr: MAE's recipe;
@@ -71,6 +72,7 @@ class TrainJob:
     view_seed: int = 0
     last_layers: int = 2
     k_max: int = 15
+    codec: str = "float16"
     adapters: str = "both"
     feature_norm: str = "patch"
     attention_target: bool = True
@@ -189,7 +191,7 @@ def check_cache(job: TrainJob) -> CacheSpec:
     spec = open_cache(job.cache_url).spec
     problems = expected_differences(
         spec, timm_kwargs=job.base_timm_kwargs, last_layers=job.last_layers, view_seed=job.view_seed,
-        views_per_image=job.views_per_image, **job.preprocess_obj().to_dict())
+        views_per_image=job.views_per_image, codec=job.codec, **job.preprocess_obj().to_dict())
     if job.topk > spec.k_max:
         problems.append(f"targets.k_max: cache has {spec.k_max}, config's topk {job.topk} needs at least that many")
     new = job.timm_kwargs

@@ -248,9 +248,9 @@ def test_to_train_job_maps_every_field() -> None:
     mapped = ({f.name for f in dataclasses.fields(ModelConfig)} | {f.name for f in dataclasses.fields(TrainConfig)}
               | {"run_name", "storage_path", "timm_kwargs", "base_timm_kwargs", "preprocess", "cache_url",
                  "manifest_url", "checkpoint_url", "views_per_image", "view_seed", "last_layers", "k_max",
-                 "base_precision", "uri_policy"})
+                 "base_precision", "uri_policy", "codec"})
     assert {f.name for f in dataclasses.fields(TrainJob)} - mapped == {"log_indices", "extra"}
-    assert job.base_precision == cfg.extract.precision == "auto"
+    assert job.base_precision == cfg.extract.precision == "auto" and job.codec == cfg.extract.codec == "float16"
     assert UriPolicy(**job.uri_policy) == UriPolicy.of(cfg.data)
 
 
