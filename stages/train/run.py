@@ -102,7 +102,7 @@ def _fit_on_ray(job: TrainJob, address: str | None, lease: RunLease) -> tuple[di
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from infra.ray_cluster import ensure_ray
+    from infra.ray_cluster import ensure_ray, train_poll_interval
 
     ensure_ray(address)
     storage_path, fs = storage.ray_storage(job.storage_path)
@@ -115,7 +115,8 @@ def _fit_on_ray(job: TrainJob, address: str | None, lease: RunLease) -> tuple[di
                              checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints)),
     )
     try:
-        result = trainer.fit()
+        with train_poll_interval():  # reports are not held to Ray's 2 s poll (infra.ray_cluster.TRAIN_POLL_S)
+            result = trainer.fit()
     except Exception:
         lease.check()  # a lost lease is the cause: say so
         raise

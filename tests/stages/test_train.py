@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -189,3 +190,34 @@ def test_incompatible_cache_is_refused_naming_the_field(cache_url, tmp_path):
         check_cache(job.replace(timm_kwargs=vit_kwargs("vit_pico_patch4_32", in_chans=1, patch_size=8)))
 
 
+
+
+def test_ray_train_polls_its_workers_faster_than_rays_default_unless_told(cache_url, tmp_path, monkeypatch):
+    """A worker's report waits for the controller's next poll (Ray's default: every 2 s): ``fit()`` runs with the
+    train stage's interval, or with the user's ``$RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` when set, and the driver's
+    environment is as before afterwards."""
+    import ray.train.torch
+
+    from infra.ray_cluster import TRAIN_POLL_ENV, TRAIN_POLL_S
+
+    seen: list[str | None] = []
+
+    class Result:
+        metrics, checkpoint = {"step": 0}, None
+
+    class FakeTrainer:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def fit(self) -> Result:
+            seen.append(os.environ.get(TRAIN_POLL_ENV))
+            return Result()
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
+    monkeypatch.delenv(TRAIN_POLL_ENV, raising=False)
+    job = make_train_job(cache_url, str(tmp_path), "poll")
+    run_train(job)
+    assert seen == [str(TRAIN_POLL_S)] and TRAIN_POLL_ENV not in os.environ
+    monkeypatch.setenv(TRAIN_POLL_ENV, "1.5")
+    run_train(job.replace(run_name="poll2"))
+    assert seen[-1] == "1.5" and os.environ[TRAIN_POLL_ENV] == "1.5"
