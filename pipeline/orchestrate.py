@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 from infra import storage
@@ -50,6 +51,25 @@ def _start_ray(cfg: C.PipelineConfig, needed: bool) -> None:
         ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
 
 
+def build_manifest(source: str, path: str, policy: UriPolicy, limit: int | None = None) -> pa.Table:
+    """The manifest table of ``path`` read as ``source`` (``data.source``: idx, image_folder or uri_list).
+
+    Args:
+        source: ``idx`` (IDX images file, labels from its MNIST-named sibling), ``image_folder`` (root/<class>/<image>)
+            or ``uri_list`` (Parquet/CSV list with a ``uri`` and an optional ``label`` column).
+        path: local path or fsspec URL.
+        policy: the input policy a URI list's URIs are checked against.
+        limit: keep the first ``limit`` rows (None: all).
+    """
+    if source == "idx":
+        return M.manifest_from_idx(path, limit=limit)
+    if source == "image_folder":
+        table = M.manifest_from_image_folder(path)
+    else:
+        table = M.manifest_from_uri_list(path, policy=policy)
+    return table if limit is None else table.slice(0, limit)
+
+
 def prepare_manifest(cfg: C.PipelineConfig) -> tuple[str, str, int]:
     """Build the data set's manifest and store it content-addressed under ``<root>/manifests/``.
 
@@ -57,14 +77,7 @@ def prepare_manifest(cfg: C.PipelineConfig) -> tuple[str, str, int]:
         (url, sha256, number of rows).
     """
     d = cfg.data
-    if d.source == "idx":
-        table = M.manifest_from_idx(d.path, limit=d.limit)
-    elif d.source == "image_folder":
-        table = M.manifest_from_image_folder(d.path)
-    else:
-        table = M.manifest_from_uri_list(d.path, policy=UriPolicy.of(d))
-    if d.limit is not None and d.source != "idx":
-        table = table.slice(0, d.limit)
+    table = build_manifest(d.source, d.path, UriPolicy.of(d), limit=d.limit)
     data = M.manifest_to_bytes(table)
     sha = M.manifest_sha256(data)
     url = storage.join(cfg.output_root, "manifests", f"{sha[:16]}.parquet")
