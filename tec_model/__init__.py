@@ -3,7 +3,7 @@
 from tec_model.archs import ARCHS, build_vit, num_patches, vit_kwargs
 from tec_model.base import BaseModel, BaseTargets, compute_targets
 from tec_model.checkpoint import CheckpointError, load_encoder_weights, read_checkpoint, unwrap_state_dict
-from tec_model.export import export_encoder, export_mae, fold_tec_state_dict
+from tec_model.export import export_encoder, export_mae, export_with_adapters, fold_tec_state_dict
 from tec_model.losses import attention_loss, channel_norm, feature_loss, normalize_features, patch_norm, patchify
 from tec_model.masking import random_masking
 from tec_model.tec import TECModel
@@ -20,6 +20,7 @@ __all__ = [
     "compute_targets",
     "export_encoder",
     "export_mae",
+    "export_with_adapters",
     "feature_loss",
     "fold_tec_state_dict",
     "load_encoder_weights",

@@ -1,4 +1,5 @@
-"""Export a trained TEC encoder as a plain timm ViT state dict (adapters folded, decoder dropped)."""
+"""Export a trained TEC encoder: as a plain timm ViT state dict (adapters folded, decoder dropped), or with its
+adapters kept unfolded for parameter-efficient fine-tuning (docs/finetune.md#2-peft-with-kept-adapters)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from tec_model.tec import TECModel
+
+# What a kept-adapter export holds: TEC's training layout without the decoder and the heads.
+ENCODER_PREFIX = "encoder."
+INPUT_ADAPTER_PREFIX = "input_adapter."
+ENCODER_ADAPTER_PREFIX = "encoder_adapter."
+KEPT_PREFIXES = (ENCODER_PREFIX, INPUT_ADAPTER_PREFIX, ENCODER_ADAPTER_PREFIX)
 
 
 def fold_cls_token(cls_token: torch.Tensor, adapter: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -42,6 +49,19 @@ def fold_tec_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
 def export_encoder(model: TECModel) -> dict[str, torch.Tensor]:
     """The trained encoder as a state dict that ``timm.create_model(arch, num_classes=0)`` loads with strict=True."""
     return fold_tec_state_dict(model.state_dict())
+
+
+def export_with_adapters(model: TECModel) -> dict[str, torch.Tensor]:
+    """The encoder with its adapters kept unfolded: ``encoder.*`` (timm names after the prefix, the cls token as
+    trained, not folded), ``input_adapter.*`` (the cls-token MLP, docs/method.md#42-input-adapter) and
+    ``encoder_adapter.*`` (the block-output merger, docs/method.md#43-encoder-adapters); the decoder and heads are
+    dropped.
+
+    :func:`tec_model.peft.build_peft_model` rebuilds a timm ViT with the adapters from it; any loader of
+    :mod:`tec_model.checkpoint` reads it as a TEC state dict and folds the input adapter, as :func:`export_encoder`
+    does. A model without an adapter has no keys of it.
+    """
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(KEPT_PREFIXES)}
 
 
 def export_mae(model: TECModel) -> dict[str, torch.Tensor]:

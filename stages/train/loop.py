@@ -36,7 +36,7 @@ from stages.train.rundir import record_start
 from stages.train.session import STATE_FILE, RaySession, TrainSession, latest_state
 from stages.train.step import TargetProvider, optimizer_step
 from stages.uri_policy import UriPolicy
-from tec_model import export_encoder, export_mae, num_patches
+from tec_model import export_encoder, export_mae, export_with_adapters, num_patches
 from tec_model.flops import vit_forward_macs
 from tec_model.masking import num_visible
 from tec_model.optim import lr_schedule, param_groups, scaled_lr
@@ -299,8 +299,10 @@ def _write_indices(job: TrainJob, rank: int, first_step: int, seen: list[np.ndar
 
 
 def write_export(job: TrainJob, model: nn.Module, out_dir: str | None = None) -> str:
-    """Write the folded encoder (``encoder.pth``, a timm state dict) and its kwargs (``encoder.json``); a pixel-MAE
-    run also writes ``mae.pth``, MAE's checkpoint layout (``{"model": encoder + decoder weights}``).
+    """Write the folded encoder (``encoder.pth``, a timm state dict) and its kwargs (``encoder.json``); a model with
+    adapters also writes ``encoder_adapters.pth``, the encoder with its adapters kept unfolded (for PEFT,
+    :func:`tec_model.export.export_with_adapters`); a pixel-MAE run also writes ``mae.pth``, MAE's checkpoint layout
+    (``{"model": encoder + decoder weights}``).
 
     Returns:
         The URL of ``encoder.pth`` (default ``<run>/export/``).
@@ -309,6 +311,10 @@ def write_export(job: TrainJob, model: nn.Module, out_dir: str | None = None) ->
     torch.save(export_encoder(model), buf)
     root = out_dir or storage.join(run_dir(job), "export")
     storage.write_bytes(storage.join(root, "encoder.pth"), buf.getvalue())
+    if model.input_adapter is not None or model.encoder_adapter is not None:
+        buf = io.BytesIO()
+        torch.save(export_with_adapters(model), buf)
+        storage.write_bytes(storage.join(root, "encoder_adapters.pth"), buf.getvalue())
     if job.target_source == "pixel":
         buf = io.BytesIO()
         torch.save({"model": export_mae(model), "arch": job.timm_kwargs, "epochs": job.epochs}, buf)

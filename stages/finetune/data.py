@@ -1,0 +1,98 @@
+"""The labelled images of a fine-tuning run: which sample each rank sees when, and its pixels.
+
+Everything random is a pure function of the job's seed, so a resumed run sees exactly what an uninterrupted one
+saw: the order of epoch e is a permutation drawn from ``SeedSequence([seed, e])``; global batch s of the epoch is
+``order[s·B:(s+1)·B]`` (the last incomplete batch dropped), rank r trains its contiguous slice of it. The training
+view of image i in epoch e is view ``e`` of :func:`stages.views.plan_view` (RandomResizedCrop box + horizontal
+flip, a counter-based draw of (seed, i, e)) turned into pixels by :func:`stages.views.build_view`, the function
+the pre-training views use. Test views are the central square of side ``eval_crop · min(H, W)`` resized to the
+output size (MAE's resize-to-256 / centre-crop-224 at ``eval_crop = 0.875``), through the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import IterableDataset
+
+from stages.images import ImageSource
+from stages.manifest import expected_sizes
+from stages.views import Preprocess, plan_view
+
+
+@dataclass(frozen=True)
+class Split:
+    """A labelled split as plain lists (travels to loader processes): URIs, labels, recorded source sizes."""
+
+    uris: list[str]
+    labels: np.ndarray  # int64 (N,)
+    sizes: list[int | None]
+
+    @classmethod
+    def of(cls, table: pa.Table, labels: np.ndarray) -> Split:
+        return cls(table.column("uri").to_pylist(), labels, expected_sizes(table) if "size" in table.column_names
+                   else [None] * table.num_rows)
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The sample order of ``epoch``: a permutation of 0..n-1, a pure function of (seed, epoch)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(n)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimiser steps of an epoch: whole global batches only (MAE's ``drop_last``)."""
+    return n // batch_size
+
+
+def centre_box(height: int, width: int, crop: float) -> np.ndarray:
+    """The test view's box: the central square of side ``round(crop · min(H, W))``, unflipped; int32 (5,)."""
+    side = max(1, round(crop * min(height, width)))
+    return np.array([(height - side) // 2, (width - side) // 2, side, side, 0], dtype=np.int32)
+
+
+class TrainBatches(IterableDataset):
+    """One rank's training batches of one epoch from step ``start`` on.
+
+    Yields dicts: ``step`` (int), ``pixels`` float32 (b, C, S, S), ``labels`` int64 (b,), ``indices`` int64 (b,),
+    with b = ``batch_size / world``.
+    """
+
+    def __init__(self, split: Split, preprocess: Preprocess, *, in_chans: int, batch_size: int, world: int,
+                 rank: int, epoch: int, start: int, seed: int, crop_scale: tuple[float, float],
+                 crop_ratio: tuple[float, float]) -> None:
+        self.split, self.preprocess, self.in_chans = split, preprocess, in_chans
+        self.batch, self.per_rank, self.rank = batch_size, batch_size // world, rank
+        self.epoch, self.start = epoch, start
+        self.seed, self.crop_scale, self.crop_ratio = seed, crop_scale, crop_ratio
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        source = ImageSource(self.in_chans)
+        order = epoch_order(self.seed, self.epoch, len(self.split))
+        for step in range(self.start, steps_per_epoch(len(self.split), self.batch)):
+            lo = step * self.batch + self.rank * self.per_rank
+            indices = order[lo:lo + self.per_rank]
+            images = [source.read(self.split.uris[i], self.split.sizes[i]) for i in indices]
+            boxes = np.stack([plan_view(self.seed, int(i), self.epoch, img.shape[0], img.shape[1], self.crop_scale,
+                                        self.crop_ratio) for i, img in zip(indices, images, strict=True)])
+            yield {"step": step, "pixels": self.preprocess.build_batch(images, boxes),
+                   "labels": torch.from_numpy(self.split.labels[indices]), "indices": torch.from_numpy(indices)}
+
+
+def eval_batches(split: Split, preprocess: Preprocess, *, in_chans: int, crop: float, batch_size: int, rank: int,
+                 world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's contiguous share of the test split as (pixels (b, C, S, S), labels (b,)) centre views."""
+    source = ImageSource(in_chans)
+    share = np.array_split(np.arange(len(split)), world)[rank]
+    for lo in range(0, len(share), batch_size):
+        indices = share[lo:lo + batch_size]
+        images = [source.read(split.uris[i], split.sizes[i]) for i in indices]
+        boxes = np.stack([centre_box(img.shape[0], img.shape[1], crop) for img in images])
+        yield preprocess.build_batch(images, boxes), torch.from_numpy(split.labels[indices])

@@ -1,0 +1,149 @@
+"""Fine-tuning as a training job (stages.finetune): learning, PEFT freezing, resume, results and bad input.
+
+The data are real PNG files written here in the ImageFolder layout (bright, dark and striped 16×16 images, read
+through stages.manifest and stages.images); the encoder is a tiny TEC model exported by the train stage's
+write_export (folded encoder.pth and kept-adapter encoder_adapters.pth).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from stages.finetune import FinetuneInputError, FinetuneJob, run_finetune
+from stages.manifest import manifest_from_image_folder
+from stages.train.job import TrainJob
+from stages.train.loop import latest_checkpoint_state, write_export
+from tec_model import TECModel, export_encoder, vit_kwargs
+from tec_model.peft import build_peft_model
+
+ARCH = "vit_pico_patch4_32"
+PREPROCESS = {"output_size": 32, "crop_scale": [0.2, 1.0], "crop_ratio": [0.75, 4 / 3], "interpolation": "bicubic",
+              "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+def _toy_image(kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A 16×16 RGB image of one class: bright, dark, or horizontal stripes, with pixel noise."""
+    noise = rng.integers(-20, 21, (16, 16, 3))
+    if kind == "bright":
+        base = np.full((16, 16, 3), 200)
+    elif kind == "dark":
+        base = np.full((16, 16, 3), 40)
+    else:
+        base = np.where((np.arange(16) // 2 % 2)[:, None, None] == 0, 230, 20) * np.ones((16, 16, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def _write_split(root: Path, per_class: int, seed: int) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    for kind in ("bright", "dark", "striped"):
+        (root / kind).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(_toy_image(kind, rng)).save(root / kind / f"{i:03d}.png")
+    return manifest_from_image_folder(str(root))
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[pa.Table, pa.Table]:
+    """(train, test) manifests: 16 / 8 images per class."""
+    root = tmp_path_factory.mktemp("toy")
+    return _write_split(root / "train", 16, 0), _write_split(root / "test", 8, 1)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The train stage's export of a tiny TEC model with both adapters (weights moved off their init)."""
+    out = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = TECModel(vit_kwargs(ARCH), 48, 3, 64, topk=4, decoder_dim=32, decoder_heads=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    job = TrainJob(run_name="t", storage_path=str(out), timm_kwargs=vit_kwargs(ARCH), base_timm_kwargs=vit_kwargs(ARCH),
+                   preprocess=PREPROCESS, cache_url="unused", num_workers=0)
+    write_export(job, model, str(out))
+    return out
+
+
+def _job(tmp_path: Path, export_dir: Path, name: str, protocol: str = "finetune", **fields) -> FinetuneJob:
+    checkpoint = export_dir / ("encoder.pth" if protocol == "finetune" else "encoder_adapters.pth")
+    defaults = {"run_name": name, "storage_path": str(tmp_path), "checkpoint_url": str(checkpoint),
+                "timm_kwargs": vit_kwargs(ARCH), "num_classes": 3, "preprocess": PREPROCESS, "epochs": 2,
+                "batch_size": 16, "warmup_epochs": 0.5, "log_every": 1, "eval_batch_size": 24}
+    return FinetuneJob.for_protocol(protocol, **(defaults | fields))
+
+
+def test_train_stage_writes_the_kept_adapter_export_beside_the_folded_one(export_dir):
+    kept = torch.load(export_dir / "encoder_adapters.pth", weights_only=True)
+    folded = torch.load(export_dir / "encoder.pth", weights_only=True)
+    assert {k.split(".")[0] for k in kept} == {"encoder", "input_adapter", "encoder_adapter"}
+    assert not torch.equal(kept["encoder.cls_token"], folded["cls_token"])  # kept unfolded
+    assert build_peft_model(vit_kwargs(ARCH), kept, "both", 3).encoder_adapter is not None
+
+
+def test_finetune_learns_the_toy_set_and_writes_results(tmp_path, export_dir, toy):
+    job = _job(tmp_path, export_dir, "ft", epochs=4, blr=2e-3, mixup=0.0, cutmix=0.0)
+    results = run_finetune(job, *toy)
+    history = results["history"]
+    assert results["complete"] and len(history) == 4 and results["start_epoch"] == 0
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert results["test_top1"] >= 0.6, history  # chance is 1/3
+    assert json.loads((tmp_path / "ft" / "results.json").read_text()) == results
+    assert {"blocks", "head", "fc_norm", "patch_embed"} <= set(results["trained_modules"])
+    assert results["n_train"] == 48 and results["n_test"] == 24
+
+
+@pytest.mark.parametrize(("protocol", "tuned"), [("peft_prompt", {"input_adapter", "head"}),
+                                                 ("peft_both", {"input_adapter", "encoder_adapter", "head"})])
+def test_peft_trains_only_the_adapters_and_the_head(tmp_path, export_dir, toy, protocol, tuned):
+    results = run_finetune(_job(tmp_path, export_dir, protocol, protocol, epochs=1), *toy)
+    assert set(results["trained_modules"]) == tuned
+    final = latest_checkpoint_state(str(tmp_path / protocol))["model"]
+    kept = torch.load(export_dir / "encoder_adapters.pth", weights_only=True)
+    for key, value in kept.items():
+        if key.startswith("encoder."):
+            assert torch.equal(final[key], value), f"frozen {key} changed"
+        elif key in final:  # the adapters the protocol uses
+            assert not torch.equal(final[key], value), f"tuned {key} did not change"
+    assert any(k.startswith("encoder_adapter.") for k in final) == (protocol == "peft_both")
+
+
+def test_a_stopped_run_resumes_at_its_next_epoch_with_the_uninterrupted_weights(tmp_path, export_dir, toy):
+    """Mixup, cutmix, drop path and label smoothing on: every random draw must be redrawn on resume."""
+    whole = run_finetune(_job(tmp_path, export_dir, "whole"), *toy)
+    first = run_finetune(_job(tmp_path, export_dir, "resumed", stop_after_epochs=1), *toy)
+    assert not first["complete"] and first["epochs_done"] == 1
+    second = run_finetune(_job(tmp_path, export_dir, "resumed"), *toy)
+    assert second["complete"] and second["start_epoch"] == 1
+    assert [s["start_step"] for s in second["starts"]] == [0, 3]  # 48 images / batch 16 = 3 steps an epoch
+    a = latest_checkpoint_state(str(tmp_path / "whole"))["model"]
+    b = latest_checkpoint_state(str(tmp_path / "resumed"))["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert second["history"] == [dict(r, seconds=s["seconds"]) for r, s in zip(whole["history"], second["history"],
+                                                                                 strict=True)]
+
+
+def test_bad_input_names_the_field(tmp_path, export_dir, toy):
+    train, test = toy
+    unlabeled = train.set_column(train.column_names.index("label"), "label", pa.nulls(train.num_rows, pa.int64()))
+    with pytest.raises(FinetuneInputError, match=r"train\.label: 48 of 48 rows have no label"):
+        run_finetune(_job(tmp_path, export_dir, "bad"), unlabeled, test)
+    with pytest.raises(FinetuneInputError, match=r"num_classes: the job has 2 classes.*\[0, 2\]"):
+        run_finetune(_job(tmp_path, export_dir, "bad", num_classes=2), train, test)
+    other = tmp_path / "nano.pth"
+    torch.save(export_encoder(TECModel(vit_kwargs("vit_nano_patch4_32"), 48, 3, 64, topk=4, decoder_dim=32,
+                                       decoder_heads=4)), other)
+    with pytest.raises(FinetuneInputError, match=r"checkpoint_url: .*nano\.pth does not fit.*shape mismatches"):
+        run_finetune(_job(tmp_path, export_dir, "bad", checkpoint_url=str(other)), train, test)
+    with pytest.raises(FinetuneInputError, match=r"checkpoint_url: .*not a kept-adapter export"):
+        run_finetune(_job(tmp_path, export_dir, "bad", "peft_prompt", checkpoint_url=str(export_dir / "encoder.pth")),
+                     train, test)
+    with pytest.raises(ValueError, match="protocol: must be one of"):
+        _job(tmp_path, export_dir, "bad", "linear")
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
