@@ -243,7 +243,7 @@ def project(
         "stored_over_raw": stored_over_raw,
     }
     out["storage_stored_bytes"] = out["storage_raw_bytes"] * stored_over_raw
-    out["storage_by_codec"] = {  # uncompressed stored bytes (before Blosc), docs/cache-format.md#10
+    out["storage_by_codec"] = {  # uncompressed stored bytes (before Blosc), docs/cache-format.md#10-target-codecs
         codec: n_images * (views_per_image * stored_bytes_per_view(codec, length, kw["embed_dim"], kw["num_heads"],
                                                                    k_max) + 1) for codec in CODECS}
     out["object_store_bytes_per_run_local_cache"] = object_store_bytes_with_local_cache(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from infra import storage
+from infra.ray_cluster import TRAIN_POLL_ENV
 from stages.train import run_train
 from stages.train.rundir import read_attempts
 from tests.faults.conftest import alive_actors, assert_same_weights, fault_seed, kill_group, spawn_train, wait_until
@@ -29,6 +30,12 @@ TRAIN_ROUNDS = [pytest.param(1, marks=pytest.mark.faults, id="1round"),
 # checkpoints on S3): the Ray driver kills here run in the full suite only, which keeps CI within its time budget.
 DRIVER_ROUNDS = [pytest.param(1, marks=[pytest.mark.faults_full, LONG], id="1round"),
                  pytest.param(3, marks=[pytest.mark.faults_full, LONG], id="3rounds")]
+
+
+# Each kill waits 0 to KILL_DELAY_S after its target checkpoint, then kills; the run must still be short of its last
+# checkpoint then. Ray Train paces a run at one report per controller poll (infra.ray_cluster.TRAIN_POLL_S, faster
+# than a kill's own state-API calls), so these runs poll every KILL_POLL_S: 3+ reports after the target take 3+ s.
+KILL_POLL_S, KILL_DELAY_S = "1.0", 1.0
 
 
 def epochs_for(rounds: int) -> int:
@@ -66,8 +73,9 @@ def steps_checkpointed(run_dir: str) -> int:
 
 @pytest.mark.parametrize("rounds", DRIVER_ROUNDS)
 def test_driver_killed_at_random_steps_resumes_to_identical_weights(
-    rounds, train_reference, fault_rng, record_figures, tmp_path
+    rounds, train_reference, fault_rng, record_figures, tmp_path, monkeypatch
 ):
+    monkeypatch.setenv(TRAIN_POLL_ENV, KILL_POLL_S)  # the spawned drivers inherit it
     epochs = epochs_for(rounds)
     ref_job, ref_state = train_reference(epochs)
     job = ref_job.replace(run_name="driver_killed", storage_path=str(tmp_path / "runs"))
@@ -75,7 +83,7 @@ def test_driver_killed_at_random_steps_resumes_to_identical_weights(
     kill_steps = []
     for r in range(rounds):
         target = steps_checkpointed(run_dir) + CHECKPOINT_EVERY
-        delay = float(fault_rng.uniform(0.0, 2.0))
+        delay = float(fault_rng.uniform(0.0, KILL_DELAY_S))
         proc = spawn_train(job.to_dict(), tmp_path)
         log = tmp_path / f"{job.run_name}.log"
         wait_until(lambda t=target: steps_checkpointed(run_dir) >= t, 300, proc, f"round {r}: step {target}", log)
@@ -98,8 +106,9 @@ def test_driver_killed_at_random_steps_resumes_to_identical_weights(
 
 @pytest.mark.parametrize("rounds", TRAIN_ROUNDS)
 def test_workers_killed_at_random_steps_are_restarted_to_identical_weights(
-    rounds, train_reference, fault_rng, record_figures, tmp_path
+    rounds, train_reference, fault_rng, record_figures, tmp_path, monkeypatch
 ):
+    monkeypatch.setenv(TRAIN_POLL_ENV, KILL_POLL_S)
     epochs = epochs_for(rounds)
     ref_job, ref_state = train_reference(epochs)
     job = ref_job.replace(run_name="worker_killed", storage_path=str(tmp_path / "runs"), max_failures=rounds)
@@ -112,7 +121,7 @@ def test_workers_killed_at_random_steps_are_restarted_to_identical_weights(
             killed: set[str] = set()
             for _ in range(rounds):
                 target = steps_checkpointed(str(run_dir)) + CHECKPOINT_EVERY
-                delay = float(fault_rng.uniform(0.0, 2.0))
+                delay = float(fault_rng.uniform(0.0, KILL_DELAY_S))
                 wait_until(lambda t=target: steps_checkpointed(str(run_dir)) >= t, 300, what=f"step {target}")
                 time.sleep(delay)
                 wait_until(lambda: bool(set(alive_actors("RayTrainWorker")) - killed), 120, what="live train workers")
