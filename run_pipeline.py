@@ -94,9 +94,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from infra.redaction import redact_text
     from pipeline.commands import evaluate_cli
+    from pipeline.evaluate import format_results
 
-    _print(evaluate_cli(_config(args), args.checkpoint, which=args.which, n_train=args.n_train, n_test=args.n_test))
+    results = evaluate_cli(_config(args), args.checkpoint, which=args.which, n_train=args.n_train,
+                           n_test=args.n_test, protocols=args.protocols, num_classes=args.num_classes)
+    _print(results)
+    print(redact_text(format_results(results)), file=sys.stderr)  # for people; stdout stays one JSON document
 
 
 def cmd_cost(args: argparse.Namespace) -> None:
@@ -156,13 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory (<output_root>/runs/<name>)")
     p.add_argument("--out", default=None, help="output folder (default <run>/export)")
 
-    p = sub.add_parser("evaluate", help="k-NN and linear-probe top-1 of an encoder on the test split")
+    p = sub.add_parser("evaluate", help="k-NN and linear-probe top-1 of an encoder on the test split",
+                       description="Top-1 of a checkpoint on data.test_path, trained on data.path, for any data.source "
+                                   "(IDX files, ImageFolder train/val trees, labelled URI lists). Prints the results "
+                                   "as JSON on stdout and as a table on stderr.")
     _job_args(p)
     p.add_argument("--checkpoint", required=True, help="checkpoint URL: a TEC export, a base model, a timm file")
     p.add_argument("--which", choices=["model", "base"], default="model",
                    help="architecture of the checkpoint: the config's new model (default) or its base")
     p.add_argument("--n-train", type=int, default=None, help="train-split images for k-NN/probe (default 10000)")
     p.add_argument("--n-test", type=int, default=None, help="test-split images (default 2000)")
+    p.add_argument("--protocols", default="knn,linear",
+                   help="comma list of knn, linear (frozen features) and finetune, peft_prompt, peft_both "
+                        "(where this build has pipeline.finetune); default knn,linear")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="expected class count; an error when the data disagrees (default: the data's)")
 
     p = sub.add_parser("cost", help="FLOPs ledger report of a cache, or a projection on paper",
                        description="Per cache: extraction spent, runs, base MACs avoided, net saving, bytes read "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from pipeline import config as C
@@ -73,22 +74,47 @@ def cost_cli(args: Any) -> None:
 
 
 def evaluate_cli(cfg: C.PipelineConfig, checkpoint: str, which: str = "model", n_train: int | None = None,
-                 n_test: int | None = None) -> dict[str, Any]:
-    """k-NN and linear-probe top-1 of ``checkpoint`` with the config's data set and preprocessing.
+                 n_test: int | None = None, protocols: str | Sequence[str] = "knn,linear",
+                 num_classes: int | None = None) -> dict[str, Any]:
+    """Top-1 of ``checkpoint`` on the config's labelled splits (any ``data.source``; docs/pipeline.md#evaluate).
 
     Args:
-        cfg: the pipeline config (data paths, preprocessing, architectures).
+        cfg: the pipeline config (data source, ``data.path`` / ``data.test_path``, input policy, preprocessing,
+            architectures).
         checkpoint: any supported checkpoint URL (TEC export, base model, timm state dict).
         which: ``model`` (the config's new model architecture) or ``base``.
         n_train / n_test: images of each split (None: the evaluator's defaults).
+        protocols: ``knn`` and ``linear`` (frozen features), ``finetune``, ``peft_prompt``, ``peft_both``
+            (``pipeline.finetune``, where this build has it; results under the protocol's key).
+        num_classes: the expected class count (None: the data's).
+
+    Returns:
+        The :class:`pipeline.evaluate.EvalResult` fields, ``protocols``, and one entry per fine-tuning protocol.
     """
     from pipeline import evaluate as E
+    from pipeline.labelled import labelled_splits
+    from stages.images import ImageSource
+    from stages.uri_policy import UriPolicy
+    from tec_model import CheckpointError
 
-    if cfg.data.source != "idx" or not cfg.data.test_path:
-        raise ValueError("evaluate needs data.source 'idx' with data.test_path (IDX train/test splits, e.g. "
-                         "Fashion-MNIST); other sources are not evaluated yet")
-    kwargs = C.base_timm_kwargs(cfg) if which == "base" else C.model_timm_kwargs(cfg)
-    sizes = {k: v for k, v in {"n_train": n_train, "n_test": n_test}.items() if v is not None}
-    result = E.evaluate(checkpoint, kwargs, train_images_idx=cfg.data.path, test_images_idx=cfg.data.test_path,
-                        preprocess=C.preprocess(cfg), **sizes)
-    return result.to_dict()
+    wanted = E.parse_protocols(protocols)
+    finetune_cli = E.finetune_entry(wanted)  # refuses unavailable protocols before any work
+    data = labelled_splits(cfg, E.DEMO_N_TRAIN if n_train is None else n_train,
+                           E.DEMO_N_TEST if n_test is None else n_test, num_classes)
+    frozen = [p for p in wanted if p in E.FROZEN_PROTOCOLS]
+    results: dict[str, Any] = {"knn_top1": None, "linear_top1": None, "n_train": data.train.num_rows,
+                               "n_test": data.test.num_rows, "num_classes": data.num_classes, "data": data.source_desc}
+    if frozen:
+        kwargs = C.base_timm_kwargs(cfg) if which == "base" else C.model_timm_kwargs(cfg)
+        pre = C.preprocess(cfg)
+        try:
+            results = E.evaluate(checkpoint, kwargs, data, preprocess=pre, protocols=frozen,
+                                 source=ImageSource(pre.channels, policy=UriPolicy.of(cfg.data))).to_dict()
+        except CheckpointError as err:
+            arch, other = (cfg.base.arch, "model") if which == "base" else (cfg.model.arch, "base")
+            raise CheckpointError(f"{err}; --which {which} loads it as the config's {which}.arch {arch}: pass "
+                                  f"--which {other} for a {other} checkpoint, or the config it was made with") from None
+    results["protocols"] = list(wanted)
+    for protocol in (p for p in wanted if p in E.FINETUNE_PROTOCOLS):
+        results[protocol] = finetune_cli(cfg, checkpoint, which, protocol, data)
+    return results

@@ -3,6 +3,8 @@
 import io
 import json
 import os
+import sys
+import types
 
 import fsspec
 import numpy as np
@@ -10,13 +12,17 @@ import pytest
 import timm
 import torch
 
-from pipeline.evaluate import evaluate, extract_features, knn_top1, linear_probe_top1, load_encoder
+from pipeline.commands import evaluate_cli
+from pipeline.evaluate import evaluate, extract_features, format_results, knn_top1, linear_probe_top1, load_encoder
+from pipeline.labelled import LabelledData
+from run_pipeline import main
 from stages.images import ImageSource
 from stages.manifest import manifest_from_idx
 from stages.views import Preprocess, build_view
 from tec_model import CheckpointError, export_encoder, vit_kwargs
 from tests.fixtures.data import FMNIST_TRAIN_IMAGES, sample_images
-from tests.fixtures.models import NEW_ARCH, make_base, make_tec
+from tests.fixtures.models import BASE_ARCH, NEW_ARCH, make_base, make_tec
+from tests.pipeline.test_labelled import TINY, folder_cfg, make_trees, uri_list
 
 FMNIST_TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
 KWARGS = vit_kwargs(NEW_ARCH, in_chans=1)  # vit_pico: 48 wide, 3 blocks
@@ -125,3 +131,72 @@ def test_random_init_encoder_beats_chance_on_fashion_mnist(fmnist_dir, tmp_path)
     assert (result.n_train, result.n_test, result.embed_dim, result.feature) == (500, 200, 48, "cls")
     assert result.knn_top1 > 0.3 and result.linear_top1 > 0.35, result
     assert np.isfinite(result.linear["loss"]) and result.seconds > 0
+
+
+# ------------------------------------------------------------------ any labelled data: evaluate_cli and the command
+@pytest.fixture
+def trees(tmp_path):
+    """ImageFolder train (3 x 12) / val (3 x 6) trees of bright, dark and striped 16x16 PNGs."""
+    return make_trees(tmp_path)
+
+
+def random_checkpoint(path, arch: str = NEW_ARCH, seed: int = 0) -> str:
+    """A random-init timm ViT state dict (1 input channel) written to ``path``."""
+    torch.manual_seed(seed)
+    path.write_bytes(saved(timm.create_model(arch, num_classes=0, in_chans=1).state_dict()))
+    return str(path)
+
+
+def test_image_folder_and_its_manifest_beat_chance_alike(trees, capsys):
+    """Bright / dark / striped PNGs (3 classes: chance 1/3): a random vit_pico's frozen features separate them, and
+    the Parquet manifest over the same files (through the command) gives exactly the same answers."""
+    tmp, train, val = trees
+    ckpt = random_checkpoint(tmp / "random.pth")
+    folder = evaluate_cli(folder_cfg(tmp), ckpt)
+    assert (folder["n_train"], folder["n_test"], folder["num_classes"]) == (36, 18, 3)
+    assert folder["knn_top1"] > 0.6 and folder["linear_top1"] > 0.6, folder
+    assert folder["protocols"] == ["knn", "linear"] and "image_folder" in folder["data"]
+    capsys.readouterr()
+    main(["evaluate", "--config", str(TINY), f"output_root={tmp / 'out'}", "data.source=uri_list",
+          f"data.path={uri_list(tmp / 'train.parquet', train)}", f"data.test_path={uri_list(tmp / 'val.parquet', val)}",
+          "--checkpoint", ckpt, "--protocols", "knn,linear", "--num-classes", "3"])
+    out = capsys.readouterr()
+    listed = json.loads(out.out)
+    assert (listed["knn_top1"], listed["linear_top1"]) == (folder["knn_top1"], folder["linear_top1"])
+    table = out.err.splitlines()
+    assert table[0].split() == ["protocol", "top-1"] and table[2].split() == ["knn", f"{folder['knn_top1']:.4f}"]
+
+
+def test_protocols_flag(trees, monkeypatch):
+    """knn alone skips the probe; unknown names are refused; fine-tuning goes to pipeline.finetune.finetune_cli with
+    the same labelled data, or is refused by name when the build lacks that module."""
+    tmp, _, _ = trees
+    cfg, ckpt = folder_cfg(tmp), random_checkpoint(tmp / "random.pth")
+    knn_only = evaluate_cli(cfg, ckpt, protocols="knn")
+    assert knn_only["knn_top1"] > 0.6 and knn_only["linear_top1"] is None and knn_only["linear"] == {}
+    with pytest.raises(ValueError, match=r"--protocols knn,lineer: expected a comma list of knn, linear, finetune.*"
+                                         r"unknown: lineer"):
+        evaluate_cli(cfg, ckpt, protocols="knn,lineer")
+    monkeypatch.setitem(sys.modules, "pipeline.finetune", None)  # a build without the module
+    with pytest.raises(ValueError, match="--protocols peft_both: fine-tuning protocols are not available in this"):
+        evaluate_cli(cfg, ckpt, protocols="knn,peft_both")
+    calls = []
+    fake = types.ModuleType("pipeline.finetune")
+    fake.finetune_cli = lambda *args: calls.append(args) or {"top1": 0.5, "epochs": 1}
+    monkeypatch.setitem(sys.modules, "pipeline.finetune", fake)
+    results = evaluate_cli(cfg, ckpt, "base", n_train=9, protocols=["peft_prompt"])
+    assert results["peft_prompt"] == {"top1": 0.5, "epochs": 1} and results["knn_top1"] is None
+    (got_cfg, got_ckpt, which, protocol, data), = calls
+    assert (got_cfg, got_ckpt, which, protocol) == (cfg, ckpt, "base", "peft_prompt")
+    assert isinstance(data, LabelledData) and (data.train.num_rows, data.test.num_rows, data.num_classes) == (9, 18, 3)
+    assert "peft_prompt  0.5000" in format_results(results)
+
+
+def test_checkpoint_of_another_architecture_names_it_and_the_mismatch(trees):
+    tmp, _, _ = trees
+    ckpt = random_checkpoint(tmp / "nano.pth", arch=BASE_ARCH)  # 96 wide; the config's model is vit_pico (48)
+    expected = (r"nano.pth: checkpoint does not fit the architecture — shape mismatches: blocks.0.attn.proj.bias: "
+                r"checkpoint \(96,\) vs model \(48,\).*embed_dim=48.*--which model loads it as the config's model.arch "
+                r"vit_pico_patch4_32")
+    with pytest.raises(CheckpointError, match=expected):
+        evaluate_cli(folder_cfg(tmp), ckpt, n_train=6, n_test=3)
