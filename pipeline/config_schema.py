@@ -177,6 +177,25 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning recipe (docs/finetune.md#1-protocols-and-recipes): each null keeps the protocol's preset
+    (:data:`stages.finetune.PRESETS`); ``layer_decay: 1.0`` scales every layer alike. Resources come from ``train``."""
+
+    epochs: int | None = field(default=None, metadata=_at_least(1))
+    batch_size: int | None = field(default=None, metadata=_at_least(1))
+    blr: float | None = field(default=None, metadata=_at_least(0.0))
+    min_lr: float | None = field(default=None, metadata=_at_least(0.0))
+    warmup_epochs: float | None = field(default=None, metadata=_at_least(0.0))
+    layer_decay: float | None = field(default=None, metadata=_at_least(0.0))
+    weight_decay: float | None = field(default=None, metadata=_at_least(0.0))
+    drop_path: float | None = field(default=None, metadata=_at_least(0.0))
+    smoothing: float | None = field(default=None, metadata=_at_least(0.0))
+    mixup: float | None = field(default=None, metadata=_at_least(0.0))
+    cutmix: float | None = field(default=None, metadata=_at_least(0.0))
+    eval_crop: float | None = field(default=None, metadata=_at_least(0.0))
+
+
+@dataclass
 class RayConfig:
     """Where Ray runs: ``address`` None starts a local cluster with ``num_cpus`` (None: all)."""
 
@@ -196,4 +215,5 @@ class PipelineConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     ray: RayConfig = field(default_factory=RayConfig)

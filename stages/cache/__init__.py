@@ -51,16 +51,20 @@ from stages.cache.spec import (
 )
 from stages.cache.store import (
     CONFIG_ATTR,
+    DIAGNOSTICS_ATTR,
     RUN_SPECIFIC_MARKER_FIELDS,
     CacheSummary,
     TargetCache,
     create_or_open,
     open_cache,
+    read_diagnostics_attr,
     write_config_attr,
+    write_diagnostics_attr,
 )
 
 __all__ = [
-    "ARRAYS", "ATTR_NAME", "CLAIMS_DIR", "COMPRESSORS", "CONFIG_ATTR", "FAILURES_DIR", "FAILURES_SCHEMA",
+    "ARRAYS", "ATTR_NAME", "CLAIMS_DIR", "COMPRESSORS", "CONFIG_ATTR", "DIAGNOSTICS_ATTR", "FAILURES_DIR",
+    "FAILURES_SCHEMA",
     "FORMAT_VERSION", "RUN_SPECIFIC_MARKER_FIELDS", "SHARDED", "TARGET_INNER_CHUNK_BYTES", "CacheFormatError",
     "CacheFullError", "CacheMismatchError", "CacheSpec", "CacheSummary", "Claim", "ClaimKeeper", "ClaimLostError",
     "ClaimOutcome", "FailureRecord", "TargetBatch", "TargetCache", "TooManyBadImagesError", "UnitClaims",
@@ -68,5 +72,5 @@ __all__ = [
     "check_failure_rate", "create_arrays", "create_or_open", "diff_specs", "expected_differences",
     "failures_parquet", "failures_table", "gather_failures", "gather_rows", "inner_images", "is_no_space",
     "make_compressor", "new_claim", "new_owner_id", "no_space_guard", "open_cache", "raw_bytes_per_view",
-    "write_config_attr",
+    "read_diagnostics_attr", "write_config_attr", "write_diagnostics_attr",
 ]

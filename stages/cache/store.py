@@ -415,3 +415,20 @@ def write_config_attr(url: str, resolved: dict[str, Any]) -> None:
     caller passes an already-redacted config). Informational; the ``tec_cache`` attribute is the identity."""
     group = zarr.open_group(storage.zarr_store(url), mode="r+", zarr_format=3)
     group.attrs.update({CONFIG_ATTR: resolved})
+
+
+DIAGNOSTICS_ATTR = "base_diagnostics"
+
+
+def write_diagnostics_attr(url: str, summary: dict[str, Any]) -> None:
+    """Store the base diagnostics (``stages.extract.diagnostics.BaseDiagnostics.to_dict``) in the cache's
+    ``base_diagnostics`` attribute, as :func:`write_config_attr` stores ``tec_config``. Informational, not in the key;
+    the group's metadata object is replaced whole (atomically), so two writers racing leave one of their summaries."""
+    group = zarr.open_group(storage.zarr_store(url), mode="r+", zarr_format=3)
+    group.attrs.update({DIAGNOSTICS_ATTR: summary})
+
+
+def read_diagnostics_attr(url: str) -> dict[str, Any] | None:
+    """The cache's ``base_diagnostics`` attribute, or None when it has none (a cache extracted before it existed)."""
+    meta = json.loads(storage.read_bytes(storage.join(url, "zarr.json")))
+    return meta.get("attributes", {}).get(DIAGNOSTICS_ATTR)

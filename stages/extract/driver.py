@@ -35,8 +35,11 @@ from stages.cache import (
     new_owner_id,
     no_space_guard,
     open_cache,
+    read_diagnostics_attr,
+    write_diagnostics_attr,
 )
 from stages.device import extraction_precision, resolve_device
+from stages.extract.diagnostics import BaseDiagnostics, NoReadableImagesError
 from stages.extract.job import ExtractJob, ExtractResult, LeaseConfig, build_spec, resolve_spec
 from stages.extract.pool import InProcessPool, RayActorPool, WorkerLostError
 
@@ -127,6 +130,34 @@ def prepare(job: ExtractJob, device: torch.device | None = None,
     return spec, cache
 
 
+def diagnose_once(job: ExtractJob, pool: Pool) -> BaseDiagnostics | None:
+    """Diagnose the base on the first ``job.diagnostic_images`` images of the plan once per cache, on the pool's
+    first worker (its loaded model: nothing is read again here), store the summary in the cache's
+    ``base_diagnostics`` attribute and log it with its warnings; a cache that has the attribute (a resumed
+    extraction) has its stored summary logged instead. None when skipped (or the worker died meanwhile: the units
+    then find it dead).
+
+    The summary is deterministic for a given base, plan and device, so concurrent extractors that both compute it
+    write the same content (each replaces the group metadata whole)."""
+    if job.diagnostic_images <= 0:
+        return None
+    stored = read_diagnostics_attr(job.cache_url)
+    if stored is None:
+        try:
+            stored = pool.diagnose(job.diagnostic_images, job.diagnostic_taus)
+        except (NoReadableImagesError, WorkerLostError) as err:
+            log.warning("extract: no base diagnostics: %s", err)
+            return None
+        with no_space_guard(job.cache_url, "writing its base diagnostics"):
+            write_diagnostics_attr(job.cache_url, stored)
+    diagnostics = BaseDiagnostics.from_dict(stored)
+    for line in diagnostics.summary_lines():
+        log.info("extract: %s", line)
+    for warning in diagnostics.warnings():
+        log.warning("extract: %s", warning)
+    return diagnostics
+
+
 def summarize(result: ExtractResult, cache: TargetCache) -> ExtractResult:
     """Fill the whole-cache totals of ``result`` from the cache."""
     s = cache.summary()
@@ -190,6 +221,7 @@ def _extract_units(job: ExtractJob, spec: CacheSpec, cache: TargetCache, unit_or
     keeper = ClaimKeeper(cache, owner, lease.ttl_s, lease.renew_every_s)
     keeper.start()
     try:
+        diagnose_once(job, pool)
         _Driver(job, cache, lease, pool, keeper, result, max_unit_attempts).run(todo)
     finally:
         keeper.close()

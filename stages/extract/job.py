@@ -44,6 +44,11 @@ class ExtractJob:
         max_failed_fraction: a unit in which more of its images fail stops the job, nothing of it written (at least
             one failure is allowed when above 0; see :func:`stages.cache.failures.allowed_failures`).
         uri_policy: which manifest URIs may be read and how much of them (:class:`stages.uri_policy.UriPolicy`).
+        diagnostic_images: images of the plan (the first ones) the base is diagnosed on once per cache before the
+            extraction (:mod:`stages.extract.diagnostics`, stored in the cache's ``base_diagnostics`` attribute);
+            0 skips it. Not in the cache key.
+        diagnostic_taus: the attention-target temperatures τ the diagnostics score (a cache serves any τ; these are
+            the paper's ``att_tau`` values for iBOT, MAE ViT-L and MAE ViT-B).
     """
 
     cache_url: str
@@ -63,6 +68,8 @@ class ExtractJob:
     precision: str = "auto"
     max_failed_fraction: float = 0.05
     uri_policy: UriPolicy = DEFAULT_POLICY
+    diagnostic_images: int = 16
+    diagnostic_taus: tuple[float, ...] = (1.0, 1.4, 1.8)  # docs/method.md#3-target-transforms-at-training-time
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
 """Who runs the extraction's units: a pool of Ray actors, or one worker in the calling process.
 
-The driver (:func:`stages.extract.driver.run_extract`) claims units and hands them to a pool through four calls,
+The driver (:func:`stages.extract.driver.run_extract`) claims units and hands them to a pool through these calls,
 the same for both pools, so the in-process mode (``extract.num_actors: 0``) runs the very code the cluster runs:
 
 * ``submit(slot, unit, owner) -> ref``: queue a unit on a slot's worker;
 * ``next_done(refs, timeout) -> ref | None``: the first finished unit (None when none finished in time);
 * ``outcome(ref) -> stats``: the unit's marker stats, or the exception the unit raised (a Ray task's cause is
   unwrapped for :class:`~stages.cache.errors.CacheFullError`); a worker that died raises :class:`WorkerLostError`;
-* ``replace(slot, worker)``: start a fresh worker in place of a dead one (only if ``worker`` still holds the slot).
+* ``replace(slot, worker)``: start a fresh worker in place of a dead one (only if ``worker`` still holds the slot);
+* ``diagnose(n_images, taus) -> dict``: the base diagnostics on the first worker's model (before the units).
 
 :class:`RayActorPool` imports Ray when it is built; :class:`InProcessPool` never does (it runs units on threads).
 """
@@ -60,6 +61,10 @@ class InProcessPool:
     def replace(self, slot: int, worker: Any) -> bool:
         return False  # an in-process worker cannot die without the driver
 
+    def diagnose(self, n_images: int, taus: tuple[float, ...]) -> dict[str, Any]:
+        """The base diagnostics of the worker's model (:meth:`UnitExtractor.diagnose`)."""
+        return self.workers[0].diagnose(n_images, taus)
+
     def close(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=True)
 
@@ -106,6 +111,11 @@ class RayActorPool:
             if cause is not err and not isinstance(err, type(cause)):
                 raise cause from err
             raise
+
+    def diagnose(self, n_images: int, taus: tuple[float, ...]) -> dict[str, Any]:
+        """The base diagnostics of the first actor's model (:meth:`UnitExtractor.diagnose`); a dead actor raises
+        :class:`WorkerLostError`."""
+        return self.outcome(self.workers[0].diagnose.remote(n_images, taus))
 
     def replace(self, slot: int, worker: Any) -> bool:
         """Kill ``worker`` and start a fresh actor in its slot, unless the slot was already refilled."""

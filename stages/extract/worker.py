@@ -18,6 +18,7 @@ import torch
 from infra import storage
 from stages.cache import CacheMismatchError, CacheSpec, FailureRecord, TargetCache, check_failure_rate, open_cache
 from stages.device import autocast, configure_matmul, extraction_precision, resolve_device
+from stages.extract.diagnostics import run_diagnostics
 from stages.extract.job import ExtractJob
 from stages.images import BadImageError, ImageSource
 from stages.manifest import read_manifest
@@ -105,6 +106,13 @@ class UnitExtractor:
             np.zeros((0, self.spec.k_max + 1, self.spec.num_heads, self.spec.num_patches), np.float16),
             np.zeros((0, self.spec.k_max), np.int16),
         )
+
+    def diagnose(self, n_images: int, taus: tuple[float, ...]) -> dict[str, Any]:
+        """The base diagnostics on the first ``n_images`` images of the plan, with the model this worker holds
+        (:func:`stages.extract.diagnostics.run_diagnostics`), as :meth:`BaseDiagnostics.to_dict`."""
+        with self._forward_lock:
+            return run_diagnostics(self.model, self.job, self.uris, self.source, self.precision, n_images,
+                                   taus=taus).to_dict()
 
     def pid(self) -> int:
         """The actor's process id (fault-injection tests kill it)."""

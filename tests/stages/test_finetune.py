@@ -1,8 +1,8 @@
 """Fine-tuning as a training job (stages.finetune): learning, PEFT freezing, resume, results and bad input.
 
-The data are real PNG files written here in the ImageFolder layout (bright, dark and striped 16×16 images, read
-through stages.manifest and stages.images); the encoder is a tiny TEC model exported by the train stage's
-write_export (folded encoder.pth and kept-adapter encoder_adapters.pth).
+The data are real PNG files in the ImageFolder layout (bright, dark and striped 16×16 images written by
+tests.pipeline.test_labelled.image_tree, read through stages.manifest and stages.images); the encoder is a tiny TEC
+model exported by the train stage's write_export (folded encoder.pth and kept-adapter encoder_adapters.pth).
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
 
 from stages.finetune import FinetuneInputError, FinetuneJob, run_finetune
 from stages.manifest import manifest_from_image_folder
@@ -22,30 +20,15 @@ from stages.train.job import TrainJob
 from stages.train.loop import latest_checkpoint_state, write_export
 from tec_model import TECModel, export_encoder, vit_kwargs
 from tec_model.peft import build_peft_model
+from tests.pipeline.test_labelled import image_tree
 
 ARCH = "vit_pico_patch4_32"
 PREPROCESS = {"output_size": 32, "crop_scale": [0.2, 1.0], "crop_ratio": [0.75, 4 / 3], "interpolation": "bicubic",
               "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 
-def _toy_image(kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A 16×16 RGB image of one class: bright, dark, or horizontal stripes, with pixel noise."""
-    noise = rng.integers(-20, 21, (16, 16, 3))
-    if kind == "bright":
-        base = np.full((16, 16, 3), 200)
-    elif kind == "dark":
-        base = np.full((16, 16, 3), 40)
-    else:
-        base = np.where((np.arange(16) // 2 % 2)[:, None, None] == 0, 230, 20) * np.ones((16, 16, 3))
-    return np.clip(base + noise, 0, 255).astype(np.uint8)
-
-
 def _write_split(root: Path, per_class: int, seed: int) -> pa.Table:
-    rng = np.random.default_rng(seed)
-    for kind in ("bright", "dark", "striped"):
-        (root / kind).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(_toy_image(kind, rng)).save(root / kind / f"{i:03d}.png")
+    image_tree(str(root), per_class, seed=seed)
     return manifest_from_image_folder(str(root))
 
 
