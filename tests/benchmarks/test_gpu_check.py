@@ -42,7 +42,9 @@ def _get(record: dict[str, Any], dotted: str) -> Any:
 @pytest.mark.slow
 def test_quick_mode_end_to_end(tmp_path: Path) -> None:
     """``gpu_check.sh OUTDIR --quick`` exits 0 within its budget, writes the JSON (every section with finite
-    numbers, the machine named, Ray never imported) and the logs, and every printed number names the machine."""
+    numbers, the machine named, Ray never imported) and the logs, and every printed number names the machine.
+    This is also the suite's guard that the in-process pipeline (``extract.num_actors=0``, ``train.num_workers=0``:
+    manifest, cache, training, export) never imports Ray, as on a GPU machine without it."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "GPU_WHEELS": str(tmp_path / "no-wheels"),
            "GPU_CHECK_TIMEOUT_S": "150"}
