@@ -10,10 +10,10 @@ pipeline's own manifest builder (:func:`pipeline.orchestrate.build_manifest`):
   is an error naming it.
 * ``uri_list``: Parquet/CSV lists with ``uri`` and an integer ``label`` column.
 
-Paths are local or any fsspec URL; every URI of both splits is checked against the input policy
-(:class:`stages.uri_policy.UriPolicy` of the ``data`` section) before anything is read. Subsets: IDX splits keep
-their first ``n`` records (the Fashion-MNIST convention); the other sources are usually sorted by class, so ``n``
-rows are drawn without replacement with a fixed seed and kept in manifest order.
+Paths are local or any fsspec URL (IDX files local only, as for the pipeline's manifest); every URI of both splits
+is checked against the input policy (:class:`stages.uri_policy.UriPolicy` of the ``data`` section) before anything
+is read. Subsets: IDX splits keep their first ``n`` records (the Fashion-MNIST convention); the other sources are
+usually sorted by class, so ``n`` rows are drawn without replacement with a fixed seed and kept in manifest order.
 
 Errors are :class:`LabelledDataError` (a ``ValueError``) subclasses naming the file or field and what was expected:
 :class:`NoTestSplitError`, :class:`UnlabelledError`, :class:`ClassMismatchError`.
@@ -30,6 +30,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
+from infra import storage
 from pipeline import config as C
 from pipeline.orchestrate import build_manifest
 from stages.uri_policy import DEFAULT_POLICY, UriPolicy, UriPolicyError
@@ -140,6 +141,10 @@ def splits(source: str, path: str, test_path: str, policy: UriPolicy = DEFAULT_P
 
 def _split(source: str, path: str, field: str, policy: UriPolicy) -> pa.Table:
     """The whole manifest of one split, labelled and within the policy."""
+    if source == "idx" and not storage.is_local(path):
+        raise LabelledDataError(f"{field} {path}: data.source idx reads local IDX files (its manifest URIs are "
+                                f"idx://<local path>#<record>): copy the files to a local disk, or list the images "
+                                f"in a uri_list")
     try:
         table = build_manifest(source, path, policy)
     except UriPolicyError:

@@ -149,13 +149,17 @@ def write_idx_images(path: Path, n: int) -> None:
     path.write_bytes(gzip.compress(struct.pack(">IIII", 0x803, n, 28, 28) + data.tobytes()))
 
 
-def test_unlabelled_idx_says_which_labels_file_to_add(tmp_path):
+def test_idx_splits_unlabelled_or_remote(tmp_path):
+    """An IDX file without its labels file says which file to add; a remote IDX path is refused by name."""
     write_idx_images(tmp_path / "train-images-idx3-ubyte.gz", 4)
     write_idx_images(tmp_path / "t10k-images-idx3-ubyte.gz", 4)
     cfg = tiny_cfg(tmp_path, f"data.path={tmp_path / 'train-images-idx3-ubyte.gz'}",
                    f"data.test_path={tmp_path / 't10k-images-idx3-ubyte.gz'}")
     with pytest.raises(UnlabelledError, match=r"data.path .*train-images.* has no labels.*train-labels-idx1-ubyte.gz"):
         labelled_splits(cfg, None, None)
+    remote = tiny_cfg(tmp_path, "data.path=memory://fmnist/train-images-idx3-ubyte.gz")
+    with pytest.raises(LabelledDataError, match=r"data.path memory://fmnist/.*: data.source idx reads local IDX files"):
+        labelled_splits(remote, None, None)
 
 
 def test_test_labels_outside_the_train_classes(trees):
