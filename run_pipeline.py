@@ -110,6 +110,13 @@ def cmd_cost(args: argparse.Namespace) -> None:
     cost_cli(args)
 
 
+def cmd_inspect_base(args: argparse.Namespace) -> None:
+    from pipeline.commands import inspect_base_cli
+
+    inspect_base_cli(_config(args), n_images=args.n_images, seed=args.seed, n_knn=args.n_knn, margin=args.margin,
+                     json_path=args.json)
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     from pipeline.commands import print_status
 
@@ -194,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--project: sustained device TFLOP/s (2 FLOPs per MAC)")
     p.add_argument("--price", type=float, default=2.0, help="--project: device price per hour")
 
+    p = sub.add_parser("inspect-base", help="know the base before paying for it: its targets on sampled views",
+                       description="Run the base model on every planned view of a sample of the images and report "
+                                   "the attention target's entropy at model.att_tau against uniform, the top-k "
+                                   "stability across views, feature statistics after patch norm and (labelled data) "
+                                   "the base's k-NN top-1; warns when the attention target is near uniform. Writes "
+                                   "no cache (the manifest and a missing base are prepared as extract would).")
+    _job_args(p)
+    p.add_argument("--n-images", type=int, default=64, help="images diagnosed (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image samples (default 0)")
+    p.add_argument("--n-knn", type=int, default=1000, help="labelled images for the k-NN, a fifth held out (0: none)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="warn when the attention entropy is within this fraction of uniform (default 0.03)")
+    p.add_argument("--json", default=None, help="also write the summary as JSON to this path")
+
     p = sub.add_parser("status", help="list caches (completion, size) and runs (progress, checkpoints)")
     _job_args(p)
     p.add_argument("--root", default=None, help="output root (default: the config's output_root)")
@@ -213,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "extract": cmd_extract, "train": cmd_train, "run": cmd_run, "export": cmd_export,
-            "evaluate": cmd_evaluate, "cost": cmd_cost, "status": cmd_status, "demo": cmd_demo,
+            "evaluate": cmd_evaluate, "cost": cmd_cost, "inspect-base": cmd_inspect_base,
+            "status": cmd_status, "demo": cmd_demo,
             "manifest": cmd_manifest}
 
 

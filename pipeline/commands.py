@@ -118,3 +118,60 @@ def evaluate_cli(cfg: C.PipelineConfig, checkpoint: str, which: str = "model", n
     for protocol in (p for p in wanted if p in E.FINETUNE_PROTOCOLS):
         results[protocol] = finetune_cli(cfg, checkpoint, which, protocol, data)
     return results
+
+
+def inspect_base_cli(cfg: C.PipelineConfig, n_images: int = 64, seed: int = 0, n_knn: int = 1000,
+                     margin: float | None = None, json_path: str | None = None) -> Any:
+    """``inspect-base``: the base diagnostics of the config (:mod:`stages.extract.diagnostics`) on ``n_images``
+    images (a seeded sample of the manifest, every planned view) at the config's ``model.att_tau`` and
+    ``model.topk``, plus the base's k-NN top-1 when the data set is labelled, printed with any warning.
+
+    k-NN: ``n_knn`` labelled images of the manifest (a seeded random sample, in random order), the first fifth held
+    out as the test set, the rest as the train set; centre views, class-token features,
+    :func:`pipeline.evaluate.knn_top1` (k = 20).
+
+    Args:
+        cfg: the pipeline config. n_images: images diagnosed. seed: the samples' seed. n_knn: images of the k-NN
+            (0 skips it). margin: the near-uniform margin (default :data:`stages.extract.diagnostics.UNIFORM_MARGIN`).
+        json_path: also write the summary there as JSON.
+
+    Returns:
+        The :class:`~stages.extract.diagnostics.BaseDiagnostics`.
+    """
+    import json
+
+    import numpy as np
+    import torch
+
+    from infra import storage
+    from pipeline import evaluate as E
+    from pipeline.orchestrate import resolve_cache
+    from stages.extract.diagnostics import UNIFORM_MARGIN, diagnose_base
+    from stages.images import ImageSource
+    from stages.manifest import read_manifest
+
+    job = resolve_cache(cfg).job  # builds the manifest and resolves the base as extract does; writes no cache
+    m = cfg.model
+    diag = diagnose_base(job, n_images, seed=seed, taus=(m.att_tau,), topk=min(m.topk, job.k_max),
+                         margin=UNIFORM_MARGIN if margin is None else margin)
+    table = read_manifest(job.manifest_url)[0]
+    picked = table.take(np.random.default_rng(seed).permutation(table.num_rows)[:max(0, n_knn)])
+    if picked.num_rows >= 5 and picked.column("label").null_count == 0:
+        model = E.load_encoder(job.checkpoint_url, job.timm_kwargs, job.checkpoint_key)
+        feats = E.extract_features(model, picked, job.preprocess, source=ImageSource(
+            job.preprocess.channels, policy=job.uri_policy))
+        labels = torch.from_numpy(picked.column("label").to_numpy().astype(np.int64))
+        n_test = max(1, picked.num_rows // 5)
+        diag.knn_top1 = E.knn_top1(feats[n_test:], labels[n_test:], feats[:n_test], labels[:n_test],
+                                   num_classes=int(labels.max()) + 1)
+        diag.knn = {"n_train": picked.num_rows - n_test, "n_test": n_test, "k": 20, "feature": "cls"}
+    else:
+        log.info("inspect-base: no k-NN (%d images sampled, labels %s)", picked.num_rows,
+                 "present" if picked.num_rows and not picked.column("label").null_count else "missing")
+    print("\n".join(diag.summary_lines()))
+    for warning in diag.warnings():
+        print(f"WARNING: {warning}")
+    if json_path:
+        storage.write_bytes(json_path, json.dumps(diag.to_dict(), indent=2).encode())
+        print(f"summary: {json_path}")
+    return diag
