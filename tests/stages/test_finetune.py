@@ -18,6 +18,7 @@ from stages.finetune import FinetuneInputError, FinetuneJob, run_finetune
 from stages.manifest import manifest_from_image_folder
 from stages.train.job import TrainJob
 from stages.train.loop import latest_checkpoint_state, write_export
+from stages.train.rundir import RunConfigChangedError
 from tec_model import TECModel, export_encoder, vit_kwargs
 from tec_model.peft import build_peft_model
 from tests.pipeline.test_labelled import image_tree
@@ -130,3 +131,14 @@ def test_bad_input_names_the_field(tmp_path, export_dir, toy):
     with pytest.raises(ValueError, match="protocol: must be one of"):
         _job(tmp_path, export_dir, "bad", "linear")
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_a_run_started_again_with_another_recipe_or_over_a_foreign_checkpoint_is_refused(tmp_path, export_dir, toy):
+    run_finetune(_job(tmp_path, export_dir, "once", epochs=1), *toy)
+    with pytest.raises(RunConfigChangedError, match=r"blr: run has 0\.001, now 0\.002"):
+        run_finetune(_job(tmp_path, export_dir, "once", epochs=1, blr=2e-3), *toy)
+    foreign = tmp_path / "foreign" / "checkpoint_2026-01-01_00-00-00.000000"  # e.g. a TEC training run's
+    foreign.mkdir(parents=True)
+    torch.save({"model": {}, "progress": {"step": 4}}, foreign / "state.pt")
+    with pytest.raises(RuntimeError, match="not of this fine-tuning job"):
+        run_finetune(_job(tmp_path, export_dir, "foreign", epochs=1), *toy)
