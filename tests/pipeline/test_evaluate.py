@@ -22,7 +22,7 @@ from stages.views import Preprocess, build_view
 from tec_model import CheckpointError, export_encoder, vit_kwargs
 from tests.fixtures.data import FMNIST_TRAIN_IMAGES, sample_images
 from tests.fixtures.models import BASE_ARCH, NEW_ARCH, make_base, make_tec
-from tests.pipeline.test_labelled import TINY, folder_cfg, make_trees, uri_list
+from tests.pipeline.test_labelled import TINY, folder_cfg, image_tree, make_trees, uri_list
 
 FMNIST_TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
 KWARGS = vit_kwargs(NEW_ARCH, in_chans=1)  # vit_pico: 48 wide, 3 blocks
@@ -200,3 +200,17 @@ def test_checkpoint_of_another_architecture_names_it_and_the_mismatch(trees):
                 r"vit_pico_patch4_32")
     with pytest.raises(CheckpointError, match=expected):
         evaluate_cli(folder_cfg(tmp), ckpt, n_train=6, n_test=3)
+
+
+def test_finetune_protocol_runs_pipeline_finetune(tmp_path):
+    """--protocols knn,finetune: the frozen k-NN and a real (1-epoch, in-process) fine-tuning run on the same splits,
+    its results under 'finetune' and in the table."""
+    for split, n in (("train", 8), ("val", 4)):
+        image_tree(str(tmp_path / split), n, seed=n)
+    cfg = folder_cfg(tmp_path, "train.num_workers=0", "train.loader_workers=0", "finetune.epochs=1",
+                     "finetune.batch_size=8")
+    results = evaluate_cli(cfg, random_checkpoint(tmp_path / "random.pth"), protocols="knn,finetune")
+    tuned = results["finetune"]
+    assert results["protocols"] == ["knn", "finetune"] and results["knn_top1"] is not None
+    assert tuned["complete"] and tuned["n_train"] == 24 and tuned["data"] == results["data"]
+    assert f"finetune  {tuned['test_top1']:.4f}" in format_results(results)
