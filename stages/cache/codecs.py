@@ -166,8 +166,15 @@ def encode_fp8_tokens(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _dequantise(values: Any, scale: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
-    """float16 of float32 ``values · scale [+ offset]`` (side arrays broadcast over the last axis)."""
+    """float16 of float32 ``values · scale [+ offset]`` (side arrays broadcast over the last axis).
+
+    Without an offset the product is computed in float16 directly: ``values`` (int8 codes, 7 significant bits, or
+    e4m3 values, 4) times a float16 scale (11) is exact in float32, so float16's one correctly rounded multiply
+    gives the same bits as the float32 product rounded to float16, with a third of the memory traffic.
+    """
     torch = _torch()
+    if offset is None:
+        return (values.to(torch.float16) * _tensor(scale)[..., None]).numpy()
     out = values.to(torch.float32).mul_(_tensor(scale).to(torch.float32)[..., None])
     if offset is not None:
         out.add_(_tensor(offset).to(torch.float32)[..., None])
@@ -191,11 +198,12 @@ def _e4m3_table() -> np.ndarray:
 
 
 E4M3_VALUES = _e4m3_table()
+E4M3_VALUES_F16 = E4M3_VALUES.astype(np.float16)  # exact: e4m3 values have 4 significant bits, exponents -9..8
 
 
 def decode_fp8_tokens(bits: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """(..., D) uint8 e4m3fn bits and (...) float16 scale -> (..., D) float16 ``e4m3(bits) · scale``."""
-    return _dequantise(_torch().from_numpy(np.take(E4M3_VALUES, bits)), scale)
+    return _dequantise(_torch().from_numpy(np.take(E4M3_VALUES_F16, bits)), scale)
 
 
 def encode(codec: str, name: str, x: np.ndarray) -> dict[str, np.ndarray]:

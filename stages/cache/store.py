@@ -28,6 +28,7 @@ import zarr
 
 from infra import storage
 from stages.cache import layout
+from stages.cache.chunk_read import ShardReader, UnitChunkReader, direct_reader
 from stages.cache.codecs import decode_all, encode_all
 from stages.cache.errors import UnitIncompleteError, no_space_guard
 from stages.cache.failures import FAILURES_DIR, FailureRecord, failures_parquet, gather_failures
@@ -114,7 +115,6 @@ def _sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-
 class TargetCache(UnitClaims):
     """An open target cache. Cheap to construct; open one per process (stores are not fork-safe).
 
@@ -136,6 +136,8 @@ class TargetCache(UnitClaims):
                                       else "r+", zarr_format=3)
         # The STORED arrays (a quantised codec adds scale/offset arrays); reads decode them (:mod:`.codecs`).
         self._arrays = {name: self._group[name].with_config(_WRITE_CONFIG) for name in layout.stored_shapes(spec)}
+        # readers decode the chunks themselves (:mod:`.chunk_read`); writers' handles read through zarr
+        self._direct = {name: direct_reader(a) for name, a in self._arrays.items()} if read_only else {}
         if self.local is not None:
             self.local.attach(self, self._arrays)
 
@@ -370,20 +372,47 @@ class TargetCache(UnitClaims):
             vid = np.asarray(views, dtype=np.int64).reshape(-1)
             if vid.shape != idx.shape:
                 raise ValueError(f"views has shape {vid.shape}, indices {idx.shape}")
-            got = {name: self._pick_views(name, idx, vid) if name != "valid" else gather_rows(arr, idx)
-                   for name, arr in self._arrays.items()}
+            got = {name: self._pick_views(name, idx, vid) if name != "valid" else self._rows(name, idx)
+                   for name in self._arrays}
         return TargetBatch(indices=idx, **decode_all(self.spec.codec, got))
 
     def _pick_views(self, name: str, idx: np.ndarray, vid: np.ndarray) -> np.ndarray:
-        """``array[idx[j], vid[j]]`` for every j, one read per distinct view (only its chunks)."""
+        """``array[idx[j], vid[j]]`` for every j, one read per distinct view (only its chunks, each fetched and
+        decoded once, whole)."""
         arr = self._arrays[name]
+        views = np.unique(vid)
+        if (bad := views[(views < 0) | (views >= self.spec.views_per_image)]).size:
+            raise IndexError(f"view {bad[0]} out of range [0, {self.spec.views_per_image})")
+        direct = self._direct.get(name)
+        if isinstance(direct, UnitChunkReader):
+            return direct.rows_of(idx, vid)
+        if direct is not None:
+            return self._pick_direct(direct, idx, vid)
         out = np.empty((idx.size, *arr.shape[2:]), dtype=arr.dtype)
-        for v in np.unique(vid):
-            if not 0 <= v < self.spec.views_per_image:
-                raise IndexError(f"view {v} out of range [0, {self.spec.views_per_image})")
+        for v in views:
             at = np.flatnonzero(vid == v)
             out[at] = gather_rows(arr, idx[at], int(v))
         return out
+
+    def _rows(self, name: str, idx: np.ndarray) -> np.ndarray:
+        """``array[idx]`` of an array without a view axis (``valid``)."""
+        direct = self._direct.get(name)
+        return direct.rows_of(idx) if isinstance(direct, UnitChunkReader) else gather_rows(self._arrays[name], idx)
+
+    @staticmethod
+    def _pick_direct(reader: ShardReader, idx: np.ndarray, vid: np.ndarray) -> np.ndarray:
+        """:meth:`_pick_views` through a :class:`ShardReader`: every touched (view, chunk) decoded once into one
+        buffer, then the rows gathered from it in the order asked (no gather when that is the buffer's order)."""
+        rows = reader.rows
+        pairs, where = np.unique(np.stack([vid, idx // rows], 1), axis=0, return_inverse=True)
+        block = np.empty((pairs.shape[0] * rows, *reader.arr.shape[2:]), dtype=reader.arr.dtype)
+        for v in np.unique(pairs[:, 0]).tolist():
+            at = np.flatnonzero(pairs[:, 0] == v)  # consecutive: pairs are sorted by view first
+            reader.read_into(pairs[at, 1].tolist(), v, block[at[0] * rows : (at[-1] + 1) * rows])
+        pos = where.reshape(-1) * rows + idx % rows
+        if pos.size == block.shape[0] and np.array_equal(pos, np.arange(pos.size)):
+            return block
+        return block[pos]
 
     def failures(self) -> pa.Table:
         """The failures of every complete unit, one table (columns index, uri, reason, message)."""
