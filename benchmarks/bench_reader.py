@@ -7,8 +7,9 @@ features, per-row offsets for the logits; they compress like the measured real t
 compressor and once with ``none``. Pixels come from Fashion-MNIST records (a real ``idx://`` manifest) built at
 224 px, so their decode is cheap: an ImageNet JPEG costs more.
 
-Measured per reader process, on the local cache (just written: page-cached) and on a copy on a moto S3 server on
-127.0.0.1 (spawned child process):
+Measured per reader process, on the local cache (just written: page-cached), on a copy on a moto S3 server on
+127.0.0.1 (spawned child process), and on that copy through ``train.local_cache`` (a node-local directory, filled by
+one untimed pass first):
 
 * ``read_samples``: ``TargetCache.read_samples(indices, views)`` of each batch, no block LRU (the store alone);
 * ``targets``: ``_Reader._targets`` of each batch (what the train stage's reader does for the targets: held blocks
@@ -17,8 +18,10 @@ Measured per reader process, on the local cache (just written: page-cached) and 
 * ``loader tN`` / ``loader bN``: ``make_loader`` with N spawned workers, yielding the targets only (tN) or the
   whole batch (bN), timed from the first batch received (start-up excluded).
 
-Rates: views/s of wall time, views per CPU-second of the reader (all its threads; in the loader, the workers':
-what one worker with a core of its own would do), decoded target MB/s delivered and fetched (whole blocks).
+Before the timings, each store's ``read_samples`` (which decodes the shard chunks itself) is checked against zarr's
+own reads, sample by sample (:func:`check_reads`). Rates: views/s of wall time, views per CPU-second of the reader
+(all its threads; in the loader, the workers': what one worker with a core of its own would do), decoded target MB/s
+delivered and fetched (whole blocks).
 ``others`` is the CPU load of other processes on the machine during the phase, in cores.
 
 Run ``.venv/bin/python benchmarks/bench_reader.py --help``; see docs/benchmarks.md.
@@ -30,7 +33,6 @@ import argparse
 import dataclasses
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,12 +41,14 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+import zarr
 from numcodecs import Blosc
 from torch.utils.data import IterableDataset
 
+from infra import storage
 from stages.cache import create_or_open, open_cache, raw_bytes_per_view
+from stages.cache.local_tier import LocalCacheSettings
 from stages.cache.spec import CacheSpec
-from stages.manifest import manifest_from_idx, write_manifest
 from stages.train.data import SamplePlan, TrainBatches, _Reader, make_loader
 from stages.views import Preprocess
 
@@ -257,19 +261,41 @@ def with_loader(dataset: IterableDataset, workers: int, per_view: int) -> dict[s
     return out
 
 
-def measure_store(url: str, label: str, args: argparse.Namespace, manifest_url: str,
-                  say: Callable[[str], None]) -> dict[str, dict[str, float]]:
-    """Every measurement of one cache URL."""
+def check_reads(url: str, plan: SamplePlan) -> int:
+    """The train reader's targets of the first batch of two epochs equal zarr's own reads, sample by sample
+    (``read_samples`` decodes shard chunks itself); returns the samples compared. Raises AssertionError."""
+    plain = zarr.open_group(storage.zarr_store(url), mode="r", zarr_format=3)
+    cache, compared = open_cache(url), 0
+    for epoch in range(min(2, plan.views_per_image)):
+        idx, views = plan.rank_batch(epoch, 0, 0)
+        got = cache.read_samples(idx, views=views, check_complete=False)
+        for name in ("features", "attn_logits", "topk_index", "views"):
+            want = np.stack([plain[name][i, v] for i, v in zip(idx.tolist(), views.tolist(), strict=True)])
+            assert np.array_equal(getattr(got, name), want), f"{url}: {name} of read_samples differs from zarr"
+        compared += idx.size
+    return compared
+
+
+def measure_store(url: str, label: str, args: argparse.Namespace, manifest_url: str, say: Callable[[str], None],
+                  local: LocalCacheSettings | None = None) -> dict[str, dict[str, float]]:
+    """Every measurement of one cache URL (after checking its reads, :func:`check_reads`); with ``local``, through
+    the node-local cache, filled first by one untimed pass (every object fetched whole: all its views)."""
     cache = open_cache(url)
     per_view = raw_bytes_per_view(cache.spec)
     plan = SamplePlan(cache.valid(), block_size=cache.block_size, views_per_image=cache.spec.views_per_image,
                       seed=0, global_batch=args.batch, world_size=1, shuffle_window=args.shuffle_window)
+    say(f"  {label}: read_samples equals zarr's reads ({check_reads(url, plan)} samples)")
     pre = Preprocess.fashion_mnist(SIDE)
 
     def dataset(epoch: int) -> TrainBatches:
         return TrainBatches(plan, epoch, 0, 0, manifest_url=manifest_url, preprocess=pre, in_chans=1,
-                            cache_url=url, checked_spec=cache.spec)
+                            cache_url=url, checked_spec=cache.spec, local_cache=local)
 
+    if local is not None:
+        say(f"  {label}: filling the local cache")
+        warm = _Reader(dataset(0))
+        for step in range(plan.steps_per_epoch()):
+            warm._targets(plan.rank_batch(0, step, 0)[0])
     out: dict[str, dict[str, float]] = {}
     for kind in args.kinds.split(","):
         say(f"  {label}: {kind}")
@@ -286,10 +312,7 @@ def measure_store(url: str, label: str, args: argparse.Namespace, manifest_url: 
 def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
     """Write the caches, copy the default one to moto S3, measure every store."""
     workdir = args.workdir
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    manifest_url = str(workdir / "manifest.parquet")
-    write_manifest(manifest_from_idx(args.idx, limit=args.images), manifest_url)
+    manifest_url = common.fresh_manifest(workdir, args.idx, args.images)
     spec = make_spec(args, manifest_url, k_max_of_config())
     results: dict[str, Any] = {"config": common.config_of(args), "bytes_per_view": raw_bytes_per_view(spec),
                                "floor": codec_floor(), "caches": {}, "stores": {}}
@@ -306,6 +329,9 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
             say(f"copying the {first} cache to moto S3")
             results["s3_copy"] = common.copy_to_s3(str(workdir / f"cache_{first}"), s3_url)
             results["stores"][f"S3 {first}"] = measure_store(s3_url, f"S3 {first}", args, manifest_url, say)
+            local = LocalCacheSettings(dir=str(workdir / "local_cache"), epochs=max(args.epochs, args.views))
+            results["stores"][f"S3 {first} + local cache"] = measure_store(
+                s3_url, f"S3 {first} + local cache", args, manifest_url, say, local)
     return results
 
 
@@ -345,18 +371,15 @@ def render(results: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=1024, help="images in the synthetic cache")
-    p.add_argument("--views", type=int, default=2, help="views per image V")
-    p.add_argument("--unit-size", type=int, default=64, help="images per unit (shard)")
-    p.add_argument("--batch", type=int, default=64, help="samples per batch (one rank)")
-    p.add_argument("--shuffle-window", type=int, default=8, help="blocks shuffled together")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per in-process measurement")
-    p.add_argument("--loader-epochs", type=int, default=2, help="epochs per DataLoader measurement")
+    common.add_int_options(p, {
+        "images": (1024, "images in the synthetic cache"), "views": (2, "views per image V"),
+        "unit-size": (64, "images per unit (shard)"), "batch": (64, "samples per batch (one rank)"),
+        "shuffle-window": (8, "blocks shuffled together"), "epochs": (2, "epochs per in-process measurement"),
+        "loader-epochs": (2, "epochs per DataLoader measurement"), "threads": (1, "torch threads of this process")})
     p.add_argument("--compressors", default="shuffle,none", help="caches to write; the first is copied to S3")
     p.add_argument("--kinds", default="read_samples,targets,batch,t1,t2,b1,b2",
                    help="measurements: read_samples, targets, batch, tN (loader, targets), bN (loader, batches)")
     p.add_argument("--no-s3", dest="s3", action="store_false", help="skip the moto S3 store")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     common.add_output_args(p, "reader")
     return p.parse_args(argv)
 

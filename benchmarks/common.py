@@ -1,14 +1,15 @@
-"""Helpers shared by the benchmark scripts (``bench_extract.py``, ``bench_train.py``).
+"""Helpers shared by the benchmark scripts (``bench_extract.py``, ``bench_train.py``, ``bench_reader.py``,
+``bench_codecs.py``, ``bench_local_cache.py``).
 
 * CPU accounting: :class:`CpuMeter` (machine-wide busy cores from ``/proc/stat``), :func:`timed_phase`,
   :class:`ProcessCpu` (busy cores split into this process, named child groups, other children and others' load),
   :func:`child_pids`;
 * S3: :func:`moto_server` (a moto S3 server on 127.0.0.1 in a spawned child process, with this process's S3 clients
   pointed at it), :func:`create_bucket`, :func:`copy_to_s3`;
-* set-up: :func:`write_manifest_and_checkpoint` (a Fashion-MNIST ``idx://`` manifest and a randomly initialised
-  MAE-format base checkpoint in a fresh work directory);
-* command line and report: :func:`add_output_args`, :func:`config_of`, :func:`row`, :func:`bench_main` (logging,
-  torch threads, timing, JSON output, the printed table).
+* set-up: :func:`fresh_manifest` (a Fashion-MNIST ``idx://`` manifest in a fresh work directory),
+  :func:`write_manifest_and_checkpoint` (and a randomly initialised MAE-format base checkpoint);
+* command line and report: :func:`add_int_options`, :func:`add_output_args`, :func:`config_of`, :func:`row`,
+  :func:`bench_main` (logging, torch threads, timing, JSON output, the printed table).
 """
 
 from __future__ import annotations
@@ -240,16 +241,21 @@ def copy_to_s3(local_url: str, s3_url: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ set-up
-def write_manifest_and_checkpoint(workdir: Path, idx: Path, images: int,
-                                  base_kwargs: dict[str, Any]) -> tuple[str, str]:
+def fresh_manifest(workdir: Path, idx: Path, images: int) -> str:
     """Wipe and recreate ``workdir``; write a manifest of the first ``images`` records of the IDX file ``idx``
-    (``idx://`` URIs) and a randomly initialised base ViT (``torch.manual_seed(0)``) in MAE format
-    ``{'model': state_dict}``. Returns ``(manifest_url, checkpoint_url)``."""
-    if workdir.exists():
-        shutil.rmtree(workdir)
+    (``idx://`` URIs) there. Returns its URL."""
+    shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     manifest_url = str(workdir / "manifest.parquet")
     write_manifest(manifest_from_idx(idx, limit=images), manifest_url)
+    return manifest_url
+
+
+def write_manifest_and_checkpoint(workdir: Path, idx: Path, images: int,
+                                  base_kwargs: dict[str, Any]) -> tuple[str, str]:
+    """:func:`fresh_manifest`, and a randomly initialised base ViT (``torch.manual_seed(0)``) in MAE format
+    ``{'model': state_dict}``. Returns ``(manifest_url, checkpoint_url)``."""
+    manifest_url = fresh_manifest(workdir, idx, images)
     torch.manual_seed(0)
     checkpoint_url = str(workdir / "base_mae.pth")
     torch.save({"model": build_vit(base_kwargs).state_dict()}, checkpoint_url)
@@ -257,6 +263,12 @@ def write_manifest_and_checkpoint(workdir: Path, idx: Path, images: int,
 
 
 # ------------------------------------------------------------------------------------------------ CLI, report
+def add_int_options(p: argparse.ArgumentParser, options: dict[str, tuple[int, str]]) -> None:
+    """Integer options ``--<name>``: ``{name: (default, help)}``."""
+    for name, (default, text) in options.items():
+        p.add_argument(f"--{name}", type=int, default=default, help=text)
+
+
 def add_output_args(p: argparse.ArgumentParser, name: str) -> None:
     """``--idx``, ``--workdir`` (``outputs/bench/<name>_work``), ``--clean``, ``--out-json``
     (``outputs/bench/<name>.json``) and ``--log-level``."""
