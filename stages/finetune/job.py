@@ -4,8 +4,9 @@ The recipes (docs/finetune.md#1-protocols-and-recipes): ``finetune`` follows the
 recipe): AdamW (0.9, 0.999), weight decay 0.05, layer-wise lr decay, drop path 0.1, label smoothing 0.1, mixup 0.8,
 cutmix 1.0, per-step warm-up then cosine; ``peft_both`` takes the same settings (the paper: "the same training
 settings as the fully finetuning ... due to more parameters"), without layer decay, whose layers are frozen;
-``peft_prompt`` takes the linear probe's (Tab. 11: no mixup, cutmix, smoothing or weight decay). Epochs and batch
-sizes are the job's: the defaults are for tiny data sets, the replication chooses its own.
+``peft_prompt`` takes the linear probe's (Tab. 11: no mixup, cutmix, smoothing or weight decay), with AdamW at blr
+1e-2 where Tab. 11 has LARS at blr 0.1 (batch 16384). Epochs and batch sizes are the job's: the defaults are for tiny
+data sets, the replication chooses its own.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "finetune": {},
     "peft_both": {"layer_decay": None, "global_pool": "token"},
     "peft_prompt": {"layer_decay": None, "global_pool": "token", "weight_decay": 0.0, "drop_path": 0.0,
-                    "smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0},
+                    "smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0, "blr": 1e-2},
 }
 # Resources and stopping point: they may change across a resume (everything else is the run's fingerprint).
 MUTABLE_FIELDS = frozenset({
