@@ -42,6 +42,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,6 +354,20 @@ def _range(byte_range: ByteRequest | None) -> tuple[int, int | None]:
     raise TypeError(f"unsupported byte request {byte_range!r}")
 
 
+_POOL: ThreadPoolExecutor | None = None
+_POOL_MUTEX = threading.Lock()
+
+
+def _local_pool() -> ThreadPoolExecutor:
+    """The threads that read (and on first use fetch) local copies for :class:`CachingStore`, one pool per
+    process."""
+    global _POOL
+    with _POOL_MUTEX:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(8, thread_name_prefix="local-cache-read")
+        return _POOL
+
+
 class CachingStore(WrapperStore[Store]):
     """A read store over ``store`` that serves the keys ``local(key)`` selects from an :class:`ObjectCache` (whole
     objects fetched once per node, verified by ``verify``; byte ranges read from the local file) and every other key
@@ -418,7 +433,10 @@ class CachingStore(WrapperStore[Store]):
             if buf is not None:
                 self._remote(len(buf))
             return buf
-        data = await asyncio.to_thread(self._read_local, key, *_range(byte_range))
+        # Our own threads, not the event loop's default executor: a fetch verifies by decoding through zarr, whose
+        # codecs need that executor, so local reads waiting on the fetch's lock must not fill it.
+        data = await asyncio.get_running_loop().run_in_executor(_local_pool(), self._read_local, key,
+                                                                *_range(byte_range))
         return prototype.buffer.from_bytes(data)
 
     async def get_partial_values(self, prototype: BufferPrototype,
