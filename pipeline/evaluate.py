@@ -387,19 +387,17 @@ def finetune_entry(protocols: Sequence[str]) -> Callable[..., dict] | None:
 
 
 def _top1(entry: Any) -> float | None:
-    """The test top-1 of a protocol's result (a float, or a dict with ``top1`` / ``test_top1``)."""
-    if isinstance(entry, dict):
-        entry = next((entry[k] for k in ("top1", "test_top1", "val_top1") if entry.get(k) is not None), None)
-    return float(entry) if isinstance(entry, int | float) else None
+    """A protocol's test top-1: a float, or the ``test_top1`` of a fine-tuning run's results."""
+    entry = entry.get("test_top1") if isinstance(entry, dict) else entry
+    return None if entry is None else float(entry)
 
 
 def format_results(results: dict[str, Any]) -> str:
     """The ``evaluate`` command's table: one row per protocol run (top-1 as a fraction), then the data."""
-    rows = []
-    for name in results.get("protocols", FROZEN_PROTOCOLS):
-        top1 = _top1(results.get(f"{name}_top1") if name in FROZEN_PROTOCOLS else results.get(name))
-        rows.append((name, "-" if top1 is None else f"{top1:.4f}"))
-    width = max(len(name) for name, _ in rows) if rows else 8
-    lines = [f"{'protocol':<{width}}  top-1", f"{'-' * width}  ------", *(f"{n:<{width}}  {v}" for n, v in rows)]
+    rows = [(name, _top1(results.get(f"{name}_top1") if name in FROZEN_PROTOCOLS else results.get(name)))
+            for name in results.get("protocols", FROZEN_PROTOCOLS)]
+    width = max(len("protocol"), *(len(name) for name, _ in rows))
+    lines = [f"{'protocol':<{width}}  top-1", f"{'-' * width}  ------",
+             *(f"{name:<{width}}  {'-' if top1 is None else f'{top1:.4f}'}" for name, top1 in rows)]
     return "\n".join([*lines, f"{results.get('n_train')} train / {results.get('n_test')} test images, "
                                 f"{results.get('num_classes')} classes: {results.get('data', '')}"])

@@ -164,7 +164,9 @@ def test_image_folder_and_its_manifest_beat_chance_alike(trees, capsys):
     listed = json.loads(out.out)
     assert (listed["knn_top1"], listed["linear_top1"]) == (folder["knn_top1"], folder["linear_top1"])
     table = out.err.splitlines()
-    assert table[0].split() == ["protocol", "top-1"] and table[2].split() == ["knn", f"{folder['knn_top1']:.4f}"]
+    table = table[table.index("protocol  top-1"):]  # after any log lines
+    assert table[:4] == ["protocol  top-1", "--------  ------", f"knn       {folder['knn_top1']:.4f}",
+                         f"linear    {folder['linear_top1']:.4f}"], table
 
 
 def test_protocols_flag(trees, monkeypatch):
@@ -182,10 +184,10 @@ def test_protocols_flag(trees, monkeypatch):
         evaluate_cli(cfg, ckpt, protocols="knn,peft_both")
     calls = []
     fake = types.ModuleType("pipeline.finetune")
-    fake.finetune_cli = lambda *args: calls.append(args) or {"top1": 0.5, "epochs": 1}
+    fake.finetune_cli = lambda *args: calls.append(args) or {"test_top1": 0.5, "epochs": 1}
     monkeypatch.setitem(sys.modules, "pipeline.finetune", fake)
     results = evaluate_cli(cfg, ckpt, "base", n_train=9, protocols=["peft_prompt"])
-    assert results["peft_prompt"] == {"top1": 0.5, "epochs": 1} and results["knn_top1"] is None
+    assert results["peft_prompt"] == {"test_top1": 0.5, "epochs": 1} and results["knn_top1"] is None
     (got_cfg, got_ckpt, which, protocol, data), = calls
     assert (got_cfg, got_ckpt, which, protocol) == (cfg, ckpt, "base", "peft_prompt")
     assert isinstance(data, LabelledData) and (data.train.num_rows, data.test.num_rows, data.num_classes) == (9, 18, 3)
