@@ -19,7 +19,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import ray
 
@@ -108,6 +109,34 @@ def train_poll_interval(seconds: float = TRAIN_POLL_S) -> Iterator[float]:
         yield seconds
     finally:
         os.environ.pop(TRAIN_POLL_ENV, None)
+
+
+def fit_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any], *, run_name: str,
+                      storage_path: str, num_workers: int, use_gpu: bool, cpus_per_worker: float,
+                      max_failures: int, keep_checkpoints: int, address: str | None = None) -> Any:
+    """Run ``loop(loop_config)`` on ``num_workers`` Ray Train workers (``TorchTrainer``) and return its ``Result``.
+
+    The run's Ray Train state lives under ``storage_path/run_name`` (any fsspec URL: :func:`infra.storage.ray_storage`);
+    a worker group that fails is restarted up to ``max_failures`` times from its latest checkpoint, and Ray keeps the
+    last ``keep_checkpoints``. The controller polls at :func:`train_poll_interval`.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from infra import storage
+
+    ensure_ray(address)
+    ray_path, fs = storage.ray_storage(storage_path)
+    trainer = TorchTrainer(
+        loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=ray_path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),
+    )
+    with train_poll_interval():  # reports are not held to Ray's 2 s poll (TRAIN_POLL_S)
+        return trainer.fit()
 
 
 def _runtime_env() -> dict:

@@ -99,24 +99,14 @@ def _fit_in_process(job: TrainJob, lease: RunLease) -> tuple[dict[str, Any], str
 
 def _fit_on_ray(job: TrainJob, address: str | None, lease: RunLease) -> tuple[dict[str, Any], str | None]:
     """The worker loop on ``num_workers`` Ray Train workers; rank 0 checks ``lease`` before each checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from infra.ray_cluster import fit_torch_trainer
 
-    from infra.ray_cluster import ensure_ray, train_poll_interval
-
-    ensure_ray(address)
-    storage_path, fs = storage.ray_storage(job.storage_path)
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config={**job.to_dict(), LEASE_TOKEN_KEY: lease.token},
-        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu,
-                                     resources_per_worker={"CPU": job.threads_per_worker}),
-        run_config=RunConfig(name=job.run_name, storage_path=storage_path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=job.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints)),
-    )
     try:
-        with train_poll_interval():  # reports are not held to Ray's 2 s poll (infra.ray_cluster.TRAIN_POLL_S)
-            result = trainer.fit()
+        result = fit_torch_trainer(
+            train_loop_per_worker, {**job.to_dict(), LEASE_TOKEN_KEY: lease.token}, run_name=job.run_name,
+            storage_path=job.storage_path, num_workers=job.num_workers, use_gpu=job.use_gpu,
+            cpus_per_worker=job.threads_per_worker, max_failures=job.max_failures,
+            keep_checkpoints=job.keep_checkpoints, address=address)
     except Exception:
         lease.check()  # a lost lease is the cause: say so
         raise
