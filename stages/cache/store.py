@@ -442,8 +442,13 @@ CONFIG_ATTR = "tec_config"
 def write_config_attr(url: str, resolved: dict[str, Any]) -> None:
     """Store the resolved pipeline config that made the cache in its ``tec_config`` attribute (no secrets: the
     caller passes an already-redacted config). Informational; the ``tec_cache`` attribute is the identity."""
+    _update_root_attr(url, CONFIG_ATTR, resolved)
+
+
+def _update_root_attr(url: str, key: str, value: Any) -> None:
+    """Set one informational attribute of the cache's root group (its metadata object is replaced whole)."""
     group = zarr.open_group(storage.zarr_store(url), mode="r+", zarr_format=3)
-    group.attrs.update({CONFIG_ATTR: resolved})
+    group.attrs.update({key: value})
 
 
 DIAGNOSTICS_ATTR = "base_diagnostics"
@@ -453,8 +458,7 @@ def write_diagnostics_attr(url: str, summary: dict[str, Any]) -> None:
     """Store the base diagnostics (``stages.extract.diagnostics.BaseDiagnostics.to_dict``) in the cache's
     ``base_diagnostics`` attribute, as :func:`write_config_attr` stores ``tec_config``. Informational, not in the key;
     the group's metadata object is replaced whole (atomically), so two writers racing leave one of their summaries."""
-    group = zarr.open_group(storage.zarr_store(url), mode="r+", zarr_format=3)
-    group.attrs.update({DIAGNOSTICS_ATTR: summary})
+    _update_root_attr(url, DIAGNOSTICS_ATTR, summary)
 
 
 def read_diagnostics_attr(url: str) -> dict[str, Any] | None:

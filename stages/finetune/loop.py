@@ -34,6 +34,7 @@ from stages.finetune.job import FinetuneJob, check_labelled
 from stages.finetune.model import build_model
 from stages.manifest import read_manifest
 from stages.train.data import make_loader
+from stages.train.loop import LEASE_TOKEN_KEY  # the key stages.train.run.fit_job_on_ray passes the lease in
 from stages.train.rundir import read_attempts, record_start
 from stages.train.session import STATE_FILE, RaySession, TrainSession
 from stages.train.step import NonFiniteLossError
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 STATE_KIND = "finetune"  # marks a fine-tuning checkpoint (a TEC training run's state.pt is refused)
 RESULTS_FILE = "results.json"
-LEASE_TOKEN_KEY = "lease_token"  # beside the job's fields in the Ray workers' config
 
 
 def data_url(job: FinetuneJob, split: str) -> str:

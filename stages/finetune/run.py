@@ -21,9 +21,10 @@ from infra import storage
 from stages import device as D
 from stages.finetune.data import steps_per_epoch
 from stages.finetune.job import FinetuneInputError, FinetuneJob, check_labelled
-from stages.finetune.loop import LEASE_TOKEN_KEY, RESULTS_FILE, data_url, finetune_loop_per_worker, finetune_worker
+from stages.finetune.loop import RESULTS_FILE, data_url, finetune_loop_per_worker, finetune_worker
 from stages.finetune.model import build_model
 from stages.manifest import manifest_to_bytes
+from stages.train.run import fit_job_on_ray
 from stages.train.rundir import CONFIG_FILE, RunConfigChangedError
 from stages.train.session import LocalSession, RunLease
 
@@ -96,21 +97,6 @@ def run_finetune(job: FinetuneJob, train: pa.Table, test: pa.Table, address: str
             log.info("fine-tuning %s (%s) in-process on %s", job.run_name, job.protocol, D.describe(session.device))
             finetune_worker(job, session)
         else:
-            _fit_on_ray(job, address, lease)
+            fit_job_on_ray(finetune_loop_per_worker, job, address, lease)
         lease.check()
     return json.loads(storage.read_bytes(storage.join(job.run_url, RESULTS_FILE)))
-
-
-def _fit_on_ray(job: FinetuneJob, address: str | None, lease: RunLease) -> None:
-    """The worker loop on ``num_workers`` Ray Train workers; rank 0 checks ``lease`` before each checkpoint."""
-    from infra.ray_cluster import fit_torch_trainer
-
-    try:
-        fit_torch_trainer(
-            finetune_loop_per_worker, {**job.to_dict(), LEASE_TOKEN_KEY: lease.token}, run_name=job.run_name,
-            storage_path=job.storage_path, num_workers=job.num_workers, use_gpu=job.use_gpu,
-            cpus_per_worker=job.threads_per_worker, max_failures=job.max_failures,
-            keep_checkpoints=job.keep_checkpoints, address=address)
-    except Exception:
-        lease.check()  # a lost lease is the cause: say so
-        raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,17 +98,27 @@ def _fit_in_process(job: TrainJob, lease: RunLease) -> tuple[dict[str, Any], str
             storage.join(run_dir(job), names[-1]) if names else None)
 
 
-def _fit_on_ray(job: TrainJob, address: str | None, lease: RunLease) -> tuple[dict[str, Any], str | None]:
-    """The worker loop on ``num_workers`` Ray Train workers; rank 0 checks ``lease`` before each checkpoint."""
+def fit_job_on_ray(loop: Callable[[dict], None], job: Any, address: str | None, lease: RunLease) -> Any:
+    """``loop`` on ``job.num_workers`` Ray Train workers, given ``job.to_dict()`` plus the lease token (rank 0 checks
+    ``lease`` before each checkpoint); returns Ray Train's ``Result``. A failure after the lease was lost says so.
+
+    ``job`` is any stage job with the run's fields (``run_name``, ``storage_path``, ``num_workers``, ``use_gpu``,
+    ``threads_per_worker``, ``max_failures``, ``keep_checkpoints``): :class:`TrainJob` or the fine-tuning job.
+    """
     from infra.ray_cluster import fit_torch_trainer
 
     try:
-        result = fit_torch_trainer(
-            train_loop_per_worker, {**job.to_dict(), LEASE_TOKEN_KEY: lease.token}, run_name=job.run_name,
+        return fit_torch_trainer(
+            loop, {**job.to_dict(), LEASE_TOKEN_KEY: lease.token}, run_name=job.run_name,
             storage_path=job.storage_path, num_workers=job.num_workers, use_gpu=job.use_gpu,
             cpus_per_worker=job.threads_per_worker, max_failures=job.max_failures,
             keep_checkpoints=job.keep_checkpoints, address=address)
     except Exception:
         lease.check()  # a lost lease is the cause: say so
         raise
+
+
+def _fit_on_ray(job: TrainJob, address: str | None, lease: RunLease) -> tuple[dict[str, Any], str | None]:
+    """The worker loop on ``num_workers`` Ray Train workers: final metrics and checkpoint path."""
+    result = fit_job_on_ray(train_loop_per_worker, job, address, lease)
     return dict(result.metrics or {}), result.checkpoint.path if result.checkpoint else None
