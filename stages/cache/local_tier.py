@@ -19,7 +19,7 @@ view: 1; a ``features`` inner chunk is one view of one block: 1/V; an ``attn_log
 (``epochs`` passes) would read less of it than all of it by byte ranges (epochs × fraction < 1) is not kept: a
 whole fetch would cost more than the chunks. The rest is read by byte range straight from the store, every time.
 
-**Prefetch.** The reader knows its next steps (:meth:`stages.train.data.SamplePlan.rank_batch`); :meth:`LocalTier.
+**Prefetch.** The reader knows its next steps (:meth:`stages.train.plan.SamplePlan.rank_batch`); :meth:`LocalTier.
 prefetch` fetches the kept objects of their units on a background thread, and :meth:`LocalTier.settle` waits for a
 step's fetches before its batch is reported, so every fetched byte is counted in some batch.
 """

@@ -1,25 +1,4 @@
-"""The train stage's data side: which sample each rank sees when (:class:`SamplePlan`) and the batches themselves.
-
-**Epoch order**: a pure function of ``(seed, epoch)``, identical on every
-rank and machine. Images are grouped in blocks of ``block_size`` consecutive indices (block b = images
-``[b·bs, (b+1)·bs)``, aligned with the cache's inner chunks along N, see :attr:`TargetCache.block_size`). Random numbers
-come from a Philox4x64 bit generator whose key is derived by ``SeedSequence((domain, seed, epoch))``; only its raw
-64-bit outputs are used (permutations are ``argsort`` of random keys, stable), so no numpy ``Generator`` algorithm and
-no global RNG state is involved. Then:
-
-1. permute the blocks (the first ``n_blocks`` raw outputs are the blocks' sort keys);
-2. concatenate the blocks' valid indices in that order (ascending within a block);
-3. shuffle the samples within each window of ``shuffle_window`` consecutive permuted blocks (the next ``n_valid``
-   raw outputs are the samples' sort keys within their window);
-4. truncate to ``steps_per_epoch · global_batch`` (drop_last, as MAE): the last incomplete global batch of an epoch
-   is skipped, fewer than ``global_batch`` samples, different ones every epoch.
-
-Global batch ``s`` is ``order[s·GB:(s+1)·GB]``; rank r takes the contiguous slice ``[r·B:(r+1)·B]``, B = GB / world.
-Resume = rebuild the order and start at the checkpoint's step; keep the global batch fixed across a resume.
-
-**Views.** Image i uses view ``(epoch + offset(block of i)) mod V`` in an epoch, ``offset`` a pure function of
-``(seed, block)``: every image sees each of its V views once in V consecutive epochs, and an epoch reads one view
-chunk per block.
+"""The train stage's data side: the batches each rank reads, as the sample plan (:mod:`stages.train.plan`) orders them.
 
 **Reading** (cached mode). Each batch issues at most ONE :meth:`TargetCache.read_samples` call, for the whole
 blocks it needs that are not already held; a small per-process LRU of decoded blocks (2·``shuffle_window`` blocks)
@@ -38,10 +17,9 @@ images than a block (e.g. 64 vs 16 for ViT-B): blocks of one chunk can use diffe
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,138 +28,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from infra import storage
 from stages.cache import open_cache, raw_bytes_per_view
 from stages.cache.local_tier import LocalCacheSettings
-from stages.cache.spec import CacheMismatchError, CacheSpec, expected_differences
+from stages.cache.spec import CacheSpec
 from stages.images import ImageSource
 from stages.manifest import expected_sizes, read_manifest
+from stages.train.plan import SamplePlan, block_rows, check_plan_fits_cache
 from stages.uri_policy import UriPolicy
 from stages.views import Preprocess
 
+__all__ = ["SamplePlan", "TrainBatches", "check_plan_fits_cache", "fetch_amplification", "make_loader"]
+
 logger = logging.getLogger(__name__)
 
-_ORDER_DOMAIN = 0x7EC0_0001  # separates the order stream from the view-offset stream
-_VIEW_DOMAIN = 0x7EC0_0002
 _TARGETS = ("features", "attn_logits", "topk_index", "views", "valid")
 _PREFETCH_STEPS = 2  # this worker's next steps whose local-cache objects are fetched in the background
-
-
-def _philox(*words: int) -> np.random.Philox:
-    """A Philox4x64 bit generator keyed by ``SeedSequence(words)`` (stable across numpy versions)."""
-    return np.random.Philox(key=np.random.SeedSequence(list(words)).generate_state(2, np.uint64))
-
-
-@dataclass(frozen=True, eq=False)
-class SamplePlan:
-    """Which sample each rank sees at each step of each epoch: a pure function of its fields.
-
-    Attributes:
-        valid: (N,) bool; invalid samples are never served.
-        block_size: images per read block (the cache's inner chunk size along N; any size in online mode).
-        views_per_image: V.
-        seed: order seed (≥ 0).
-        global_batch: samples per optimiser step over all ranks (before any gradient-accumulation split).
-        world_size: number of ranks.
-        shuffle_window: blocks whose samples are shuffled together.
-    """
-
-    valid: np.ndarray
-    block_size: int
-    views_per_image: int
-    seed: int
-    global_batch: int
-    world_size: int
-    shuffle_window: int = 8
-    _orders: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        valid = np.asarray(self.valid)
-        if valid.ndim != 1 or valid.dtype != np.bool_:
-            raise ValueError(f"valid must be a 1-D bool array, got {valid.dtype} {valid.shape}")
-        valid = valid.copy()
-        valid.flags.writeable = False
-        object.__setattr__(self, "valid", valid)
-        for name in ("block_size", "views_per_image", "global_batch", "world_size", "shuffle_window"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.global_batch % self.world_size:
-            raise ValueError(f"global_batch {self.global_batch} is not a multiple of world_size {self.world_size}")
-        if self.steps_per_epoch() < 1:
-            raise ValueError(f"n_valid = {self.n_valid} samples give no complete global batch of "
-                             f"global_batch = {self.global_batch}: lower global_batch or add data")
-
-    def __getstate__(self) -> dict:
-        """Pickle without the per-epoch order cache (rebuilt on demand by the receiver)."""
-        return {**self.__dict__, "_orders": {}}
-
-    @property
-    def n_valid(self) -> int:
-        """Number of valid samples."""
-        return int(self.valid.sum())
-
-    @property
-    def n_blocks(self) -> int:
-        """ceil(N / block_size)."""
-        return -(-self.valid.size // self.block_size)
-
-    @property
-    def batch_per_rank(self) -> int:
-        """B = global_batch // world_size."""
-        return self.global_batch // self.world_size
-
-    def steps_per_epoch(self) -> int:
-        """floor(n_valid / global_batch): the last incomplete global batch of an epoch is skipped (drop_last)."""
-        return self.n_valid // self.global_batch
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The served image indices of ``epoch``, in order (algorithm in the module docstring).
-
-        Returns:
-            int64 (steps_per_epoch·global_batch,), read-only, valid indices only, each at most once.
-        """
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if epoch not in self._orders:
-            self._orders.clear()  # one epoch at a time: the order can be large
-            self._orders[epoch] = self._build_order(epoch)
-        return self._orders[epoch]
-
-    def _build_order(self, epoch: int) -> np.ndarray:
-        bits = _philox(_ORDER_DOMAIN, self.seed, epoch)
-        block_rank = np.empty(self.n_blocks, np.int64)
-        block_rank[np.argsort(bits.random_raw(self.n_blocks), kind="stable")] = np.arange(self.n_blocks)
-        idx = np.flatnonzero(self.valid).astype(np.int64)
-        pos = block_rank[idx // self.block_size]
-        concat = idx[np.argsort(pos, kind="stable")]
-        window = np.sort(pos) // self.shuffle_window
-        keys = bits.random_raw(concat.size)
-        order = concat[np.lexsort((keys, window))][: self.steps_per_epoch() * self.global_batch]
-        order.flags.writeable = False
-        return order
-
-    @functools.cached_property
-    def _view_offsets(self) -> np.ndarray:
-        raw = _philox(_VIEW_DOMAIN, self.seed).random_raw(self.n_blocks)
-        return (raw % np.uint64(self.views_per_image)).astype(np.int64)
-
-    def views_for(self, epoch: int, indices: np.ndarray) -> np.ndarray:
-        """View of each image in ``epoch``: ``(epoch + offset(block)) mod V``; int64 (n,) for (n,) indices."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return (epoch + self._view_offsets[idx // self.block_size]) % self.views_per_image
-
-    def rank_batch(self, epoch: int, step: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rank ``rank``'s share of global batch ``step`` of ``epoch``.
-
-        Returns:
-            (indices, views): int64 (B,) each, B = global_batch // world_size.
-        """
-        if not 0 <= step < self.steps_per_epoch():
-            raise IndexError(f"step {step} out of range [0, {self.steps_per_epoch()})")
-        if not 0 <= rank < self.world_size:
-            raise IndexError(f"rank {rank} out of range [0, {self.world_size})")
-        start = step * self.global_batch + rank * self.batch_per_rank
-        idx = self.epoch_order(epoch)[start : start + self.batch_per_rank].copy()
-        return idx, self.views_for(epoch, idx)
 
 
 class _BlockLRU:
@@ -229,45 +88,27 @@ def fetch_amplification(plan: SamplePlan, epoch: int = 0, num_workers: int = 1) 
             for step in range(worker, plan.steps_per_epoch(), num_workers):
                 blocks = plan.rank_batch(epoch, step, rank)[0] // plan.block_size
                 missing = lru.missing(blocks)
-                fetched += sum(len(_block_rows(plan, b)) for b in missing)
+                fetched += sum(len(block_rows(plan, b)) for b in missing)
                 lru.admit(blocks, dict.fromkeys(missing))
     return fetched / (plan.steps_per_epoch() * plan.global_batch)
 
 
-def _block_rows(plan: SamplePlan, block: int) -> range:
-    return range(block * plan.block_size, min((block + 1) * plan.block_size, plan.valid.size))
-
-
-def check_plan_fits_cache(url: str, spec: CacheSpec, plan: SamplePlan, preprocess: Preprocess, in_chans: int,
-                          view_seed: int | None) -> None:
-    """Refuse a cache whose shapes, views or preprocessing differ from a plan's (names every field).
-
-    :func:`stages.train.run.run_train` checks the whole job once (:func:`stages.train.job.check_cache`) before any
-    worker starts and its workers pass the checked spec to :class:`TrainBatches`; this is the check of a
-    :class:`TrainBatches` built on its own (tests, benchmarks).
-    """
-    expected = {"n_images": plan.valid.size, "views_per_image": plan.views_per_image,
-                "timm_kwargs": {**spec.timm_kwargs, "in_chans": in_chans}, **preprocess.to_dict()}
-    if view_seed is not None:
-        expected["view_seed"] = view_seed
-    if diffs := expected_differences(spec, **expected):
-        raise CacheMismatchError(url, diffs)
-
-
 class TrainBatches(IterableDataset):
-    """Yields this rank's batches of one epoch, from ``start_step`` on, as dicts of tensors.
+    """Yields this rank's batches from step ``start_step`` of ``epoch`` on, as dicts of tensors: to the end of that
+    epoch, or across epochs up to ``until`` (one DataLoader, and one set of worker processes, for a whole run).
 
-    Every batch has ``step`` (int), ``indices`` int64 (B,), ``views`` int64 (B,), ``boxes`` int32 (B, 5) (crop top,
-    left, height, width, flip) and ``pixels`` float32 (B, C, S, S). Cached mode (``cache_url``) adds the stored
-    targets ``features`` float16 (B, L, C_base), ``attn_logits`` float16 (B, K_max+1, H, L), ``topk_index`` int64
-    (B, K_max), ``bytes_read`` (decoded target bytes delivered) and ``bytes_fetched`` (decoded bytes of the whole
-    blocks read for this batch; 0 when all were held), ``object_store_bytes`` and ``local_cache_bytes`` (bytes this
-    process read from the cache's store and from the node-local cache since its previous batch); pixels are
-    rebuilt from the STORED boxes. Online mode plans
-    the boxes with ``preprocess.plan(view_seed, ...)`` (identical to the cache's rows by construction).
+    Every batch has ``epoch`` and ``step`` (ints, the step within its epoch), ``indices`` int64 (B,), ``views``
+    int64 (B,), ``boxes`` int32 (B, 5) (crop top, left, height, width, flip) and ``pixels`` float32 (B, C, S, S).
+    Cached mode (``cache_url``) adds the stored targets ``features`` float16 (B, L, C_base), ``attn_logits``
+    float16 (B, K_max+1, H, L), ``topk_index`` int64 (B, K_max), ``bytes_read`` (decoded target bytes delivered) and
+    ``bytes_fetched`` (decoded bytes of the whole blocks read for this batch; 0 when all were held),
+    ``object_store_bytes`` and ``local_cache_bytes`` (bytes this process read from the cache's store and from the
+    node-local cache since its previous batch); pixels are rebuilt from the STORED boxes. Online mode plans the boxes
+    with ``preprocess.plan(view_seed, ...)`` (identical to the cache's rows by construction).
 
-    Stores and filesystems are opened inside the iterating process. With several DataLoader workers, worker w
-    yields steps ``start_step + w, start_step + w + nw, ...`` and the DataLoader interleaves them back in order.
+    Stores and filesystems are opened inside the iterating process, once for all its epochs. Steps are counted
+    globally, ``g = epoch · steps_per_epoch + step``: with several DataLoader workers, worker w yields ``g0 + w,
+    g0 + w + nw, ...`` and the DataLoader interleaves them back in order.
 
     Args:
         plan: the sample plan.
@@ -285,18 +126,26 @@ class TrainBatches(IterableDataset):
             here (:func:`check_plan_fits_cache`).
         local_cache: the node-local cache of a remote cache's objects (:mod:`stages.cache.local_tier`; None or no
             ``dir``: off, bytes still counted).
+        until: the global step to stop before (``epochs · steps_per_epoch`` for a whole run; at least the start);
+            None: the end of ``epoch``.
     """
 
     def __init__(self, plan: SamplePlan, epoch: int, rank: int, start_step: int, *, manifest_url: str,
                  preprocess: Preprocess, in_chans: int, cache_url: str | None = None,
                  view_seed: int | None = None, uri_policy: UriPolicy | None = None,
-                 checked_spec: CacheSpec | None = None, local_cache: LocalCacheSettings | None = None) -> None:
+                 checked_spec: CacheSpec | None = None, local_cache: LocalCacheSettings | None = None,
+                 until: int | None = None) -> None:
         super().__init__()
         if not 0 <= rank < plan.world_size:
             raise ValueError(f"rank {rank} out of range [0, {plan.world_size})")
         if not 0 <= start_step <= plan.steps_per_epoch() or epoch < 0:
             raise ValueError(f"start_step {start_step} / epoch {epoch} out of range "
                              f"(steps_per_epoch {plan.steps_per_epoch()})")
+        per_epoch = plan.steps_per_epoch()
+        first = epoch * per_epoch + start_step
+        until = (epoch + 1) * per_epoch if until is None else until
+        if until < first:
+            raise ValueError(f"until {until} is before the first step {first} (epoch {epoch}, step {start_step})")
         if cache_url is None and view_seed is None:
             raise ValueError("online mode (no cache_url) needs view_seed")
         if cache_url is not None and checked_spec is None:
@@ -306,13 +155,14 @@ class TrainBatches(IterableDataset):
                 logger.warning("block_size %d is not a multiple of the cache's inner chunk (%d images): reads "
                                "fetch more than they deliver", plan.block_size, cache.block_size)
         self.plan, self.epoch, self.rank, self.start_step = plan, epoch, rank, start_step
+        self.first, self.until = first, until
         self.manifest_url, self.preprocess, self.in_chans = manifest_url, preprocess, in_chans
         self.cache_url, self.view_seed, self.uri_policy = cache_url, view_seed, uri_policy
         self.local_cache = local_cache
 
     def __len__(self) -> int:
         """Batches this dataset yields over all DataLoader workers."""
-        return self.plan.steps_per_epoch() - self.start_step
+        return self.until - self.first
 
     def __iter__(self):
         """Yield batch dicts (see the class docstring) for this worker's steps, in increasing order."""
@@ -321,9 +171,12 @@ class TrainBatches(IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         reader = _Reader(self)
-        steps = range(self.start_step + worker, self.plan.steps_per_epoch(), n_workers)
-        for i, step in enumerate(steps):
+        per_epoch = self.plan.steps_per_epoch()
+        steps = range(self.first + worker, self.until, n_workers)
+        for i, g in enumerate(steps):
             reader.prefetch(steps[i + 1 : i + 1 + _PREFETCH_STEPS])
+            epoch, step = divmod(g, per_epoch)
+            reader.set_epoch(epoch)
             yield reader.batch(step)
 
 
@@ -344,30 +197,40 @@ class _Reader:
         self.cache = (open_cache(ds.cache_url, local_cache=LocalCacheSettings.of(ds.local_cache))
                       if ds.cache_url is not None else None)
         self._io = (0, 0)  # (store, local cache) bytes counted so far
-        self.lru = _BlockLRU(2 * self.plan.shuffle_window)
-        self._epoch_position: np.ndarray | None = None
+        self.epoch = -1
+        self.set_epoch(ds.epoch)
         if self.cache is not None:  # complete: the plan's valid rows come from TargetCache.valid(), which checks it
             self.bytes_per_view = raw_bytes_per_view(self.cache.spec)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Serve ``epoch`` from now on: its order, and an empty block LRU (held blocks are another epoch's views)."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.lru = _BlockLRU(2 * self.plan.shuffle_window)
+            self._epoch_position: np.ndarray | None = None
+
     def prefetch(self, steps: range) -> None:
-        """Fetch the local cache's objects of ``steps`` (this worker's next ones) on a background thread."""
+        """Fetch the local cache's objects of global ``steps`` (this worker's next ones) on a background thread."""
         if self.cache is not None and self.cache.local.enabled:
-            for step in steps:
-                self.cache.local.prefetch(step, self.plan.rank_batch(self.ds.epoch, step, self.ds.rank)[0])
+            for g in steps:
+                epoch, step = divmod(g, self.plan.steps_per_epoch())
+                self.cache.local.prefetch(g, self.plan.rank_batch(epoch, step, self.ds.rank)[0])
 
     def _io_since_last(self, step: int) -> dict[str, int]:
         """Bytes read from the store and from the local cache since the previous batch (``step``'s prefetch
         settled first, so every fetch lands in some batch)."""
-        self.cache.local.settle(step)
+        self.cache.local.settle(self.epoch * self.plan.steps_per_epoch() + step)
         now = self.cache.local.counters()
         store, local = (a - b for a, b in zip(now, self._io, strict=True))
         self._io = now
         return {"object_store_bytes": store, "local_cache_bytes": local}
 
     def batch(self, step: int) -> dict[str, object]:
-        idx, views = self.plan.rank_batch(self.ds.epoch, step, self.ds.rank)
+        """This rank's batch of step ``step`` of the current epoch (:meth:`set_epoch`), as the class describes."""
+        idx, views = self.plan.rank_batch(self.epoch, step, self.ds.rank)
         images = [self.source.read(self.uris[i], expected_size=self.sizes[i]) for i in idx.tolist()]
-        out: dict[str, object] = {"step": step, "indices": torch.from_numpy(idx), "views": torch.from_numpy(views)}
+        out: dict[str, object] = {"epoch": self.epoch, "step": step, "indices": torch.from_numpy(idx),
+                                  "views": torch.from_numpy(views)}
         if self.cache is None:
             boxes = np.stack([self.ds.preprocess.plan(self.ds.view_seed, i, v, *img.shape[:2]) for i, v, img
                               in zip(idx.tolist(), views.tolist(), images, strict=True)])
@@ -386,19 +249,19 @@ class _Reader:
     def _positions(self) -> np.ndarray:
         """int64 (N,): each image's position in this epoch's order, -1 where the epoch does not serve it."""
         if self._epoch_position is None:
-            order = self.plan.epoch_order(self.ds.epoch)
+            order = self.plan.epoch_order(self.epoch)
             self._epoch_position = np.full(self.plan.valid.size, -1, np.int64)
             self._epoch_position[order] = np.arange(order.size)
         return self._epoch_position
 
     def _fetch(self, missing: list[int]) -> _Fetched:
         """ONE read of the whole ``missing`` blocks (their epoch views), rows in epoch-order position."""
-        rows = np.concatenate([np.arange(r.start, r.stop) for r in (_block_rows(self.plan, b) for b in missing)])
+        rows = np.concatenate([np.arange(r.start, r.stop) for r in (block_rows(self.plan, b) for b in missing)])
         pos = self._positions()[rows]
         keys = np.where(pos >= 0, pos, self.plan.valid.size + rows)
         sort = np.argsort(keys, kind="stable")
         rows, keys = rows[sort], keys[sort]
-        got = self.cache.read_samples(rows, views=self.plan.views_for(self.ds.epoch, rows), check_complete=False)
+        got = self.cache.read_samples(rows, views=self.plan.views_for(self.epoch, rows), check_complete=False)
         return _Fetched(keys, {name: getattr(got, name) for name in _TARGETS})
 
     def _targets(self, idx: np.ndarray) -> tuple[dict[str, np.ndarray], int]:

@@ -30,8 +30,9 @@ from stages import device as D
 from stages.cache import TargetCache, open_cache
 from stages.cache.local_tier import LocalCacheSettings
 from stages.cache.spec import CacheSpec
-from stages.train.data import SamplePlan, TrainBatches, make_loader
+from stages.train.data import TrainBatches, make_loader
 from stages.train.job import TrainJob, run_dir
+from stages.train.plan import SamplePlan
 from stages.train.rundir import record_start
 from stages.train.session import STATE_FILE, RaySession, TrainSession, latest_state
 from stages.train.step import TargetProvider, optimizer_step
@@ -161,9 +162,11 @@ def _schedule(job: TrainJob, world: int) -> _Schedule:
                      None if cache is None else cache.spec)
 
 
-def _epoch_batches(job: TrainJob, s: _Schedule, epoch: int, rank: int, start: int) -> TrainBatches:
-    """This rank's batches of ``epoch`` from step ``start`` on (the cache's targets only in cache mode)."""
-    return TrainBatches(s.plan, epoch, rank, start, manifest_url=job.manifest_url or s.spec.manifest_uri,
+def _run_batches(job: TrainJob, s: _Schedule, rank: int, first: int) -> TrainBatches:
+    """This rank's batches from global step ``first`` to the schedule's stop, across epochs (the cache's targets
+    only in cache mode)."""
+    epoch, start = divmod(first, s.per_epoch)
+    return TrainBatches(s.plan, epoch, rank, start, until=s.stop, manifest_url=job.manifest_url or s.spec.manifest_uri,
                         preprocess=job.preprocess_obj(), in_chans=job.base_timm_kwargs.get("in_chans", 3),
                         cache_url=job.cache_url if job.target_source == "cache" else None, view_seed=job.view_seed,
                         uri_policy=UriPolicy(**job.uri_policy) if job.uri_policy else None, checked_spec=s.spec,
@@ -206,26 +209,24 @@ def train_worker(job: TrainJob, session: TrainSession) -> None:
     s = _schedule(job, session.world_size)
     source = TargetProvider(job, session.device)
     window, pin = _Window(), D.pin_memory_for(session.device)
-    while t.progress.step < s.stop:
-        epoch, start = divmod(t.progress.step, s.per_epoch)
-        for batch in make_loader(_epoch_batches(job, s, epoch, session.rank, start), num_workers=job.loader_workers,
-                                 pin_memory=pin):
-            if batch["step"] != t.progress.step % s.per_epoch:
-                raise RuntimeError(f"loader served step {batch['step']} of epoch {epoch}, the trainer is at step "
-                                   f"{t.progress.step % s.per_epoch}")
-            parts = _train_step(job, t, s, source, batch, session)
-            window.seen.append(batch["indices"].numpy())
-            window.samples += job.global_batch
-            step = t.progress.step
-            do_ckpt = step % job.checkpoint_every == 0 or step % s.per_epoch == 0 or step == s.stop
-            if step % job.log_every == 0 or do_ckpt:
-                row = _metrics_row(job, t, s, parts, window, session.world_size)
-                if job.log_indices:
-                    _write_indices(job, session.rank, step - len(window.seen), window.seen)
-                _report(job, t, row, session, do_ckpt)
-                window = _Window()
-            if step >= s.stop:
-                break
+    # One loader, and one set of reader processes, for all the epochs this attempt trains.
+    loader = (make_loader(_run_batches(job, s, session.rank, t.progress.step), num_workers=job.loader_workers,
+                          pin_memory=pin) if t.progress.step < s.stop else ())
+    for batch in loader:
+        if (batch["epoch"], batch["step"]) != divmod(t.progress.step, s.per_epoch):
+            raise RuntimeError("loader served step {1} of epoch {0}, the trainer is at step {3} of epoch {2}".format(
+                batch["epoch"], batch["step"], *divmod(t.progress.step, s.per_epoch)))
+        parts = _train_step(job, t, s, source, batch, session)
+        window.seen.append(batch["indices"].numpy())
+        window.samples += job.global_batch
+        step = t.progress.step
+        do_ckpt = step % job.checkpoint_every == 0 or step % s.per_epoch == 0 or step == s.stop
+        if step % job.log_every == 0 or do_ckpt:
+            row = _metrics_row(job, t, s, parts, window, session.world_size)
+            if job.log_indices:
+                _write_indices(job, session.rank, step - len(window.seen), window.seen)
+            _report(job, t, row, session, do_ckpt)
+            window = _Window()
     if session.rank == 0 and t.progress.step >= s.total:
         write_export(job, t.core)
 

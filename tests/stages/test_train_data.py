@@ -241,6 +241,26 @@ def test_spawned_loader_workers_yield_the_in_process_batches_in_order(cached, wo
         assert_same(a, b, ("step", "bytes_read", *TENSORS))
 
 
+def test_one_loader_across_epochs_yields_each_epochs_batches_from_the_resume_step(cached):
+    """``until`` spans epochs in one set of workers: from a mid-epoch start, the batches equal the per-epoch
+    loaders' (the rest of that epoch, then the whole next ones), each tagged with its epoch."""
+    url, job = cached
+    plan = cached_plan(url, world_size=1)
+    per, start = plan.steps_per_epoch(), 1
+    ref = [b for epoch, first in ((0, start), (1, 0), (2, 0))
+           for b in make_loader(batches(url, job, plan, rank=0, start=first, epoch=epoch), num_workers=0)]
+    spanning = TrainBatches(plan, 0, 0, start, manifest_url=job.manifest_url, preprocess=job.preprocess, in_chans=1,
+                            cache_url=url, view_seed=job.view_seed, until=3 * per)
+    assert len(spanning) == 3 * per - start
+    got = list(make_loader(spanning, num_workers=2, prefetch=2))
+    assert [(b["epoch"], b["step"]) for b in got] == [divmod(g, per) for g in range(start, 3 * per)]
+    for a, b in zip(ref, got, strict=True):
+        assert_same(a, b, ("epoch", "step", "bytes_read", *TENSORS))
+    with pytest.raises(ValueError, match="until 0 is before the first step 1"):
+        TrainBatches(plan, 0, 0, start, manifest_url=job.manifest_url, preprocess=job.preprocess, in_chans=1,
+                     cache_url=url, view_seed=job.view_seed, until=0)
+
+
 # ------------------------------------------------------------------------------- the reader's gather, no extraction
 SYN_N, SYN_V, SYN_U = 40, 3, 4
 TARGETS = ("features", "attn_logits", "topk_index", "views", "valid")
