@@ -205,37 +205,39 @@ def _stamp() -> dict[str, float]:
 
 
 class _TargetsOnly(IterableDataset):
-    """The targets of a chain of :class:`TrainBatches` epochs (``_Reader._targets``), no pixels, as tensors."""
+    """The targets (``_Reader._targets``) of a :class:`TrainBatches` spanning epochs, no pixels, as tensors: one
+    reader per worker for all the epochs, as the train stage's loader keeps it."""
 
-    def __init__(self, epochs: list[TrainBatches]) -> None:
+    def __init__(self, dataset: TrainBatches) -> None:
         super().__init__()
-        self.epochs = epochs
+        self.dataset = dataset
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for ds in self.epochs:
-            reader = _Reader(ds)
-            for step in range(worker, ds.plan.steps_per_epoch(), n_workers):
-                idx = ds.plan.rank_batch(ds.epoch, step, 0)[0]
-                targets, fetched = reader._targets(idx)
-                yield {"features": torch.from_numpy(targets["features"]),
-                       "attn_logits": torch.from_numpy(targets["attn_logits"]),
-                       "topk_index": torch.from_numpy(targets["topk_index"].astype(np.int64)),
-                       "n": idx.size, "bytes_fetched": fetched, **_stamp()}
+        ds, per_epoch = self.dataset, self.dataset.plan.steps_per_epoch()
+        reader = _Reader(ds)
+        for g in range(ds.first + worker, ds.until, n_workers):
+            epoch, step = divmod(g, per_epoch)
+            reader.set_epoch(epoch)
+            idx = ds.plan.rank_batch(epoch, step, 0)[0]
+            targets, fetched = reader._targets(idx)
+            yield {"features": torch.from_numpy(targets["features"]),
+                   "attn_logits": torch.from_numpy(targets["attn_logits"]),
+                   "topk_index": torch.from_numpy(targets["topk_index"].astype(np.int64)),
+                   "n": idx.size, "bytes_fetched": fetched, **_stamp()}
 
 
-class _Chain(IterableDataset):
-    """Whole batches of a chain of :class:`TrainBatches` epochs."""
+class _Stamped(IterableDataset):
+    """Whole batches of a :class:`TrainBatches` spanning epochs (the train stage's loader), stamped."""
 
-    def __init__(self, epochs: list[TrainBatches]) -> None:
+    def __init__(self, dataset: TrainBatches) -> None:
         super().__init__()
-        self.epochs = epochs
+        self.dataset = dataset
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for ds in self.epochs:
-            for batch in ds:
-                yield {**batch, "n": batch["indices"].numel(), **_stamp()}
+        for batch in self.dataset:
+            yield {**batch, "n": batch["indices"].numel(), **_stamp()}
 
 
 def with_loader(dataset: IterableDataset, workers: int, per_view: int) -> dict[str, float]:
@@ -287,9 +289,9 @@ def measure_store(url: str, label: str, args: argparse.Namespace, manifest_url: 
     say(f"  {label}: read_samples equals zarr's reads ({check_reads(url, plan)} samples)")
     pre = Preprocess.fashion_mnist(SIDE)
 
-    def dataset(epoch: int) -> TrainBatches:
+    def dataset(epoch: int, until: int | None = None) -> TrainBatches:
         return TrainBatches(plan, epoch, 0, 0, manifest_url=manifest_url, preprocess=pre, in_chans=1,
-                            cache_url=url, checked_spec=cache.spec, local_cache=local)
+                            cache_url=url, checked_spec=cache.spec, local_cache=local, until=until)
 
     if local is not None:
         say(f"  {label}: filling the local cache")
@@ -303,8 +305,8 @@ def measure_store(url: str, label: str, args: argparse.Namespace, manifest_url: 
             out[kind] = in_process(kind, dataset, plan, args.epochs, per_view)
         else:
             workers = int(kind[1:])
-            chain = [dataset(e) for e in range(args.loader_epochs)]
-            data = _TargetsOnly(chain) if kind[0] == "t" else _Chain(chain)
+            spanning = dataset(0, until=args.loader_epochs * plan.steps_per_epoch())
+            data = _TargetsOnly(spanning) if kind[0] == "t" else _Stamped(spanning)
             out[f"loader {kind}"] = with_loader(data, workers, per_view)
     return out
 

@@ -193,6 +193,7 @@ class FinetuneConfig:
     mixup: float | None = field(default=None, metadata=_at_least(0.0))
     cutmix: float | None = field(default=None, metadata=_at_least(0.0))
     eval_crop: float | None = field(default=None, metadata=_at_least(0.0))
+    crop_scale: list[float] | None = None  # the training views' RandomResizedCrop area range [min, max]
 
 
 @dataclass

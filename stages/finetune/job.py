@@ -150,6 +150,10 @@ class FinetuneJob:
         elif self.mixing and (self.batch_size // self.world_size) % 2:
             out.append(f"batch_size: mixup/cutmix mix each batch with its reverse, so the per-rank batch "
                        f"({self.batch_size // self.world_size}) must be even")
+        scale, ratio = self.crop_scale, self.crop_ratio
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1 or len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+            out.append(f"crop_scale / crop_ratio: expected [min, max] with 0 < min <= max (<= 1 for the scale), got "
+                       f"{list(scale)} / {list(ratio)}")
         if self.stop_after_epochs is not None and self.stop_after_epochs < 1:
             out.append(f"stop_after_epochs: must be >= 1 or null, got {self.stop_after_epochs}")
         return out

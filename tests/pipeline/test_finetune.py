@@ -15,7 +15,7 @@ def test_finetune_cli_trains_a_config_run_and_a_second_call_reuses_it(tmp_path):
     for split, n in (("train", 8), ("val", 4)):
         image_tree(str(tmp_path / split), n, seed=n)
     cfg = folder_cfg(tmp_path, "train.num_workers=0", "train.loader_workers=0", "finetune.epochs=3",
-                     "finetune.blr=2.0e-3")
+                     "finetune.blr=2.0e-3", "finetune.crop_scale=[0.3, 1.0]")
     data = labelled_splits(cfg, None, None)
     torch.manual_seed(0)
     kwargs = vit_kwargs("vit_pico_patch4_32", in_chans=1)  # configs/tiny.yaml's new model
@@ -26,6 +26,7 @@ def test_finetune_cli_trains_a_config_run_and_a_second_call_reuses_it(tmp_path):
     assert job.timm_kwargs == kwargs and job.num_classes == 3 and job.preprocess["mean"] == [0.2860405969887955]
     assert job.num_workers == 0 and job.mixup == 0 and job.layer_decay is None  # resources, the preset
     assert (job.epochs, job.blr) == (1, 2.0e-3)  # the call's override over the config's finetune section
+    assert job.crop_scale == (0.3, 1.0)  # the config's finetune section over the preset
     assert job.run_url == str(tmp_path / "out" / "finetune" / job.run_name) and job.run_name.startswith(
         "model-peft_prompt-")
 

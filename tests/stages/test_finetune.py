@@ -130,6 +130,8 @@ def test_bad_input_names_the_field(tmp_path, export_dir, toy):
                      train, test)
     with pytest.raises(ValueError, match="protocol: must be one of"):
         _job(tmp_path, export_dir, "bad", "linear")
+    with pytest.raises(ValueError, match=r"crop_scale / crop_ratio: expected \[min, max\].*\[0\.0, 0\.5\]"):
+        _job(tmp_path, export_dir, "bad", crop_scale=(0.0, 0.5))
     assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
