@@ -1,0 +1,97 @@
+"""Replication v2's reading of its raw rows (experiments/replicate_v2.py): the saturation criterion and the README's
+Markdown table, both computed from the rows only (no number is typed in)."""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from typing import Any
+
+PROTOCOLS = ("knn", "linear", "finetune", "peft_prompt", "peft_both")
+
+
+def scores(rows: dict[str, dict[str, Any]], model: str, protocol: str) -> list[float]:
+    """Top-1 of every finished evaluation of ``model`` under ``protocol`` (one per seed)."""
+    return [r["top1"] for r in rows.values() if r.get("kind") == "eval" and r["model"] == model
+            and r["protocol"] == protocol and r["top1"] is not None]
+
+
+def summary(values: list[float]) -> str:
+    """``0.8123`` for one value, ``0.8123 ± 0.0040 (3)`` (mean ± half the range, seeds) for several, ``—`` for none."""
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    half = (max(values) - min(values)) / 2
+    return f"{statistics.fmean(values):.4f} ± {half:.4f} ({len(values)})"
+
+
+def saturated_epochs(rows: dict[str, dict[str, Any]], base_epochs: list[int],
+                     protocol: str = "finetune") -> int | None:
+    """The first base epochs E of the curve whose doubling gains less than the seed spread under ``protocol``.
+
+    Gain: mean top-1 at 2E minus mean at E (seed 0 base, fine-tuning seeds). Spread: the larger of the two
+    points' ranges over their seeds. None while no doubling qualifies (or the points lack two seeds each).
+    """
+    curve = sorted(base_epochs)
+    for e, twice in itertools.pairwise(curve):
+        if twice != 2 * e:
+            continue
+        a, b = scores(rows, f"mae_e{e}_s0", protocol), scores(rows, f"mae_e{twice}_s0", protocol)
+        if len(a) < 2 or len(b) < 2:
+            return None
+        spread = max(max(a) - min(a), max(b) - min(b))
+        if statistics.fmean(b) - statistics.fmean(a) < spread:
+            return e
+    return None
+
+
+def _cost(row: dict[str, Any] | None) -> tuple[str, str]:
+    if row is None:
+        return "—", "—"
+    macs = sum(row.get("macs", {}).values())
+    seconds = row.get("seconds")
+    return (f"{macs / 1e12:.1f}" if macs else "—"), (f"{seconds:.0f}" if seconds else "—")
+
+
+def sizing_table(rows: dict[str, dict[str, Any]]) -> str:
+    """The fine-tuning recipes tried (``sizing`` rows): top-1 of the random init and of the base, and the gap."""
+    by: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows.values():
+        if row.get("kind") == "sizing":
+            by.setdefault(row["recipe"], {})[row["model"]] = row
+    lines = ["| recipe | fields over the config's finetune section | labelled | random init | base | gap | s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, models in by.items():
+        rnd = models.get("random_init")
+        base = next((r for m, r in models.items() if m != "random_init"), None)
+        first = rnd or base
+        gap = f"{base['top1'] - rnd['top1']:+.4f}" if rnd and base else "—"
+        secs = sum(r["seconds"] for r in models.values())
+        fields = ", ".join(f"{k}={v}" for k, v in first["fields"].items()) or "—"
+        lines.append(f"| {name} | {fields} | {first['n_train']} | {rnd['top1'] if rnd else float('nan'):.4f} | "
+                     f"{base['top1'] if base else float('nan'):.4f} ({base['model'] if base else '—'}) | {gap} | "
+                     f"{secs:.0f} |")
+    return "\n".join(lines)
+
+
+def table(rows: dict[str, dict[str, Any]], base_epochs: list[int]) -> str:
+    """Every model (in the order its row was written) under every protocol, with its cost and machine."""
+    header = "| model | base ep | TEC ep | k-NN | linear | fine-tune | PEFT prompt | PEFT both | TMAC | s | machine |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows.values():
+        if row.get("kind") != "model":
+            continue
+        name = row["model"]
+        cells = [summary(scores(rows, name, p)) for p in PROTOCOLS]
+        tmac, secs = _cost(row)
+        tec_ep = str(row["tec_epochs"]) if row["tec_epochs"] else "—"
+        lines.append(f"| {name} | {row['base_epochs']} | {tec_ep} | " + " | ".join(cells)
+                     + f" | {tmac} | {secs} | {row['machine']} |")
+    e_star = saturated_epochs(rows, base_epochs)
+    lines.append("")
+    lines.append(f"Saturated base (first E whose doubling gains less than the fine-tuning seed spread): "
+                 f"{'E = ' + str(e_star) if e_star else 'not reached on ' + ','.join(map(str, base_epochs))}.")
+    if any(r.get("kind") == "sizing" for r in rows.values()):
+        lines += ["", "Fine-tuning recipes tried (seed 0):", "", sizing_table(rows)]
+    return "\n".join(lines)
