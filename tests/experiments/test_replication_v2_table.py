@@ -1,0 +1,52 @@
+"""experiments/replication_v2_table.py: the saturation criterion and the table read only the raw rows."""
+
+from __future__ import annotations
+
+from experiments.replication_v2_table import saturated_epochs, sizing_table, summary, table
+
+
+def _eval(model: str, protocol: str, seed: int | None, top1: float) -> tuple[str, dict]:
+    return f"eval/{model}/{protocol}/{seed}", {"kind": "eval", "model": model, "protocol": protocol, "seed": seed,
+                                               "top1": top1}
+
+
+def _model(name: str, base_epochs: int) -> tuple[str, dict]:
+    return f"model/{name}", {"kind": "model", "model": name, "base_epochs": base_epochs, "tec_epochs": 0,
+                             "macs": {"pretrain": 3e12}, "seconds": 100.0, "machine": "2-core test VM"}
+
+
+def _curve(points: dict[int, list[float]]) -> dict[str, dict]:
+    rows = dict(_model(f"mae_e{e}_s0", e) for e in points)
+    for e, values in points.items():
+        rows.update(_eval(f"mae_e{e}_s0", "finetune", s, v) for s, v in enumerate(values))
+    return rows
+
+
+def test_the_first_doubling_that_gains_less_than_the_seed_spread_is_the_saturated_base():
+    # 8 -> 16 gains 0.10 (spread 0.02): not saturated; 16 -> 32 gains 0.01 < spread 0.02: E = 16
+    rows = _curve({8: [0.60, 0.62], 16: [0.70, 0.72], 32: [0.71, 0.73], 64: [0.75, 0.75]})
+    assert saturated_epochs(rows, [8, 16, 32, 64]) == 16
+    # every doubling still pays: not reached
+    rows = _curve({8: [0.60, 0.61], 16: [0.70, 0.71], 32: [0.80, 0.81]})
+    assert saturated_epochs(rows, [8, 16, 32]) is None
+    # a point with one seed has no spread yet: undecided
+    rows = _curve({8: [0.60], 16: [0.60, 0.61]})
+    assert saturated_epochs(rows, [8, 16]) is None
+
+
+def test_summary_and_table_are_computed_from_the_rows():
+    assert summary([]) == "—" and summary([0.5]) == "0.5000"
+    assert summary([0.70, 0.72, 0.74]) == "0.7200 ± 0.0200 (3)"
+    rows = _curve({8: [0.60, 0.62], 16: [0.61, 0.62]})
+    rows.update([_eval("mae_e8_s0", "knn", None, 0.55)])
+    text = table(rows, [8, 16])
+    assert "| mae_e8_s0 | 8 | — | 0.5500 | — | 0.6100 ± 0.0100 (2) | — | — | 3.0 | 100 | 2-core test VM |" in text
+    assert "E = 8." in text
+
+
+def test_sizing_table_reports_the_gap_between_base_and_random_init():
+    fields = {"epochs": 10}
+    rows = {f"sizing/r/{m}": {"kind": "sizing", "recipe": "r", "fields": fields, "model": m, "top1": t,
+                              "n_train": 1000, "seconds": 50.0} for m, t in (("random_init", 0.5), ("mae_e32_s0", 0.6))}
+    last = sizing_table(rows).splitlines()[-1]
+    assert last == "| r | epochs=10 | 1000 | 0.5000 | 0.6000 (mae_e32_s0) | +0.1000 | 100 |"
