@@ -16,7 +16,9 @@ Steps (``--only`` takes their names; default: all in this order):
                 fine-tuning seed spread;
     compare     at the saturated base: TEC from its cache and MAE trained to the same total budget, ``--seeds``
                 seeds each, attention target on and off (TEC), the PEFT settings for TEC; every model under every
-                protocol.
+                protocol;
+    codecs      at the saturated base: TEC from the int8 and fp8 caches (``extract.codec``), ``--seeds`` each,
+                against compare's lossless TEC seeds (issue 16's accuracy rows).
 
 Every row names the machine it ran on and carries wall seconds and analytic MACs (FLOPs = 2×MACs;
 :mod:`pipeline.flops`; TEC rows read their training and extraction MACs from the cache's ledger).
@@ -47,7 +49,7 @@ from pipeline.labelled import labelled_splits
 
 log = logging.getLogger("replicate_v2")
 
-STEPS = ("sizing", "random", "saturation", "compare")
+STEPS = ("sizing", "random", "saturation", "compare", "codecs")
 FROZEN = ("knn", "linear")
 # Fine-tuning recipes tried on a random init and the cheapest base (``sizing``): FinetuneJob fields over the config's
 # ``finetune`` section, plus ``n_train`` (labelled images). The protocol is sized when a recipe separates the two
@@ -218,8 +220,9 @@ def run_step(step: str, rows: Rows, args: argparse.Namespace) -> None:
     else:
         e_star = saturated_epochs(rows.rows, args.base_epochs)
         if e_star is None:
-            raise RuntimeError("compare needs the saturation step first (no saturated base found in the rows)")
-        recipes = M.compare_recipes(args.config, e_star, args.tec_epochs, args.seeds)
+            raise RuntimeError(f"{step} needs the saturation step first (no saturated base found in the rows)")
+        make = M.compare_recipes if step == "compare" else M.codec_recipes
+        recipes = make(args.config, e_star, args.tec_epochs, args.seeds)
     for recipe in recipes:
         log.info("=== %s ===", recipe.name)
         evaluate_model(rows, args.config, recipe, args)

@@ -66,16 +66,19 @@ def mae_base(config: str, epochs: int, seed: int = 0) -> Recipe:
                   "base", epochs, seed=seed, config=config)
 
 
-def tec(config: str, base_epochs: int, epochs: int, seed: int, attention_target: bool = True) -> Recipe:
-    """TEC for ``epochs`` from the cache of the seed-0 base at ``base_epochs``; ``seed`` is TEC's (init, order,
-    masks); PEFT protocols too (the export keeps the adapters)."""
-    tag = "" if attention_target else "_noatt"
+def tec(config: str, base_epochs: int, epochs: int, seed: int, attention_target: bool = True,
+        codec: str = "float16") -> Recipe:
+    """TEC for ``epochs`` from the cache (``extract.codec``) of the seed-0 base at ``base_epochs``; ``seed`` is
+    TEC's (init, order, masks); the lossless seed-0 model is also scored with the PEFT protocols (its export keeps
+    the adapters)."""
+    tag = ("" if attention_target else "_noatt") + ("" if codec == "float16" else f"_{codec}")
+    peft = attention_target and seed == 0 and codec == "float16"
     return Recipe(f"tec{tag}_b{base_epochs}_e{epochs}_s{seed}", "tec",
                   (f"base.pretrain.epochs={base_epochs}", "base.pretrain.seed=0", f"train.epochs={epochs}",
-                   f"train.seed={seed}", f"model.attention_target={str(attention_target).lower()}"),
+                   f"train.seed={seed}", f"model.attention_target={str(attention_target).lower()}",
+                   f"extract.codec={codec}"),
                   "model", base_epochs, epochs, seed, attention_target,
-                  ("finetune", "peft_prompt", "peft_both") if attention_target and seed == 0 else ("finetune",),
-                  config=config)
+                  ("finetune", "peft_prompt", "peft_both") if peft else ("finetune",), config=config)
 
 
 def compare_recipes(config: str, base_epochs: int, tec_epochs: int, seeds: int) -> list[Recipe]:
@@ -85,6 +88,11 @@ def compare_recipes(config: str, base_epochs: int, tec_epochs: int, seeds: int) 
     for s in range(seeds):
         out += [tec(config, base_epochs, tec_epochs, s), mae_base(config, base_epochs + tec_epochs, seed=s)]
     return [*out, tec(config, base_epochs, tec_epochs, 0, attention_target=False)]
+
+
+def codec_recipes(config: str, base_epochs: int, tec_epochs: int, seeds: int) -> list[Recipe]:
+    """TEC from the int8 and fp8 caches of the saturated base, ``seeds`` each (the lossless rows are compare's)."""
+    return [tec(config, base_epochs, tec_epochs, s, codec=c) for c in ("int8", "fp8") for s in range(seeds)]
 
 
 def kept_adapters(export_url: str) -> str:

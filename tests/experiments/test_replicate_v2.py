@@ -1,0 +1,60 @@
+"""experiments/replicate_v2.py on a tiny config: rows are written once, a second call reuses them, changed settings
+are refused, and a TEC recipe builds through the pipeline with its costs read from the cache's ledger."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from experiments import replication_v2_models as M
+from experiments.replicate_v2 import main
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture()
+def tiny_config(tmp_path):
+    cfg = {
+        "name": "v2tiny", "output_root": str(tmp_path / "out"),
+        "data": {"source": "idx", "path": f"{FMNIST}/train-images-idx3-ubyte.gz", "limit": 128,
+                 "test_path": f"{FMNIST}/t10k-images-idx3-ubyte.gz"},
+        "base": {"arch": "vit_pico_patch4_32", "timm_overrides": {"in_chans": 1},
+                 "pretrain": {"epochs": 1, "global_batch": 64, "decoder_dim": 32, "decoder_heads": 4}},
+        "preprocess": {"norm": "fashion_mnist"},
+        "extract": {"views_per_image": 1, "k_max": 4, "unit_size": 64, "batch_size": 64, "num_actors": 0},
+        "model": {"arch": "vit_pico_patch4_32", "timm_overrides": {"in_chans": 1}, "topk": 4, "decoder_dim": 32,
+                  "decoder_heads": 4},
+        "train": {"epochs": 1, "global_batch": 64, "num_workers": 0, "loader_workers": 0, "threads_per_worker": 2},
+        "finetune": {"epochs": 1, "batch_size": 32, "warmup_epochs": 0},
+    }
+    path = tmp_path / "v2tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_driver_writes_each_row_once_and_refuses_other_settings(tiny_config, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    sizes = ["--probe-train", "128", "--probe-test", "64", "--ft-train", "64", "--ft-test", "32", "--seeds", "1"]
+    assert main(["--config", tiny_config, "--rows", str(rows), "--only", "random", *sizes]) == 0
+    written = [json.loads(line) for line in rows.read_text().splitlines()]
+    keys = [r["key"] for r in written]
+    assert keys == ["settings", "model/random_init", "eval/random_init/knn", "eval/random_init/linear",
+                    "eval/random_init/finetune/seed0"]
+    assert all(r["machine"] for r in written) and 0 <= written[-1]["top1"] <= 1
+    assert "| random_init | 0 | — |" in capsys.readouterr().out
+    main(["--config", tiny_config, "--rows", str(rows), "--only", "random", *sizes])
+    assert rows.read_text().count("\n") == len(written)  # nothing run again
+    with pytest.raises(SystemExit, match=r"ft_train: 64 there, 32 now"):
+        main(["--config", tiny_config, "--rows", str(rows), "--only", "random", *sizes[:4], "--ft-train", "32",
+              *sizes[6:]])
+
+
+def test_a_tec_recipe_builds_and_reads_its_costs_from_the_ledger(tiny_config):
+    built = M.build(M.tec(tiny_config, base_epochs=1, epochs=1, seed=0))
+    assert built.checkpoint.endswith("/export/encoder.pth")
+    assert set(built.macs) == {"pretrain", "extract", "train"} and min(built.macs.values()) > 0
+    assert M.kept_adapters(built.checkpoint).endswith("/export/encoder_adapters.pth")
+    again = M.build(M.tec(tiny_config, base_epochs=1, epochs=1, seed=0))  # reused: same export, same costs
+    assert (again.checkpoint, again.macs) == (built.checkpoint, built.macs)
