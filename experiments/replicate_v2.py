@@ -18,7 +18,7 @@ Steps (``--only`` takes their names; default: all in this order):
                 seeds each, attention target on and off (TEC), the PEFT settings for TEC; every model under every
                 protocol;
     codecs      at the saturated base: TEC from the int8 and fp8 caches (``extract.codec``), ``--seeds`` each,
-                against compare's lossless TEC seeds (issue 16's accuracy rows).
+                against compare's lossless TEC seeds (the codecs' effect on accuracy).
 
 Every row names the machine it ran on and carries wall seconds and analytic MACs (FLOPs = 2×MACs;
 :mod:`pipeline.flops`; TEC rows read their training and extraction MACs from the cache's ledger).
