@@ -119,13 +119,11 @@ def sha256_of(url: str) -> str:
 def ensure_model(rows: Rows, recipe: M.Recipe) -> str:
     """The checkpoint of ``recipe``: reused when its file exists, else built; its model row is added once."""
     done = rows.get(f"model/{recipe.name}")
-    started = time.perf_counter()
     built = M.build(recipe)
-    seconds = time.perf_counter() - started
     sha = sha256_of(built.checkpoint)
     if done is None:
         rows.add({"key": f"model/{recipe.name}", "kind": "model", **recipe.describe(), "checkpoint_sha256": sha,
-                  "seconds": built.seconds if built.seconds is not None else seconds, "macs": built.macs})
+                  "seconds": built.seconds, "macs": built.macs})  # None: reused, not timed here
     elif done["checkpoint_sha256"] != sha:
         log.warning("%s: rebuilt checkpoint %s differs from the recorded %s (another machine or library version)",
                     recipe.name, sha[:12], done["checkpoint_sha256"][:12])
