@@ -37,7 +37,7 @@ TINY = next(p for p in CONFIGS if p.name == "tiny.yaml")
 def test_shipped_config_loads_and_maps_onto_valid_jobs(path: Path) -> None:
     cfg = load_config(path)
     job = to_train_job(cfg, "mem://cache", "run", "mem://runs")
-    assert job.topk <= job.k_max and job.global_batch % (job.num_workers * job.accum_steps) == 0
+    assert job.topk <= job.k_max and job.global_batch % (max(1, job.num_workers) * job.accum_steps) == 0
     extract = to_extract_job(cfg, "mem://cache", "mem://m.parquet", "mem://base.pth")
     assert extract.preprocess.output_size == extract.timm_kwargs["img_size"]
     assert extract.preprocess.channels == extract.timm_kwargs["in_chans"]
