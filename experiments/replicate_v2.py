@@ -60,6 +60,9 @@ SIZING: dict[str, dict[str, Any]] = {
     "b16_ld75_e20": {"epochs": 20, "batch_size": 16, "warmup_epochs": 2, "layer_decay": 0.75},
 }
 SIZING_BASE_EPOCHS = 32
+# ``finetune`` fields that change no final score (stages.finetune.MUTABLE_FIELDS: reporting only), left out of the
+# recorded settings.
+SCORE_NEUTRAL = frozenset({"eval_every"})
 
 
 def machine() -> str:
@@ -175,7 +178,8 @@ def check_settings(rows: Rows, args: argparse.Namespace) -> None:
     import dataclasses
 
     cfg = C.load_config(args.config)
-    settings = {"config": args.config, "data_limit": cfg.data.limit, "finetune": dataclasses.asdict(cfg.finetune),
+    recipe = {k: v for k, v in dataclasses.asdict(cfg.finetune).items() if k not in SCORE_NEUTRAL}
+    settings = {"config": args.config, "data_limit": cfg.data.limit, "finetune": recipe,
                 "probe_train": args.probe_train, "probe_test": args.probe_test, "ft_train": args.ft_train,
                 "ft_test": args.ft_test, "seeds": args.seeds}
     recorded = rows.get("settings")

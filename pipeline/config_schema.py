@@ -194,6 +194,7 @@ class FinetuneConfig:
     cutmix: float | None = field(default=None, metadata=_at_least(0.0))
     eval_crop: float | None = field(default=None, metadata=_at_least(0.0))
     crop_scale: list[float] | None = None  # the training views' RandomResizedCrop area range [min, max]
+    eval_every: int | None = field(default=None, metadata=_at_least(1))  # epochs between test scores (and the last)
 
 
 @dataclass

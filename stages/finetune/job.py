@@ -32,10 +32,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "peft_prompt": {"layer_decay": None, "global_pool": "token", "weight_decay": 0.0, "drop_path": 0.0,
                     "smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0, "blr": 1e-2},
 }
-# Resources and stopping point: they may change across a resume (everything else is the run's fingerprint).
+# Resources, stopping point and reporting: none changes the trained weights, so they may change across a resume
+# (everything else is the run's fingerprint).
 MUTABLE_FIELDS = frozenset({
     "run_name", "storage_path", "checkpoint_url", "num_workers", "use_gpu", "threads_per_worker", "loader_workers",
-    "stop_after_epochs", "keep_checkpoints", "max_failures", "log_every", "eval_batch_size",
+    "stop_after_epochs", "keep_checkpoints", "max_failures", "log_every", "eval_batch_size", "eval_every",
 })
 
 
@@ -74,6 +75,9 @@ class FinetuneJob:
             process on one device, without Ray.
         amp_dtype: autocast dtype on GPU (CPU runs float32).
         keep_checkpoints / max_failures / log_every (steps) / eval_batch_size: checkpointing, restarts, reporting.
+        eval_every: score the test split after every that many epochs, and always after a start's last epoch (the
+            other epochs' ``test_top1`` is None). Training draws no randomness from evaluation (every step is seeded
+            by its own (seed, step, rank)), so the final weights and score do not depend on it.
         stop_after_epochs: stop this start after that many epochs in all (the schedule still spans ``epochs``).
         checkpoint_sha256 / data_sha256: what the run was started on (set by :func:`stages.finetune.run_finetune`);
             part of the fingerprint, so a resume on other weights or data is refused.
@@ -113,6 +117,7 @@ class FinetuneJob:
     max_failures: int = 0
     log_every: int = 10
     eval_batch_size: int = 256
+    eval_every: int = 1
     stop_after_epochs: int | None = None
     checkpoint_sha256: str = ""
     data_sha256: str = ""
@@ -131,7 +136,7 @@ class FinetuneJob:
         if self.global_pool not in POOLS:
             out.append(f"global_pool: must be one of {POOLS}, got {self.global_pool!r}")
         for name in ("num_classes", "epochs", "batch_size", "threads_per_worker", "keep_checkpoints", "log_every",
-                     "eval_batch_size"):
+                     "eval_batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "loader_workers", "warmup_epochs", "weight_decay", "drop_path", "smoothing",

@@ -111,8 +111,9 @@ def _split(job: FinetuneJob, name: str) -> Split:
 
 
 def finetune_worker(job: FinetuneJob, session: TrainSession) -> None:
-    """One worker: trains the remaining epochs (to ``stop_after_epochs`` at most), evaluating and checkpointing
-    after each; rank 0 writes ``<run>/results.json`` when it stops."""
+    """One worker: trains the remaining epochs (to ``stop_after_epochs`` at most), checkpointing after each and
+    scoring the test split every ``eval_every`` epochs and after the last; rank 0 writes ``<run>/results.json``
+    when it stops."""
     torch.set_num_threads(job.threads_per_worker)
     train, test = _split(job, "train"), _split(job, "test")
     run = _build(job, session)
@@ -129,15 +130,16 @@ def finetune_worker(job: FinetuneJob, session: TrainSession) -> None:
     while run.epoch < stop:
         started = time.perf_counter()
         loss = _train_epoch(job, run, session, train, lrs, per_epoch, mixup, criterion)
-        top1 = evaluate_top1(job, run.core, test, session)
+        scored = (run.epoch + 1) % job.eval_every == 0 or run.epoch + 1 == stop
+        top1 = evaluate_top1(job, run.core, test, session) if scored else None
         row = {"epoch": run.epoch + 1, "train_loss": loss, "test_top1": top1,
                "lr": float(lrs[(run.epoch + 1) * per_epoch - 1]), "seconds": time.perf_counter() - started}
         run.history.append(row)
         run.epoch += 1
         _checkpoint(job, run, session, row)
         if session.rank == 0:
-            log.info("epoch %d/%d: train loss %.4f, test top-1 %.4f (%.1f s)", run.epoch, job.epochs, loss, top1,
-                     row["seconds"])
+            scores = "" if top1 is None else f", test top-1 {top1:.4f}"
+            log.info("epoch %d/%d: train loss %.4f%s (%.1f s)", run.epoch, job.epochs, loss, scores, row["seconds"])
     if session.rank == 0:
         write_results(job, run, session, len(train), len(test))
 
@@ -236,11 +238,12 @@ def _checkpoint(job: FinetuneJob, run: _Run, session: TrainSession, row: dict[st
 def write_results(job: FinetuneJob, run: _Run, session: TrainSession, n_train: int, n_test: int) -> dict[str, Any]:
     """Write ``<run>/results.json`` (see docs/finetune.md#4-results-json) and return it."""
     last = run.history[-1] if run.history else {}
+    scored = [r["test_top1"] for r in run.history if r["test_top1"] is not None]
     params = list(run.core.named_parameters())
     results = {
         "protocol": job.protocol, "run_name": job.run_name, "complete": run.epoch >= job.epochs,
         "epochs_done": run.epoch, "epochs": job.epochs, "start_epoch": run.start_epoch,
-        "test_top1": last.get("test_top1"), "best_test_top1": max((r["test_top1"] for r in run.history), default=None),
+        "test_top1": last.get("test_top1"), "best_test_top1": max(scored, default=None),
         "train_loss": last.get("train_loss"), "num_classes": job.num_classes, "n_train": n_train, "n_test": n_test,
         "lr": scaled_lr(job.blr, job.batch_size), "world_size": session.world_size,
         "device": D.describe(session.device), "checkpoint": storage.redact_url(job.checkpoint_url),

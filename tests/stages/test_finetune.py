@@ -113,6 +113,19 @@ def test_a_stopped_run_resumes_at_its_next_epoch_with_the_uninterrupted_weights(
                                                                                  strict=True)]
 
 
+def test_scoring_fewer_epochs_changes_neither_the_weights_nor_the_final_score(tmp_path, export_dir, toy):
+    """Evaluation draws no randomness training uses: ``eval_every`` only thins the history's scores."""
+    every = run_finetune(_job(tmp_path, export_dir, "every", epochs=3), *toy)
+    sparse = run_finetune(_job(tmp_path, export_dir, "sparse", epochs=3, eval_every=2), *toy)
+    assert [r["test_top1"] is None for r in sparse["history"]] == [True, False, False]  # epoch 2, and the last
+    assert sparse["test_top1"] == every["test_top1"] and sparse["history"][1]["test_top1"] == every["history"][1][
+        "test_top1"]
+    assert sparse["best_test_top1"] == max(every["history"][1]["test_top1"], every["test_top1"])
+    a = latest_checkpoint_state(str(tmp_path / "every"))["model"]
+    b = latest_checkpoint_state(str(tmp_path / "sparse"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_input_names_the_field(tmp_path, export_dir, toy):
     train, test = toy
     unlabeled = train.set_column(train.column_names.index("label"), "label", pa.nulls(train.num_rows, pa.int64()))
