@@ -16,7 +16,8 @@ Steps (``--only`` takes their names; default: all in this order):
                 fine-tuning seed spread;
     compare     at the saturated base: TEC from its cache and MAE trained to the same total budget, ``--seeds``
                 seeds each, attention target on and off (TEC), the PEFT settings for TEC; every model under every
-                protocol;
+                protocol, each fine-tuning protocol once per model (its own seed: the seeds of a variant vary its
+                pre-training and its fine-tuning together);
     codecs      at the saturated base: TEC from the int8 and fp8 caches (``extract.codec``), ``--seeds`` each,
                 against compare's lossless TEC seeds (the codecs' effect on accuracy).
 
@@ -135,8 +136,9 @@ def ensure_model(rows: Rows, recipe: M.Recipe) -> str:
 
 def evaluate_model(rows: Rows, cfg_path: str, recipe: M.Recipe, args: argparse.Namespace) -> None:
     """Every protocol of ``recipe`` not yet in ``rows``: frozen k-NN / linear once, each fine-tuning protocol per
-    seed."""
-    wanted = [(p, None) for p in FROZEN] + [(p, s) for p in recipe.finetune_protocols for s in range(args.seeds)]
+    fine-tuning seed (``recipe.ft_seeds``, else ``--seeds``)."""
+    seeds = range(args.seeds) if recipe.ft_seeds is None else recipe.ft_seeds
+    wanted = [(p, None) for p in FROZEN] + [(p, s) for p in recipe.finetune_protocols for s in seeds]
     todo = [(p, s) for p, s in wanted if rows.get(eval_key(recipe.name, p, s)) is None]
     if not todo:
         return
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-epochs", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16, 32, 64],
                    help="the saturation curve's base pre-training epochs, comma-separated, doubling")
     p.add_argument("--tec-epochs", type=int, default=16, help="TEC's epochs at the saturated base (MAE gets as many)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of every fine-tuning protocol and compared model")
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds of the random init and of each saturation "
+                   "point; model seeds of each compared variant")
     p.add_argument("--probe-train", type=int, default=10000, help="train-split images of the k-NN bank / probe")
     p.add_argument("--probe-test", type=int, default=10000, help="test-split images of k-NN / linear")
     p.add_argument("--ft-train", type=int, default=1000, help="labelled train images fine-tuning sees (its recipe: the "

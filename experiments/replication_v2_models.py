@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Recipe:
     """One model of the replication: ``kind`` is ``random`` | ``mae`` | ``tec``; ``which`` is how the pipeline
-    loads it (``base``: the base architecture, ``model``: the new model's)."""
+    loads it (``base``: the base architecture, ``model``: the new model's); ``ft_seeds`` are the fine-tuning seeds
+    it is scored with (None: the driver's ``--seeds``; the compared models: their own seed, so a variant's spread
+    over model seeds carries the fine-tuning noise too)."""
 
     name: str
     kind: str
@@ -36,6 +38,7 @@ class Recipe:
     seed: int = 0
     attention_target: bool = True
     finetune_protocols: tuple[str, ...] = ("finetune",)
+    ft_seeds: tuple[int, ...] | None = None
     config: str = field(default="", compare=False)
 
     def describe(self) -> dict[str, Any]:
@@ -60,17 +63,17 @@ def random_init(config: str) -> Recipe:
     return Recipe("random_init", "random", ("base.pretrain.epochs=0",), "base", 0, config=config)
 
 
-def mae_base(config: str, epochs: int, seed: int = 0) -> Recipe:
+def mae_base(config: str, epochs: int, seed: int = 0, ft_seeds: tuple[int, ...] | None = None) -> Recipe:
     """The pixel-MAE base pre-trained for ``epochs`` (its own cosine schedule) with pre-training seed ``seed``."""
     return Recipe(f"mae_e{epochs}_s{seed}", "mae", (f"base.pretrain.epochs={epochs}", f"base.pretrain.seed={seed}"),
-                  "base", epochs, seed=seed, config=config)
+                  "base", epochs, seed=seed, ft_seeds=ft_seeds, config=config)
 
 
 def tec(config: str, base_epochs: int, epochs: int, seed: int, attention_target: bool = True,
         codec: str = "float16") -> Recipe:
     """TEC for ``epochs`` from the cache (``extract.codec``) of the seed-0 base at ``base_epochs``; ``seed`` is
-    TEC's (init, order, masks); the lossless seed-0 model is also scored with the PEFT protocols (its export keeps
-    the adapters)."""
+    TEC's (init, order, masks) and its fine-tuning seed; the lossless seed-0 model is also scored with the PEFT
+    protocols (its export keeps the adapters)."""
     tag = ("" if attention_target else "_noatt") + ("" if codec == "float16" else f"_{codec}")
     peft = attention_target and seed == 0 and codec == "float16"
     return Recipe(f"tec{tag}_b{base_epochs}_e{epochs}_s{seed}", "tec",
@@ -78,15 +81,17 @@ def tec(config: str, base_epochs: int, epochs: int, seed: int, attention_target:
                    f"train.seed={seed}", f"model.attention_target={str(attention_target).lower()}",
                    f"extract.codec={codec}"),
                   "model", base_epochs, epochs, seed, attention_target,
-                  ("finetune", "peft_prompt", "peft_both") if peft else ("finetune",), config=config)
+                  ("finetune", "peft_prompt", "peft_both") if peft else ("finetune",), ft_seeds=(seed,),
+                  config=config)
 
 
 def compare_recipes(config: str, base_epochs: int, tec_epochs: int, seeds: int) -> list[Recipe]:
     """At the saturated base: TEC (attention on) and MAE at the same total budget, ``seeds`` each, then TEC with the
-    attention target off (seed 0)."""
+    attention target off (seed 0); each scored with one fine-tuning run (its seed)."""
     out = []
     for s in range(seeds):
-        out += [tec(config, base_epochs, tec_epochs, s), mae_base(config, base_epochs + tec_epochs, seed=s)]
+        out += [tec(config, base_epochs, tec_epochs, s),
+                mae_base(config, base_epochs + tec_epochs, seed=s, ft_seeds=(s,))]
     return [*out, tec(config, base_epochs, tec_epochs, 0, attention_target=False)]
 
 

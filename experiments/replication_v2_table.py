@@ -46,6 +46,39 @@ def saturated_epochs(rows: dict[str, dict[str, Any]], base_epochs: list[int],
     return None
 
 
+def variant_of(model: str) -> str:
+    """A model's variant: its name without the ``_s<seed>`` suffix (``tec_b32_e16_s2`` -> ``tec_b32_e16``)."""
+    stem, _, seed = model.rpartition("_s")
+    return stem if stem and seed.isdigit() else model
+
+
+def variant_table(rows: dict[str, dict[str, Any]]) -> str:
+    """The variants with more than one model seed (the equal-budget comparison): per protocol, each model's mean
+    over its fine-tuning seeds, summarised over the models (mean ± half the range, seeds); mean TMAC and seconds."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows.values():
+        if row.get("kind") == "model":
+            groups.setdefault(variant_of(row["model"]), []).append(row)
+    header = "| variant | base ep | TEC ep | seeds | k-NN | linear | fine-tune | PEFT prompt | PEFT both | TMAC | s |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for name, models in groups.items():
+        if len(models) < 2:
+            continue
+        cells = []
+        for p in PROTOCOLS:
+            means = [statistics.fmean(v) for v in (scores(rows, m["model"], p) for m in models) if v]
+            cells.append(summary(means))
+        costs = [_cost(m) for m in models]
+        tmac = [float(t) for t, _ in costs if t != "—"]
+        secs = [float(x) for _, x in costs if x != "—"]
+        first = models[0]
+        tec_ep = str(first["tec_epochs"]) if first["tec_epochs"] else "—"
+        lines.append(f"| {name} | {first['base_epochs']} | {tec_ep} | {','.join(str(m['seed']) for m in models)} | "
+                     + " | ".join(cells) + f" | {f'{statistics.fmean(tmac):.1f}' if tmac else '—'} | "
+                     f"{f'{statistics.fmean(secs):.0f}' if secs else '—'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _cost(row: dict[str, Any] | None) -> tuple[str, str]:
     if row is None:
         return "—", "—"
@@ -88,6 +121,10 @@ def table(rows: dict[str, dict[str, Any]], base_epochs: list[int]) -> str:
         tec_ep = str(row["tec_epochs"]) if row["tec_epochs"] else "—"
         lines.append(f"| {name} | {row['base_epochs']} | {tec_ep} | " + " | ".join(cells)
                      + f" | {tmac} | {secs} | {row['machine']} |")
+    compared = variant_table(rows)
+    if compared:
+        lines = ["Variants over model seeds (each model's fine-tuning mean, then mean ± half the range over the "
+                 "models):", "", compared, "", "Every model:", "", *lines]
     e_star = saturated_epochs(rows, base_epochs)
     lines.append("")
     lines.append(f"Saturated base (first E whose doubling gains less than the fine-tuning seed spread): "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from experiments.replication_v2_table import saturated_epochs, sizing_table, summary, table
+from experiments.replication_v2_table import saturated_epochs, sizing_table, summary, table, variant_of, variant_table
 
 
 def _eval(model: str, protocol: str, seed: int | None, top1: float) -> tuple[str, dict]:
@@ -11,7 +11,9 @@ def _eval(model: str, protocol: str, seed: int | None, top1: float) -> tuple[str
 
 
 def _model(name: str, base_epochs: int) -> tuple[str, dict]:
+    seed = name.rpartition("_s")[2]
     return f"model/{name}", {"kind": "model", "model": name, "base_epochs": base_epochs, "tec_epochs": 0,
+                             "seed": int(seed) if seed.isdigit() else 0,
                              "macs": {"pretrain": 3e12}, "seconds": 100.0, "machine": "2-core test VM"}
 
 
@@ -50,3 +52,18 @@ def test_sizing_table_reports_the_gap_between_base_and_random_init():
                               "n_train": 1000, "seconds": 50.0} for m, t in (("random_init", 0.5), ("mae_e32_s0", 0.6))}
     last = sizing_table(rows).splitlines()[-1]
     assert last == "| r | epochs=10 | 1000 | 0.5000 | 0.6000 (mae_e32_s0) | +0.1000 | 100 |"
+
+
+def test_variants_pool_model_seeds_after_averaging_each_models_fine_tuning_seeds():
+    assert variant_of("tec_b32_e16_s2") == "tec_b32_e16" and variant_of("random_init") == "random_init"
+    assert variant_of("tec_noatt_b32_e16_s0") == "tec_noatt_b32_e16"
+    rows = dict(_model(f"tec_b32_e16_s{s}", 32) for s in range(3))
+    rows.update(_model("mae_e8_s0", 8) for _ in range(1))
+    rows.update([_eval("tec_b32_e16_s0", "finetune", 0, 0.70), _eval("tec_b32_e16_s0", "finetune", 1, 0.72),
+                 _eval("tec_b32_e16_s1", "finetune", 1, 0.75), _eval("tec_b32_e16_s2", "finetune", 2, 0.73),
+                 _eval("mae_e8_s0", "finetune", 0, 0.50)])
+    text = variant_table(rows)
+    # model means 0.71, 0.75, 0.73: mean 0.73, half range 0.02; a single-seed variant is not listed
+    assert "| tec_b32_e16 | 32 | — | 0,1,2 | — | — | 0.7300 ± 0.0200 (3) | — | — | 3.0 | 100 |" in text
+    assert "mae_e8" not in text
+    assert table(rows, [8]).startswith("Variants over model seeds")
