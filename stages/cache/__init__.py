@@ -7,10 +7,18 @@
 * :mod:`stages.cache.leases`: claims on units, their renewal and takeover (:class:`ClaimKeeper`);
 * :mod:`stages.cache.failures`: the failures table and the failure-rate guard;
 * :mod:`stages.cache.errors`: the errors, and the guard that names a full disk.
+* :mod:`stages.cache.attrs`: the root group's informational attributes (the resolved config, the base diagnostics).
 
 Every public name is importable from ``stages.cache`` itself.
 """
 
+from stages.cache.attrs import (
+    CONFIG_ATTR,
+    DIAGNOSTICS_ATTR,
+    read_diagnostics_attr,
+    write_config_attr,
+    write_diagnostics_attr,
+)
 from stages.cache.errors import CacheFullError, ClaimLostError, UnitIncompleteError, is_no_space, no_space_guard
 from stages.cache.failures import (
     FAILURES_DIR,
@@ -50,16 +58,11 @@ from stages.cache.spec import (
     expected_differences,
 )
 from stages.cache.store import (
-    CONFIG_ATTR,
-    DIAGNOSTICS_ATTR,
     RUN_SPECIFIC_MARKER_FIELDS,
     CacheSummary,
     TargetCache,
     create_or_open,
     open_cache,
-    read_diagnostics_attr,
-    write_config_attr,
-    write_diagnostics_attr,
 )
 
 __all__ = [

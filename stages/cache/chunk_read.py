@@ -105,6 +105,27 @@ class ShardReader:
             else:
                 dest.reshape(-1).view(np.uint8)[:] = buf.as_numpy_array()
 
+    def rows_of(self, idx: np.ndarray, vid: np.ndarray) -> np.ndarray:
+        """``array[idx[j], vid[j]]`` for every j: every touched (view, chunk) decoded once into one buffer, then
+        the rows gathered from it in the order asked (no gather when that is the buffer's order).
+
+        Args:
+            idx / vid: (n,) image indices and their views.
+
+        Returns:
+            (n, ...) rows of the array's dtype.
+        """
+        rows = self.rows
+        pairs, where = np.unique(np.stack([vid, idx // rows], 1), axis=0, return_inverse=True)
+        block = np.empty((pairs.shape[0] * rows, *self.arr.shape[2:]), dtype=self.arr.dtype)
+        for v in np.unique(pairs[:, 0]).tolist():
+            at = np.flatnonzero(pairs[:, 0] == v)  # consecutive: pairs are sorted by view first
+            self.read_into(pairs[at, 1].tolist(), v, block[at[0] * rows : (at[-1] + 1) * rows])
+        pos = where.reshape(-1) * rows + idx % rows
+        if pos.size == block.shape[0] and np.array_equal(pos, np.arange(pos.size)):
+            return block
+        return block[pos]
+
 
 class UnitChunkReader:
     """The unsharded arrays (``topk_index``, ``views``, ``valid``: one chunk per unit, a few KB) read as whole

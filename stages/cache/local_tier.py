@@ -41,7 +41,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
 from infra import storage
-from infra.object_cache import CachingStore, ObjectCache, ObjectVerifyError, fixed_set
+from infra.caching_store import CachingStore
+from infra.object_cache import ObjectCache, ObjectVerifyError, fixed_set
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store

@@ -28,7 +28,7 @@ import zarr
 
 from infra import storage
 from stages.cache import layout
-from stages.cache.chunk_read import ShardReader, UnitChunkReader, direct_reader
+from stages.cache.chunk_read import UnitChunkReader, direct_reader
 from stages.cache.codecs import decode_all, encode_all
 from stages.cache.errors import UnitIncompleteError, no_space_guard
 from stages.cache.failures import FAILURES_DIR, FailureRecord, failures_parquet, gather_failures
@@ -384,10 +384,8 @@ class TargetCache(UnitClaims):
         if (bad := views[(views < 0) | (views >= self.spec.views_per_image)]).size:
             raise IndexError(f"view {bad[0]} out of range [0, {self.spec.views_per_image})")
         direct = self._direct.get(name)
-        if isinstance(direct, UnitChunkReader):
+        if direct is not None:  # a ShardReader, or a UnitChunkReader: the same call
             return direct.rows_of(idx, vid)
-        if direct is not None:
-            return self._pick_direct(direct, idx, vid)
         out = np.empty((idx.size, *arr.shape[2:]), dtype=arr.dtype)
         for v in views:
             at = np.flatnonzero(vid == v)
@@ -398,21 +396,6 @@ class TargetCache(UnitClaims):
         """``array[idx]`` of an array without a view axis (``valid``)."""
         direct = self._direct.get(name)
         return direct.rows_of(idx) if isinstance(direct, UnitChunkReader) else gather_rows(self._arrays[name], idx)
-
-    @staticmethod
-    def _pick_direct(reader: ShardReader, idx: np.ndarray, vid: np.ndarray) -> np.ndarray:
-        """:meth:`_pick_views` through a :class:`ShardReader`: every touched (view, chunk) decoded once into one
-        buffer, then the rows gathered from it in the order asked (no gather when that is the buffer's order)."""
-        rows = reader.rows
-        pairs, where = np.unique(np.stack([vid, idx // rows], 1), axis=0, return_inverse=True)
-        block = np.empty((pairs.shape[0] * rows, *reader.arr.shape[2:]), dtype=reader.arr.dtype)
-        for v in np.unique(pairs[:, 0]).tolist():
-            at = np.flatnonzero(pairs[:, 0] == v)  # consecutive: pairs are sorted by view first
-            reader.read_into(pairs[at, 1].tolist(), v, block[at[0] * rows : (at[-1] + 1) * rows])
-        pos = where.reshape(-1) * rows + idx % rows
-        if pos.size == block.shape[0] and np.array_equal(pos, np.arange(pos.size)):
-            return block
-        return block[pos]
 
     def failures(self) -> pa.Table:
         """The failures of every complete unit, one table (columns index, uri, reason, message)."""
@@ -433,35 +416,3 @@ class TargetCache(UnitClaims):
             stored_bytes_per_view=stored / views if views else 0.0,
             compression_ratio=raw / stored if stored else 0.0,
         )
-
-
-
-CONFIG_ATTR = "tec_config"
-
-
-def write_config_attr(url: str, resolved: dict[str, Any]) -> None:
-    """Store the resolved pipeline config that made the cache in its ``tec_config`` attribute (no secrets: the
-    caller passes an already-redacted config). Informational; the ``tec_cache`` attribute is the identity."""
-    _update_root_attr(url, CONFIG_ATTR, resolved)
-
-
-def _update_root_attr(url: str, key: str, value: Any) -> None:
-    """Set one informational attribute of the cache's root group (its metadata object is replaced whole)."""
-    group = zarr.open_group(storage.zarr_store(url), mode="r+", zarr_format=3)
-    group.attrs.update({key: value})
-
-
-DIAGNOSTICS_ATTR = "base_diagnostics"
-
-
-def write_diagnostics_attr(url: str, summary: dict[str, Any]) -> None:
-    """Store the base diagnostics (``stages.extract.diagnostics.BaseDiagnostics.to_dict``) in the cache's
-    ``base_diagnostics`` attribute, as :func:`write_config_attr` stores ``tec_config``. Informational, not in the key;
-    the group's metadata object is replaced whole (atomically), so two writers racing leave one of their summaries."""
-    _update_root_attr(url, DIAGNOSTICS_ATTR, summary)
-
-
-def read_diagnostics_attr(url: str) -> dict[str, Any] | None:
-    """The cache's ``base_diagnostics`` attribute, or None when it has none (a cache extracted before it existed)."""
-    meta = json.loads(storage.read_bytes(storage.join(url, "zarr.json")))
-    return meta.get("attributes", {}).get(DIAGNOSTICS_ATTR)
