@@ -28,6 +28,7 @@ Every row names the machine it ran on and carries wall seconds and analytic MACs
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -74,8 +75,10 @@ def machine() -> str:
     return f"{os.cpu_count()}-core {platform.machine()} {platform.system()}, {device}, torch {torch.__version__}"
 
 
+@functools.cache
 def commit() -> str | None:
-    """The git commit of this checkout (None outside git)."""
+    """The git commit of this checkout when first asked (None outside git): :func:`main` asks at start, so every
+    row names the code the process runs even if the checkout moves meanwhile."""
     head = Path(__file__).resolve().parents[1] / ".git"
     try:
         import subprocess
@@ -251,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     rows = Rows(args.rows)
+    commit()
     if not args.table:
         check_settings(rows, args)
         for step in args.only or STEPS:
