@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import replication_v2_models as M
-from experiments.replication_v2_table import saturated_epochs, table
+from experiments.replication_v2_table import saturated_epochs, scores, table
 from infra.logs import setup_logging
 from pipeline import config as C
 from pipeline.commands import evaluate_cli
@@ -225,14 +225,31 @@ def run_step(step: str, rows: Rows, args: argparse.Namespace) -> None:
     elif step == "saturation":
         recipes = [M.mae_base(args.config, e, seed=0) for e in args.base_epochs]
     else:
-        e_star = saturated_epochs(rows.rows, args.base_epochs)
-        if e_star is None:
-            raise RuntimeError(f"{step} needs the saturation step first (no saturated base found in the rows)")
+        e_star = compare_base(rows, args)
         make = M.compare_recipes if step == "compare" else M.codec_recipes
         recipes = make(args.config, e_star, args.tec_epochs, args.seeds)
     for recipe in recipes:
         log.info("=== %s ===", recipe.name)
         evaluate_model(rows, args.config, recipe, args)
+
+
+def compare_base(rows: Rows, args: argparse.Namespace) -> int:
+    """The base epochs ``compare`` and ``codecs`` start from: the saturated E, else ``--compare-at`` (the curve not
+    saturated within the budget; the table says so), else an error."""
+    e_star = saturated_epochs(rows.rows, args.base_epochs)
+    if e_star is not None:
+        if args.compare_at not in (None, e_star):
+            raise SystemExit(f"--compare-at {args.compare_at}: the curve saturates at E = {e_star}; compare there")
+        return e_star
+    if args.compare_at is None:
+        raise SystemExit("compare needs a saturated base: no doubling of --base-epochs "
+                         f"{','.join(map(str, args.base_epochs))} gains less than the seed spread in {rows.path}; "
+                         "extend the curve (--only saturation --base-epochs ...) or pass --compare-at E")
+    if args.compare_at not in args.base_epochs or scores(rows.rows, f"mae_e{args.compare_at}_s0", "finetune") == []:
+        raise SystemExit(f"--compare-at {args.compare_at}: not a measured point of the saturation curve "
+                         f"(--base-epochs {','.join(map(str, args.base_epochs))})")
+    log.warning("comparing at base E = %d: the curve is not saturated there", args.compare_at)
+    return args.compare_at
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", choices=STEPS, help="steps to run (default: all, in order)")
     p.add_argument("--base-epochs", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16, 32, 64],
                    help="the saturation curve's base pre-training epochs, comma-separated, doubling")
+    p.add_argument("--compare-at", type=int, default=None, help="base epochs of compare/codecs when the curve does "
+                   "not saturate within the budget (a measured point; the table marks it unsaturated)")
     p.add_argument("--tec-epochs", type=int, default=16, help="TEC's epochs at the saturated base (MAE gets as many)")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds of the random init and of each saturation "
                    "point; model seeds of each compared variant")

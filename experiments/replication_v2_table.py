@@ -46,6 +46,27 @@ def saturated_epochs(rows: dict[str, dict[str, Any]], base_epochs: list[int],
     return None
 
 
+def curve_table(rows: dict[str, dict[str, Any]], base_epochs: list[int], protocol: str = "finetune") -> str:
+    """The saturation curve under ``protocol``: each measured E's mean top-1 and seed range, and each doubling's
+    gain against the spread :func:`saturated_epochs` compares it with."""
+    lines = ["| base ep | fine-tune | range | gain over E/2 | spread | doubling saturates |",
+             "|---|---|---|---|---|---|"]
+    prev: list[float] = []
+    for e in sorted(base_epochs):
+        now = scores(rows, f"mae_e{e}_s0", protocol)
+        if not now:
+            prev = []
+            continue
+        gain = spread = sat = "—"
+        if len(prev) > 1 and len(now) > 1:
+            g, sp = statistics.fmean(now) - statistics.fmean(prev), max(max(prev) - min(prev), max(now) - min(now))
+            gain, spread, sat = f"{g:+.4f}", f"{sp:.4f}", ("yes" if g < sp else "no")
+        lines.append(f"| {e} | {statistics.fmean(now):.4f} ({len(now)}) | {max(now) - min(now):.4f} | {gain} | "
+                     f"{spread} | {sat} |")
+        prev = now
+    return "\n".join(lines)
+
+
 def variant_of(model: str) -> str:
     """A model's variant: its name without the ``_s<seed>`` suffix (``tec_b32_e16_s2`` -> ``tec_b32_e16``)."""
     stem, _, seed = model.rpartition("_s")
@@ -112,9 +133,10 @@ def table(rows: dict[str, dict[str, Any]], base_epochs: list[int]) -> str:
     """Every model (in the order its row was written) under every protocol, with its cost and machine."""
     header = "| model | base ep | TEC ep | k-NN | linear | fine-tune | PEFT prompt | PEFT both | TMAC | s | machine |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for row in rows.values():
-        if row.get("kind") != "model":
-            continue
+    order = {"random": 0, "mae": 1, "tec": 2}
+    models = sorted((r for r in rows.values() if r.get("kind") == "model"), key=lambda r: (
+        order.get(r.get("model_kind", ""), 3), r["base_epochs"], r["tec_epochs"], r["model"]))
+    for row in models:
         name = row["model"]
         cells = [summary(scores(rows, name, p)) for p in PROTOCOLS]
         tmac, secs = _cost(row)
@@ -126,9 +148,14 @@ def table(rows: dict[str, dict[str, Any]], base_epochs: list[int]) -> str:
         lines = ["Variants over model seeds (each model's fine-tuning mean, then mean ± half the range over the "
                  "models):", "", compared, "", "Every model:", "", *lines]
     e_star = saturated_epochs(rows, base_epochs)
-    lines.append("")
-    lines.append(f"Saturated base (first E whose doubling gains less than the fine-tuning seed spread): "
-                 f"{'E = ' + str(e_star) if e_star else 'not reached on ' + ','.join(map(str, base_epochs))}.")
+    lines += ["", "Saturation curve (seed-0 base, fine-tuning seeds):", "", curve_table(rows, base_epochs), "",
+              f"Saturated base (first E whose doubling gains less than the fine-tuning seed spread): "
+              f"{'E = ' + str(e_star) if e_star else 'not reached on ' + ','.join(map(str, base_epochs))}."]
+    compared_at = sorted({r["base_epochs"] for r in rows.values() if r.get("kind") == "model"
+                          and r.get("model_kind") == "tec"})
+    if compared_at:
+        marks = ", ".join(f"E = {e}" + ("" if e == e_star else " (not saturated)") for e in compared_at)
+        lines.append(f"TEC models start from the base at {marks}.")
     if any(r.get("kind") == "sizing" for r in rows.values()):
         lines += ["", "Fine-tuning recipes tried (seed 0):", "", sizing_table(rows)]
     return "\n".join(lines)

@@ -3,6 +3,7 @@ are refused, and a TEC recipe builds through the pipeline with its costs read fr
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -58,3 +59,29 @@ def test_a_tec_recipe_builds_and_reads_its_costs_from_the_ledger(tiny_config):
     assert M.kept_adapters(built.checkpoint).endswith("/export/encoder_adapters.pth")
     again = M.build(M.tec(tiny_config, base_epochs=1, epochs=1, seed=0))  # reused: same export, same costs
     assert (again.checkpoint, again.macs) == (built.checkpoint, built.macs)
+
+
+def test_compare_needs_a_saturated_base_or_a_measured_compare_at(tmp_path):
+    from experiments.replicate_v2 import Rows, compare_base
+
+    path = tmp_path / "rows.jsonl"
+    lines = [{"key": f"eval/mae_e{e}_s0/finetune/seed{s}", "kind": "eval", "model": f"mae_e{e}_s0",
+              "protocol": "finetune", "seed": s, "top1": t}
+             for e, ts in ((8, (0.60, 0.61)), (16, (0.70, 0.71))) for s, t in enumerate(ts)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rows = Rows(str(path))
+
+    def args(at):
+        return argparse.Namespace(base_epochs=[8, 16, 32], compare_at=at)
+
+    with pytest.raises(SystemExit, match="no doubling of --base-epochs 8,16,32 gains less"):
+        compare_base(rows, args(None))
+    with pytest.raises(SystemExit, match="--compare-at 32: not a measured point"):
+        compare_base(rows, args(32))
+    assert compare_base(rows, args(16)) == 16
+    for s, t in enumerate((0.705, 0.715)):  # 16 -> 32 gains 0.005 < spread 0.01: saturated at 16
+        rows.add({"key": f"eval/mae_e32_s0/finetune/seed{s}", "kind": "eval", "model": "mae_e32_s0",
+                  "protocol": "finetune", "seed": s, "top1": t})
+    assert compare_base(rows, args(None)) == 16
+    with pytest.raises(SystemExit, match="saturates at E = 16"):
+        compare_base(rows, args(8))

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from experiments.replication_v2_table import saturated_epochs, sizing_table, summary, table, variant_of, variant_table
+from experiments.replication_v2_table import (
+    curve_table,
+    saturated_epochs,
+    sizing_table,
+    summary,
+    table,
+    variant_of,
+    variant_table,
+)
 
 
 def _eval(model: str, protocol: str, seed: int | None, top1: float) -> tuple[str, dict]:
@@ -67,3 +75,16 @@ def test_variants_pool_model_seeds_after_averaging_each_models_fine_tuning_seeds
     assert "| tec_b32_e16 | 32 | — | 0,1,2 | — | — | 0.7300 ± 0.0200 (3) | — | — | 3.0 | 100 |" in text
     assert "mae_e8" not in text
     assert table(rows, [8]).startswith("Variants over model seeds")
+
+
+def test_curve_table_shows_each_doublings_gain_against_the_spread_and_marks_an_unsaturated_comparison():
+    rows = _curve({8: [0.60, 0.62], 16: [0.70, 0.72], 32: [0.71, 0.73]})
+    text = curve_table(rows, [8, 16, 32])
+    assert "| 16 | 0.7100 (2) | 0.0200 | +0.1000 | 0.0200 | no |" in text
+    assert "| 32 | 0.7200 (2) | 0.0200 | +0.0100 | 0.0200 | yes |" in text
+    name, tec = _model("tec_b32_e16_s0", 32)
+    rows[name] = {**tec, "model_kind": "tec", "tec_epochs": 16}
+    assert "TEC models start from the base at E = 32 (not saturated)." in table(rows, [8, 16, 32])
+    assert "TEC models start from the base at E = 16." not in table(rows, [8, 16, 32])
+    rows[name]["base_epochs"] = 16
+    assert "TEC models start from the base at E = 16." in table(rows, [8, 16, 32])
