@@ -4,9 +4,9 @@ A ViT-B/16-shaped synthetic target cache (the targets of ``bench_reader.py``: 19
 of 12 × 196 attention logits, default compressor) of ``--images`` images × V views is written on local disk and
 copied to a moto S3 server behind the test suite's counting, bandwidth-capping reverse proxy
 (``tests/faults/s3_faults.py``: it counts the body bytes of every GET by path). Then E epochs are read by the train
-stage's own reader as a training run reads them: one :class:`stages.train.data.TrainBatches` per epoch (a fresh
-reader, cache handle and block LRU each), iterated through ``make_loader`` (``--workers``; 0: in this process),
-pixels included. Runs, in one process, side by side:
+stage's own reader as a training run reads them: one :class:`stages.train.data.TrainBatches` spanning the E epochs
+(one reader and cache handle for the run, a fresh block LRU each epoch), iterated through ``make_loader``
+(``--workers``; 0: in this process), pixels included. Runs, in one process, side by side:
 
 * ``local disk``: the local copy (no network), before and after the S3 runs: the reference step rate;
 * ``S3``: the S3 copy, no local cache: every epoch reads its chunks by byte range again;
@@ -16,8 +16,8 @@ pixels included. Runs, in one process, side by side:
 Object-store bytes: the unit data objects' GET bytes the proxy served (metadata, markers and listings are counted
 apart). Needed bytes: the stored bytes of the chunks the run's reads touch over the E epochs (every inner chunk of
 a block's epoch view, read from the shard indexes of the local copy, and the whole unsharded objects), i.e. what a
-reader that fetched each chunk once would transfer. Step rate: batches per second of each epoch, reader set-up
-included; the ratio compares epochs 2..E.
+reader that fetched each chunk once would transfer. Step rate: batches per second of each epoch (the first's
+includes the reader's set-up); the ratio compares epochs 2..E.
 
 Run ``.venv/bin/python benchmarks/bench_local_cache.py --help``; see docs/benchmarks.md.
 """
@@ -122,27 +122,40 @@ def _get_bytes(proxy: FaultProxy | None) -> tuple[int, int]:
 
 def read_epochs(url: str, plan: SamplePlan, args: argparse.Namespace, manifest_url: str,
                 local_cache: LocalCacheSettings | None, proxy: FaultProxy | None) -> dict[str, Any]:
-    """E epochs of ``url`` through the train reader, one :class:`TrainBatches` and loader per epoch, as a run
-    reads; per epoch its seconds (reader set-up included), steps, views and bytes."""
+    """E epochs of ``url`` through the train reader as a run reads them: one :class:`TrainBatches` spanning the
+    epochs and one loader; per epoch its seconds (from the previous epoch's last batch; the first epoch's include
+    the reader's set-up), steps, views and bytes (the proxy's counts sampled at each epoch's first batch, so the
+    loader's read-ahead lands in the epoch before)."""
     spec, pre = open_cache(url).spec, Preprocess.fashion_mnist(bench_reader.SIDE)
-    epochs = []
-    for epoch in range(args.epochs):
-        data0, other0 = _get_bytes(proxy)
-        t0 = time.perf_counter()
-        ds = TrainBatches(plan, epoch, 0, 0, manifest_url=manifest_url, preprocess=pre, in_chans=1, cache_url=url,
-                          checked_spec=spec, local_cache=local_cache)
-        rec = {"epoch": epoch, "steps": 0, "views": 0, "object_store_bytes": 0, "local_cache_bytes": 0}
-        for batch in make_loader(ds, num_workers=args.workers):
-            rec["first_batch_s"] = rec.get("first_batch_s", time.perf_counter() - t0)
-            rec["steps"] += 1
-            rec["views"] += int(batch["indices"].numel())
-            rec["object_store_bytes"] += int(batch["object_store_bytes"])
-            rec["local_cache_bytes"] += int(batch["local_cache_bytes"])
-        rec["seconds"] = time.perf_counter() - t0
-        data1, other1 = _get_bytes(proxy)
-        rec.update(get_data_bytes=data1 - data0, get_other_bytes=other1 - other0,
-                   steps_per_s=rec["steps"] / rec["seconds"])
-        epochs.append(rec)
+    ds = TrainBatches(plan, 0, 0, 0, manifest_url=manifest_url, preprocess=pre, in_chans=1, cache_url=url,
+                      checked_spec=spec, local_cache=local_cache, until=args.epochs * plan.steps_per_epoch())
+    epochs: list[dict[str, Any]] = []
+    t0, (data0, other0) = time.perf_counter(), _get_bytes(proxy)
+
+    def close(rec: dict[str, Any], now: float, data: int, other: int) -> None:
+        rec.update(seconds=now - rec.pop("t0"), get_data_bytes=data - rec.pop("data0"),
+                   get_other_bytes=other - rec.pop("other0"))
+        rec["steps_per_s"] = rec["steps"] / rec["seconds"]
+
+    for batch in make_loader(ds, num_workers=args.workers):
+        now = time.perf_counter()
+        if not epochs or epochs[-1]["epoch"] != int(batch["epoch"]):
+            data, other = _get_bytes(proxy)
+            start = t0 if not epochs else epochs[-1]["t_last"]
+            if epochs:
+                close(epochs[-1], start, data, other)
+            epochs.append({"epoch": int(batch["epoch"]), "steps": 0, "views": 0, "object_store_bytes": 0,
+                           "local_cache_bytes": 0, "t0": start, "data0": data if epochs else data0,
+                           "other0": other if epochs else other0, "first_batch_s": now - start})
+        rec = epochs[-1]
+        rec["steps"] += 1
+        rec["views"] += int(batch["indices"].numel())
+        rec["object_store_bytes"] += int(batch["object_store_bytes"])
+        rec["local_cache_bytes"] += int(batch["local_cache_bytes"])
+        rec["t_last"] = now
+    close(epochs[-1], time.perf_counter(), *_get_bytes(proxy))
+    for rec in epochs:
+        rec.pop("t_last", None)
     later = epochs[1:] or epochs
     return {"epochs": epochs, "get_data_bytes": sum(e["get_data_bytes"] for e in epochs),
             "get_other_bytes": sum(e["get_other_bytes"] for e in epochs),
