@@ -128,7 +128,7 @@ def inspect_base_cli(cfg: C.PipelineConfig, n_images: int = 64, seed: int = 0, n
 
     k-NN: ``n_knn`` labelled images of the manifest (a seeded random sample, in random order), the first fifth held
     out as the test set, the rest as the train set; centre views, class-token features,
-    :func:`pipeline.evaluate.knn_top1` (k = 20).
+    :func:`pipeline.probes.knn_top1` (k = 20).
 
     Args:
         cfg: the pipeline config. n_images: images diagnosed. seed: the samples' seed. n_knn: images of the k-NN
@@ -146,6 +146,7 @@ def inspect_base_cli(cfg: C.PipelineConfig, n_images: int = 64, seed: int = 0, n
     from infra import storage
     from pipeline import evaluate as E
     from pipeline.orchestrate import resolve_cache
+    from pipeline.probes import knn_top1
     from stages.extract.diagnostics import UNIFORM_MARGIN, diagnose_base
     from stages.images import ImageSource
     from stages.manifest import read_manifest
@@ -162,8 +163,8 @@ def inspect_base_cli(cfg: C.PipelineConfig, n_images: int = 64, seed: int = 0, n
             job.preprocess.channels, policy=job.uri_policy))
         labels = torch.from_numpy(picked.column("label").to_numpy().astype(np.int64))
         n_test = max(1, picked.num_rows // 5)
-        diag.knn_top1 = E.knn_top1(feats[n_test:], labels[n_test:], feats[:n_test], labels[:n_test],
-                                   num_classes=int(labels.max()) + 1)
+        diag.knn_top1 = knn_top1(feats[n_test:], labels[n_test:], feats[:n_test], labels[:n_test],
+                                 num_classes=int(labels.max()) + 1)
         diag.knn = {"n_train": picked.num_rows - n_test, "n_test": n_test, "k": 20, "feature": "cls"}
     else:
         log.info("inspect-base: no k-NN (%d images sampled, labels %s)", picked.num_rows,
