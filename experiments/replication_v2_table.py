@@ -89,7 +89,7 @@ def variant_table(rows: dict[str, dict[str, Any]]) -> str:
         for p in PROTOCOLS:
             means = [statistics.fmean(v) for v in (scores(rows, m["model"], p) for m in models) if v]
             cells.append(summary(means))
-        costs = [_cost(m) for m in models]
+        costs = [_cost(rows, m) for m in models]
         tmac = [float(t) for t, _ in costs if t != "—"]
         secs = [float(x) for _, x in costs if x != "—"]
         first = models[0]
@@ -100,12 +100,40 @@ def variant_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def _cost(row: dict[str, Any] | None) -> tuple[str, str]:
-    if row is None:
-        return "—", "—"
+def base_of(rows: dict[str, dict[str, Any]], row: dict[str, Any]) -> dict[str, Any] | None:
+    """The model row of the seed-0 pixel-MAE base a TEC row started from (None: not a TEC row, or not recorded)."""
+    if row.get("model_kind") != "tec":
+        return None
+    return rows.get(f"model/mae_e{row['base_epochs']}_s0")
+
+
+def _cost(rows: dict[str, dict[str, Any]], row: dict[str, Any]) -> tuple[str, str]:
+    """(TMAC, seconds) cells of a model: its whole cost from raw pixels. A TEC row's MACs already count its base's
+    pre-training (the ledger's ``pretrain`` entry); its seconds are its own extraction and training, so the base's
+    measured seconds are added ("—" when the base was not timed as one run)."""
     macs = sum(row.get("macs", {}).values())
     seconds = row.get("seconds")
+    if row.get("model_kind") == "tec" and seconds:
+        base = base_of(rows, row)
+        seconds = seconds + base["seconds"] if base and base.get("seconds") else None
     return (f"{macs / 1e12:.1f}" if macs else "—"), (f"{seconds:.0f}" if seconds else "—")
+
+
+def own_cost_note(rows: dict[str, dict[str, Any]]) -> str:
+    """One line per base TEC models started from: its share of their cost, and TEC's own (extraction + training)."""
+    lines = []
+    tec = [r for r in rows.values() if r.get("kind") == "model" and r.get("model_kind") == "tec"]
+    for e in sorted({r["base_epochs"] for r in tec}):
+        mine = [r for r in tec if r["base_epochs"] == e]
+        base = rows.get(f"model/mae_e{e}_s0")
+        own_macs = statistics.fmean(sum(v for k, v in r["macs"].items() if k != "pretrain") for r in mine)
+        own_s = [r["seconds"] for r in mine if r.get("seconds")]
+        base_cost = (f"{sum(base['macs'].values()) / 1e12:.1f} TMAC, "
+                     + (f"{base['seconds']:.0f} s" if base.get("seconds") else "not timed")) if base else "not recorded"
+        lines.append(f"TEC's TMAC and s include its base's pre-training (mae_e{e}_s0: {base_cost}); TEC's own "
+                     f"extraction + training: {own_macs / 1e12:.1f} TMAC, "
+                     + (f"{statistics.fmean(own_s):.0f} s" if own_s else "not timed") + f" (mean of {len(mine)}).")
+    return "\n".join(lines)
 
 
 def sizing_table(rows: dict[str, dict[str, Any]]) -> str:
@@ -139,7 +167,7 @@ def table(rows: dict[str, dict[str, Any]], base_epochs: list[int]) -> str:
     for row in models:
         name = row["model"]
         cells = [summary(scores(rows, name, p)) for p in PROTOCOLS]
-        tmac, secs = _cost(row)
+        tmac, secs = _cost(rows, row)
         tec_ep = str(row["tec_epochs"]) if row["tec_epochs"] else "—"
         lines.append(f"| {name} | {row['base_epochs']} | {tec_ep} | " + " | ".join(cells)
                      + f" | {tmac} | {secs} | {row['machine']} |")
@@ -147,6 +175,9 @@ def table(rows: dict[str, dict[str, Any]], base_epochs: list[int]) -> str:
     if compared:
         lines = ["Variants over model seeds (each model's fine-tuning mean, then mean ± half the range over the "
                  "models):", "", compared, "", "Every model:", "", *lines]
+    note = own_cost_note(rows)
+    if note:
+        lines += ["", note]
     e_star = saturated_epochs(rows, base_epochs)
     lines += ["", "Saturation curve (seed-0 base, fine-tuning seeds):", "", curve_table(rows, base_epochs), "",
               f"Saturated base (first E whose doubling gains less than the fine-tuning seed spread): "

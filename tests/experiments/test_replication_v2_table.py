@@ -88,3 +88,16 @@ def test_curve_table_shows_each_doublings_gain_against_the_spread_and_marks_an_u
     assert "TEC models start from the base at E = 16." not in table(rows, [8, 16, 32])
     rows[name]["base_epochs"] = 16
     assert "TEC models start from the base at E = 16." in table(rows, [8, 16, 32])
+
+
+def test_a_tec_rows_cost_counts_its_base_and_the_note_gives_tecs_own_share():
+    rows = dict([_model("mae_e32_s0", 32)])  # 3 TMAC, 100 s
+    name, tec = _model("tec_b32_e16_s0", 32)
+    rows[name] = {**tec, "model_kind": "tec", "tec_epochs": 16, "seconds": 50.0,
+                  "macs": {"pretrain": 3e12, "extract": 0.5e12, "train": 1.5e12}}
+    text = table(rows, [32])
+    assert "| tec_b32_e16_s0 | 32 | 16 | — | — | — | — | — | 5.0 | 150 | 2-core test VM |" in text
+    assert ("TEC's TMAC and s include its base's pre-training (mae_e32_s0: 3.0 TMAC, 100 s); TEC's own extraction + "
+            "training: 2.0 TMAC, 50 s (mean of 1).") in text
+    rows["model/mae_e32_s0"]["seconds"] = None  # a base not timed as one run: no total seconds for TEC
+    assert "| 5.0 | — | 2-core test VM |" in table(rows, [32])
