@@ -125,7 +125,7 @@ def own_cost_note(rows: dict[str, dict[str, Any]]) -> str:
     tec = [r for r in rows.values() if r.get("kind") == "model" and r.get("model_kind") == "tec"]
     for e in sorted({r["base_epochs"] for r in tec}):
         mine = [r for r in tec if r["base_epochs"] == e]
-        base = rows.get(f"model/mae_e{e}_s0")
+        base = base_of(rows, mine[0])
         own_macs = statistics.fmean(sum(v for k, v in r["macs"].items() if k != "pretrain") for r in mine)
         own_s = [r["seconds"] for r in mine if r.get("seconds")]
         base_cost = (f"{sum(base['macs'].values()) / 1e12:.1f} TMAC, "
