@@ -96,8 +96,9 @@ def compare_recipes(config: str, base_epochs: int, tec_epochs: int, seeds: int) 
 
 
 def codec_recipes(config: str, base_epochs: int, tec_epochs: int, seeds: int) -> list[Recipe]:
-    """TEC from the int8 and fp8 caches of the saturated base, ``seeds`` each (the lossless rows are compare's)."""
-    return [tec(config, base_epochs, tec_epochs, s, codec=c) for c in ("int8", "fp8") for s in range(seeds)]
+    """TEC from the int8 and fp8 caches of the saturated base, ``seeds`` each (the lossless rows are compare's),
+    seed by seed: a run stopped early has as many seeds of one codec as of the other."""
+    return [tec(config, base_epochs, tec_epochs, s, codec=c) for s in range(seeds) for c in ("int8", "fp8")]
 
 
 def kept_adapters(export_url: str) -> str:
