@@ -2,6 +2,7 @@
 """Replication v2: TEC at a saturated pixel-MAE base, under fine-tuning as well as frozen probes (docs/replication.md).
 
     python experiments/replicate_v2.py [--config configs/fmnist_replication_v2.yaml] [--only STEP ...] [--table]
+                                       [--doc docs/replication.md]
 
 Resumable, one model at a time: every finished model and every finished evaluation is one JSON line of ``--rows``
 (default ``docs/replication_v2_results.jsonl``, committed with the code, so a later session on a fresh checkout
@@ -42,6 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import replication_v2_models as M
+from experiments.replication_v2_doc import blocks, fill
 from experiments.replication_v2_table import saturated_epochs, scores, table
 from infra.logs import setup_logging
 from pipeline import config as C
@@ -52,6 +54,7 @@ from pipeline.labelled import labelled_splits
 log = logging.getLogger("replicate_v2")
 
 STEPS = ("sizing", "random", "saturation", "compare", "codecs")
+BASE_EPOCHS = (8, 16, 32, 64)  # the saturation curve's default points
 FROZEN = ("knn", "linear")
 # Fine-tuning recipes tried on a random init and the cheapest base (``sizing``): FinetuneJob fields over the config's
 # ``finetune`` section, plus ``n_train`` (labelled images). The protocol is sized when a recipe separates the two
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/fmnist_replication_v2.yaml")
     p.add_argument("--rows", default="docs/replication_v2_results.jsonl", help="the results file (JSON lines)")
     p.add_argument("--only", nargs="*", choices=STEPS, help="steps to run (default: all, in order)")
-    p.add_argument("--base-epochs", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16, 32, 64],
+    p.add_argument("--base-epochs", type=lambda s: [int(x) for x in s.split(",")], default=list(BASE_EPOCHS),
                    help="the saturation curve's base pre-training epochs, comma-separated, doubling")
     p.add_argument("--compare-at", type=int, default=None, help="base epochs of compare/codecs when the curve does "
                    "not saturate within the budget (a measured point; the table marks it unsaturated)")
@@ -270,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                    "config's finetune section)")
     p.add_argument("--ft-test", type=int, default=2000, help="test images fine-tuning is scored on")
     p.add_argument("--table", action="store_true", help="print the results table (Markdown) and exit")
+    p.add_argument("--doc", default=None, help="rewrite the marked v2 tables of this Markdown file (e.g. "
+                   "docs/replication.md) from the rows")
     args = p.parse_args(argv)
     setup_logging()
     rows = Rows(args.rows)
@@ -279,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         for step in args.only or STEPS:
             run_step(step, rows, args)
     print(table(rows.rows, args.base_epochs))
+    if args.doc:
+        doc = Path(args.doc)
+        doc.write_text(fill(doc.read_text(), blocks(rows.rows, args.base_epochs), args.doc))
+        log.info("rewrote the v2 tables of %s", args.doc)
     return 0
 
 

@@ -8,6 +8,8 @@ import statistics
 from typing import Any
 
 PROTOCOLS = ("knn", "linear", "finetune", "peft_prompt", "peft_both")
+LABELS = {"knn": "k-NN", "linear": "linear", "finetune": "fine-tune", "peft_prompt": "PEFT prompt",
+          "peft_both": "PEFT both"}
 
 
 def scores(rows: dict[str, dict[str, Any]], model: str, protocol: str) -> list[float]:
@@ -73,23 +75,25 @@ def variant_of(model: str) -> str:
     return stem if stem and seed.isdigit() else model
 
 
-def variant_table(rows: dict[str, dict[str, Any]]) -> str:
+def variant_table(rows: dict[str, dict[str, Any]], variants: list[str] | None = None) -> str:
     """The variants with more than one model seed (the equal-budget comparison): per protocol, each model's mean
-    over its fine-tuning seeds, summarised over the models (mean ± half the range, seeds); mean TMAC and seconds."""
+    over its fine-tuning seeds, summarised over the models (mean ± half the range, seeds); mean TMAC and seconds.
+    ``variants``: only these, in this order (default: every variant, in the order its first row was written)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows.values():
         if row.get("kind") == "model":
             groups.setdefault(variant_of(row["model"]), []).append(row)
     header = "| variant | base ep | TEC ep | seeds | k-NN | linear | fine-tune | PEFT prompt | PEFT both | TMAC | s |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for name, models in groups.items():
+    for name in groups if variants is None else [v for v in variants if v in groups]:
+        models = groups[name]
         if len(models) < 2:
             continue
         cells = []
         for p in PROTOCOLS:
             means = [statistics.fmean(v) for v in (scores(rows, m["model"], p) for m in models) if v]
             cells.append(summary(means))
-        costs = [_cost(rows, m) for m in models]
+        costs = [cost_cells(rows, m) for m in models]
         tmac = [float(t) for t, _ in costs if t != "—"]
         secs = [float(x) for _, x in costs if x != "—"]
         first = models[0]
@@ -107,7 +111,7 @@ def base_of(rows: dict[str, dict[str, Any]], row: dict[str, Any]) -> dict[str, A
     return rows.get(f"model/mae_e{row['base_epochs']}_s0")
 
 
-def _cost(rows: dict[str, dict[str, Any]], row: dict[str, Any]) -> tuple[str, str]:
+def cost_cells(rows: dict[str, dict[str, Any]], row: dict[str, Any]) -> tuple[str, str]:
     """(TMAC, seconds) cells of a model: its whole cost from raw pixels. A TEC row's MACs already count its base's
     pre-training (the ledger's ``pretrain`` entry); its seconds are its own extraction and training, so the base's
     measured seconds are added ("—" when the base was not timed as one run)."""
@@ -119,19 +123,24 @@ def _cost(rows: dict[str, dict[str, Any]], row: dict[str, Any]) -> tuple[str, st
     return (f"{macs / 1e12:.1f}" if macs else "—"), (f"{seconds:.0f}" if seconds else "—")
 
 
-def own_cost_note(rows: dict[str, dict[str, Any]]) -> str:
-    """One line per base TEC models started from: its share of their cost, and TEC's own (extraction + training)."""
+def own_cost_note(rows: dict[str, dict[str, Any]], variant: str | None = None) -> str:
+    """One line per TEC variant (only ``variant`` when given): its base's share of its cost, and TEC's own
+    (extraction + training), the mean over the variant's model seeds."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows.values():
+        if r.get("kind") == "model" and r.get("model_kind") == "tec":
+            groups.setdefault(variant_of(r["model"]), []).append(r)
     lines = []
-    tec = [r for r in rows.values() if r.get("kind") == "model" and r.get("model_kind") == "tec"]
-    for e in sorted({r["base_epochs"] for r in tec}):
-        mine = [r for r in tec if r["base_epochs"] == e]
+    for name, mine in groups.items() if variant is None else [(variant, groups.get(variant, []))]:
+        if not mine:
+            continue
         base = base_of(rows, mine[0])
         own_macs = statistics.fmean(sum(v for k, v in r["macs"].items() if k != "pretrain") for r in mine)
         own_s = [r["seconds"] for r in mine if r.get("seconds")]
         base_cost = (f"{sum(base['macs'].values()) / 1e12:.1f} TMAC, "
                      + (f"{base['seconds']:.0f} s" if base.get("seconds") else "not timed")) if base else "not recorded"
-        lines.append(f"TEC's TMAC and s include its base's pre-training (mae_e{e}_s0: {base_cost}); TEC's own "
-                     f"extraction + training: {own_macs / 1e12:.1f} TMAC, "
+        lines.append(f"{name}: TEC's TMAC and s include its base's pre-training (mae_e{mine[0]['base_epochs']}_s0: "
+                     f"{base_cost}); TEC's own extraction + training: {own_macs / 1e12:.1f} TMAC, "
                      + (f"{statistics.fmean(own_s):.0f} s" if own_s else "not timed") + f" (mean of {len(mine)}).")
     return "\n".join(lines)
 
@@ -157,20 +166,33 @@ def sizing_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def models_table(rows: dict[str, dict[str, Any]], names: list[str], protocols: tuple[str, ...] = PROTOCOLS,
+                 tec_column: bool | None = None, machine: bool = False) -> str:
+    """One line per model of ``names`` that has a row: its top-1 under ``protocols`` (mean ± half the range over
+    its fine-tuning seeds), TMAC and seconds from raw pixels (:func:`cost_cells`), and its machine when ``machine``.
+    ``tec_column``: show TEC's epochs (default: when a listed model is a TEC model)."""
+    found = [rows[f"model/{n}"] for n in names if f"model/{n}" in rows]
+    tec = any(r["tec_epochs"] for r in found) if tec_column is None else tec_column
+    head = ["model", "base ep", *(["TEC ep"] if tec else []), *(LABELS[p] for p in protocols), "TMAC", "s",
+            *(["machine"] if machine else [])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in found:
+        cells = [row["model"], str(row["base_epochs"])]
+        if tec:
+            cells.append(str(row["tec_epochs"]) if row["tec_epochs"] else "—")
+        cells += [summary(scores(rows, row["model"], p)) for p in protocols]
+        cells += [*cost_cells(rows, row), *([row["machine"]] if machine else [])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: dict[str, dict[str, Any]], base_epochs: list[int]) -> str:
-    """Every model (in the order its row was written) under every protocol, with its cost and machine."""
-    header = "| model | base ep | TEC ep | k-NN | linear | fine-tune | PEFT prompt | PEFT both | TMAC | s | machine |"
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    """Every model (random init, MAE, TEC; by epochs) under every protocol with its cost and machine, the variants
+    over model seeds, the saturation curve and the sizing rows."""
     order = {"random": 0, "mae": 1, "tec": 2}
     models = sorted((r for r in rows.values() if r.get("kind") == "model"), key=lambda r: (
         order.get(r.get("model_kind", ""), 3), r["base_epochs"], r["tec_epochs"], r["model"]))
-    for row in models:
-        name = row["model"]
-        cells = [summary(scores(rows, name, p)) for p in PROTOCOLS]
-        tmac, secs = _cost(rows, row)
-        tec_ep = str(row["tec_epochs"]) if row["tec_epochs"] else "—"
-        lines.append(f"| {name} | {row['base_epochs']} | {tec_ep} | " + " | ".join(cells)
-                     + f" | {tmac} | {secs} | {row['machine']} |")
+    lines = models_table(rows, [r["model"] for r in models], tec_column=True, machine=True).splitlines()
     compared = variant_table(rows)
     if compared:
         lines = ["Variants over model seeds (each model's fine-tuning mean, then mean ± half the range over the "

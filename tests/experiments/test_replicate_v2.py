@@ -85,3 +85,10 @@ def test_compare_needs_a_saturated_base_or_a_measured_compare_at(tmp_path):
     assert compare_base(rows, args(None)) == 16
     with pytest.raises(SystemExit, match="saturates at E = 16"):
         compare_base(rows, args(8))
+
+
+def test_codec_models_go_seed_by_seed_and_name_their_codec():
+    recipes = M.codec_recipes("c.yaml", 64, 16, 2)
+    assert [r.name for r in recipes] == ["tec_int8_b64_e16_s0", "tec_fp8_b64_e16_s0", "tec_int8_b64_e16_s1",
+                                         "tec_fp8_b64_e16_s1"]
+    assert "extract.codec=fp8" in recipes[1].overrides and recipes[1].finetune_protocols == ("finetune",)
