@@ -14,6 +14,7 @@ from typing import Any
 from experiments.replication_v2_table import (
     LABELS,
     curve_table,
+    every_model_table,
     models_table,
     own_cost_note,
     scores,
@@ -69,10 +70,11 @@ def codec_table(rows: Rows, lossless: str, protocols: tuple[str, ...] = ("knn", 
 def blocks(rows: Rows, base_epochs: list[int]) -> dict[str, str]:
     """The document's tables by marker name: ``curve`` (random init and the saturation bases), ``doublings``,
     ``compare`` (TEC against MAE for the same epochs, over model seeds, with TEC's own share of the cost),
-    ``attention`` (seed 0 with the attention target on and off) and ``codecs``."""
+    ``attention`` (seed 0 with the attention target on and off), ``codecs``, and ``models`` (every model under
+    every protocol with the machine it ran on, as ``--table`` prints it)."""
     curve = ["random_init", *(f"mae_e{e}_s0" for e in sorted(base_epochs))]
     out = {"curve": models_table(rows, curve, ("knn", "linear", "finetune")),
-           "doublings": curve_table(rows, base_epochs)}
+           "doublings": curve_table(rows, base_epochs), "models": every_model_table(rows)}
     tec = sorted({(r["base_epochs"], r["tec_epochs"]) for r in rows.values() if r.get("kind") == "model"
                   and r.get("model_kind") == "tec"})
     for e, t in tec[-1:]:  # the comparison at the last base TEC started from

@@ -186,13 +186,18 @@ def models_table(rows: dict[str, dict[str, Any]], names: list[str], protocols: t
     return "\n".join(lines)
 
 
-def table(rows: dict[str, dict[str, Any]], base_epochs: list[int]) -> str:
-    """Every model (random init, MAE, TEC; by epochs) under every protocol with its cost and machine, the variants
-    over model seeds, the saturation curve and the sizing rows."""
+def every_model_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Every model (random init, MAE, TEC; by epochs, then name) under every protocol, with its machine."""
     order = {"random": 0, "mae": 1, "tec": 2}
     models = sorted((r for r in rows.values() if r.get("kind") == "model"), key=lambda r: (
         order.get(r.get("model_kind", ""), 3), r["base_epochs"], r["tec_epochs"], r["model"]))
-    lines = models_table(rows, [r["model"] for r in models], tec_column=True, machine=True).splitlines()
+    return models_table(rows, [r["model"] for r in models], tec_column=True, machine=True)
+
+
+def table(rows: dict[str, dict[str, Any]], base_epochs: list[int]) -> str:
+    """Every model (random init, MAE, TEC; by epochs) under every protocol with its cost and machine, the variants
+    over model seeds, the saturation curve and the sizing rows."""
+    lines = every_model_table(rows).splitlines()
     compared = variant_table(rows)
     if compared:
         lines = ["Variants over model seeds (each model's fine-tuning mean, then mean ± half the range over the "
