@@ -15,23 +15,17 @@ from experiments.replication_v2_table import (
     LABELS,
     curve_table,
     every_model_table,
+    model_means,
     models_table,
     own_cost_note,
-    scores,
     summary,
-    variant_of,
+    variant_groups,
     variant_table,
 )
 
 Rows = dict[str, dict[str, Any]]
 CODECS = ("int8", "fp8")
 MARKER = re.compile(r"(<!-- v2:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /v2:(?P=name) -->)", re.S)
-
-
-def _model_means(rows: Rows, variant: str, protocol: str) -> list[float]:
-    """Each model of ``variant``'s mean top-1 under ``protocol`` over its fine-tuning seeds."""
-    models = sorted(r["model"] for r in rows.values() if r.get("kind") == "model" and variant_of(r["model"]) == variant)
-    return [statistics.fmean(v) for v in (scores(rows, m, protocol) for m in models) if v]
 
 
 def codec_table(rows: Rows, lossless: str, protocols: tuple[str, ...] = ("knn", "linear", "finetune")) -> str:
@@ -42,10 +36,11 @@ def codec_table(rows: Rows, lossless: str, protocols: tuple[str, ...] = ("knn", 
     head = ["codec", "seeds", *(LABELS[p] for p in protocols), *(f"Δ {LABELS[p]} (spread)" for p in protocols),
             "inside the seed spread"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = {p: _model_means(rows, lossless, p) for p in protocols}
+    groups = variant_groups(rows)
+    base = {p: model_means(rows, groups.get(lossless, []), p) for p in protocols}
     for codec in ("float16", *CODECS):
         variant = lossless if codec == "float16" else lossless.replace("tec_", f"tec_{codec}_", 1)
-        means = {p: _model_means(rows, variant, p) for p in protocols}
+        means = {p: model_means(rows, groups.get(variant, []), p) for p in protocols}
         if not any(means.values()):
             continue
         deltas, outside = [], []

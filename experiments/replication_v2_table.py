@@ -75,24 +75,32 @@ def variant_of(model: str) -> str:
     return stem if stem and seed.isdigit() else model
 
 
+def variant_groups(rows: dict[str, dict[str, Any]], kind: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The model rows of each variant (of model kind ``kind`` when given), in the order the first row was written."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows.values():
+        if row.get("kind") == "model" and kind in (None, row.get("model_kind")):
+            groups.setdefault(variant_of(row["model"]), []).append(row)
+    return groups
+
+
+def model_means(rows: dict[str, dict[str, Any]], models: list[dict[str, Any]], protocol: str) -> list[float]:
+    """Each of ``models``' mean top-1 under ``protocol`` over its fine-tuning seeds (models not yet scored left out)."""
+    return [statistics.fmean(v) for v in (scores(rows, m["model"], protocol) for m in models) if v]
+
+
 def variant_table(rows: dict[str, dict[str, Any]], variants: list[str] | None = None) -> str:
     """The variants with more than one model seed (the equal-budget comparison): per protocol, each model's mean
     over its fine-tuning seeds, summarised over the models (mean ± half the range, seeds); mean TMAC and seconds.
     ``variants``: only these, in this order (default: every variant, in the order its first row was written)."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in rows.values():
-        if row.get("kind") == "model":
-            groups.setdefault(variant_of(row["model"]), []).append(row)
+    groups = variant_groups(rows)
     header = "| variant | base ep | TEC ep | seeds | k-NN | linear | fine-tune | PEFT prompt | PEFT both | TMAC | s |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name in groups if variants is None else [v for v in variants if v in groups]:
         models = groups[name]
         if len(models) < 2:
             continue
-        cells = []
-        for p in PROTOCOLS:
-            means = [statistics.fmean(v) for v in (scores(rows, m["model"], p) for m in models) if v]
-            cells.append(summary(means))
+        cells = [summary(model_means(rows, models, p)) for p in PROTOCOLS]
         costs = [cost_cells(rows, m) for m in models]
         tmac = [float(t) for t, _ in costs if t != "—"]
         secs = [float(x) for _, x in costs if x != "—"]
@@ -126,10 +134,7 @@ def cost_cells(rows: dict[str, dict[str, Any]], row: dict[str, Any]) -> tuple[st
 def own_cost_note(rows: dict[str, dict[str, Any]], variant: str | None = None) -> str:
     """One line per TEC variant (only ``variant`` when given): its base's share of its cost, and TEC's own
     (extraction + training), the mean over the variant's model seeds."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows.values():
-        if r.get("kind") == "model" and r.get("model_kind") == "tec":
-            groups.setdefault(variant_of(r["model"]), []).append(r)
+    groups = variant_groups(rows, "tec")
     lines = []
     for name, mine in groups.items() if variant is None else [(variant, groups.get(variant, []))]:
         if not mine:
