@@ -14,7 +14,9 @@ For each codec (``float16``, the lossless default, and the quantised ``int8`` / 
 The targets: ``--images`` Fashion-MNIST images, one 224 px view each, through a RANDOMLY INITIALISED ViT-B/16
 (grey input: 196 patches × 768, 12 heads, k_max 15 as configs/base/imagenet.yaml). A random base has no trained
 feature statistics (no outlier channels, flatter attention), so the errors are what these tensors give, not a
-measurement on a trained MAE/iBOT base.
+measurement on a trained MAE/iBOT base. ``--from-cache URL`` measures a trained base instead: the targets are the
+first ``--images`` valid images (all their views) of an existing lossless cache, e.g. the one replication v2
+extracts from its 64-epoch base, re-encoded exactly as extraction encodes them (from the float16 targets).
 
 Run ``.venv/bin/python benchmarks/bench_codecs.py --help``; see docs/benchmarks.md.
 """
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.cache import codecs, create_or_open, raw_bytes_per_view
+from stages.cache import CacheSpec, codecs, create_or_open, open_cache, raw_bytes_per_view
 from stages.extract import ExtractJob
 from stages.extract.job import build_spec
 from stages.images import ImageSource
@@ -68,6 +70,30 @@ def real_targets(args: argparse.Namespace, job: ExtractJob) -> tuple[np.ndarray,
             np.stack(boxes).astype(np.int32)[:, None])
 
 
+def cached_targets(url: str, images: int) -> tuple[CacheSpec, tuple[np.ndarray, ...]]:
+    """The lossless spec and float16 targets of the first ``images`` valid images of the cache at ``url``.
+
+    Returns:
+        ``(spec, (features (n, V, L, C), attn_logits (n, V, K+1, H, L), topk_index (n, V, K), views (n, V, 5)))``,
+        with ``spec.n_images == n``.
+    """
+    cache = open_cache(url)
+    if cache.spec.codec != codecs.LOSSLESS:
+        raise SystemExit(f"--from-cache {url}: a {codecs.LOSSLESS} cache is needed (it has codec "
+                         f"{cache.spec.codec!r}), since the codecs are measured against its float16 targets")
+    parts: list[Any] = []
+    for unit in cache.complete_units():
+        batch = cache.read_unit(unit)
+        parts.append(batch)
+        if sum(int(b.valid.sum()) for b in parts) >= images:
+            break
+    if not parts:
+        raise SystemExit(f"--from-cache {url}: the cache has no complete unit")
+    keep = [np.concatenate([getattr(b, name)[b.valid] for b in parts])[:images]
+            for name in ("features", "attn_logits", "topk_index", "views")]
+    return cache.spec.replace(n_images=len(keep[0])), tuple(keep)
+
+
 def _rate(fn: Callable[[], Any], nbytes: int, repeats: int) -> float:
     """MB/s of ``fn`` over ``nbytes``, median of ``repeats`` timed calls after one warm-up."""
     fn()
@@ -79,10 +105,11 @@ def _rate(fn: Callable[[], Any], nbytes: int, repeats: int) -> float:
     return nbytes / statistics.median(times) / 1e6
 
 
-def measure_codec(codec: str, args: argparse.Namespace, job: ExtractJob, targets: tuple[np.ndarray, ...]) -> dict:
+def measure_codec(codec: str, args: argparse.Namespace, lossless: CacheSpec,
+                  targets: tuple[np.ndarray, ...]) -> dict:
+    """Bytes, errors and speeds of ``codec`` on ``targets`` (float16, as :func:`cached_targets` returns them)."""
     features, attn, topk, boxes = targets
-    n = len(features)
-    spec = build_spec(job, "0" * 64, n, hashlib.sha256(b"random").hexdigest()).replace(codec=codec)
+    spec = lossless.replace(codec=codec)
     url = str(args.workdir / f"cache_{codec}")
     cache = create_or_open(url, spec)
     for unit in range(cache.n_units):
@@ -110,20 +137,33 @@ def measure_codec(codec: str, args: argparse.Namespace, job: ExtractJob, targets
     return record
 
 
-def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
+def random_vitb_targets(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[CacheSpec, tuple]:
+    """The lossless spec and float16 targets of ``args.images`` views through a random ViT-B/16."""
     kwargs = vit_kwargs("vit_base_patch16_224", in_chans=1)
     manifest_url, checkpoint_url = common.write_manifest_and_checkpoint(args.workdir, args.idx, args.images, kwargs)
     job = ExtractJob(cache_url="", manifest_url=manifest_url, checkpoint_url=checkpoint_url, timm_kwargs=kwargs,
                      preprocess=Preprocess.fashion_mnist(224, 1), views_per_image=1, k_max=args.k_max,
                      unit_size=args.unit_size)
     say(f"forward of {args.images} views through a random ViT-B/16 ...")
-    start = time.perf_counter()
     targets = real_targets(args, job)
+    return build_spec(job, "0" * 64, args.images, hashlib.sha256(b"random").hexdigest()), targets
+
+
+def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
+    start = time.perf_counter()
+    if args.from_cache:
+        say(f"reading {args.images} images' float16 targets from {args.from_cache} ...")
+        lossless, targets = cached_targets(args.from_cache, args.images)
+    else:
+        lossless, targets = random_vitb_targets(args, say)
     out: dict[str, Any] = {"config": common.config_of(args), "forward_seconds": time.perf_counter() - start,
+                           "targets": {"from_cache": args.from_cache or None, "images": len(targets[0]),
+                                       "views_per_image": lossless.views_per_image,
+                                       "timm_kwargs": lossless.timm_kwargs, "k_max": lossless.k_max},
                            "codecs": []}
     for codec in codecs.CODECS:
         say(f"codec {codec} ...")
-        out["codecs"].append(measure_codec(codec, args, job, targets))
+        out["codecs"].append(measure_codec(codec, args, lossless, targets))
     return out
 
 
@@ -142,10 +182,12 @@ def render(results: dict) -> str:
             f"| {r['codec']} | {r['stored_bytes_per_view_uncompressed']:,} | "
             f"{r['stored_bytes_per_view_blosc']:,.0f} | {r['stored_bytes_per_view_blosc'] / base:.3f} | "
             f"{r['features']['relative']:.4f} | {r['features']['cosine_min']:.5f} | {kl} | {speed} |")
-    cfg = results["config"]
-    lines.append(f"  raw float16 targets: {base:,} B per view; {cfg['images']} views; codec math at "
-                 f"{cfg['threads']} torch thread(s), MB/s of float16 targets; "
-                 f"forward {results['forward_seconds']:.0f} s")
+    cfg, src = results["config"], results["targets"]
+    origin = (f"from the lossless cache {src['from_cache']}" if src["from_cache"]
+              else "through a random ViT-B/16")
+    lines.append(f"  raw float16 targets: {base:,} B per view; {src['images']} images x {src['views_per_image']} "
+                 f"view(s) {origin}; codec math on one unit at {cfg['threads']} torch thread(s), MB/s of float16 "
+                 f"targets; targets made in {results['forward_seconds']:.0f} s")
     return "\n".join(lines)
 
 
@@ -158,6 +200,8 @@ def main() -> int:
         "repeats": (5, "timed encode/decode calls per codec (median)"),
         "threads": (1, "torch threads of the codec math (1: one loader worker)"),
         "forward-threads": (2, "torch threads of the ViT-B forward")})
+    p.add_argument("--from-cache", default="", metavar="URL",
+                   help="measure on the targets of this lossless cache (a trained base) instead of a random ViT-B/16")
     common.add_output_args(p, "codecs")
     return common.bench_main(p.parse_args(), run, render)
 
