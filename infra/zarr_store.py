@@ -2,21 +2,36 @@
 
 A store on an object store retries transient failures like every helper of :mod:`infra.storage`
 (:class:`RetryingFsspecStore`); a local path gets zarr's own :class:`~zarr.storage.LocalStore`.
+
+An object-store store's filesystem is asynchronous and runs on zarr's event loop; s3fs closes the HTTP session of
+such a filesystem only when told to (its own finaliser covers synchronous instances). Each store's session is closed
+when the store is garbage-collected, and :func:`close_sessions` closes those still open at exit, before zarr stops
+its loop, so a process that read a cache (a loader worker, an actor) exits without aiohttp's "Unclosed client
+session".
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import logging
 import os
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import fsspec
 from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.core.sync import SyncError, sync
 from zarr.storage import FsspecStore, LocalStore
 
 from infra.retry import with_retries_async
 from infra.storage import is_local, protocol_of, resolve, storage_options
+
+logger = logging.getLogger(__name__)
+_PENDING: set[asyncio.Future] = set()  # closes scheduled on zarr's loop, referenced until done
+_STORES: weakref.WeakValueDictionary[int, RetryingFsspecStore] = weakref.WeakValueDictionary()  # open ones, by id
 
 
 class RetryingFsspecStore(FsspecStore):
@@ -64,6 +79,33 @@ class RetryingFsspecStore(FsspecStore):
         await with_retries_async("delete", self._url(key), lambda: super(RetryingFsspecStore, self).delete(key))
 
 
+def _close_session(fs: Any) -> None:
+    """Close ``fs``'s HTTP session (s3fs: its aiobotocore client), if it opened one; a later request opens another."""
+    creator = getattr(fs, "_s3creator", None)
+    if creator is None:
+        return
+    fs._s3creator = fs._s3 = None
+    closing = creator.__aexit__(None, None, None)
+    try:
+        sync(closing, timeout=10)  # on zarr's loop, which the session belongs to
+    except SyncError:  # dropped on zarr's own loop thread: it cannot wait there, so schedule the close
+        closing.close()
+        task = asyncio.ensure_future(creator.__aexit__(None, None, None))
+        _PENDING.add(task)
+        task.add_done_callback(_PENDING.discard)
+    except Exception as exc:  # at exit or in a finaliser: report, never raise
+        logger.debug("closing an object-store session: %r", exc)
+
+
+def close_sessions() -> None:
+    """Close the HTTP sessions of every object-store zarr store of this process that is still open (runs at exit)."""
+    for store in list(_STORES.values()):
+        _close_session(store.fs)
+
+
+atexit.register(close_sessions)  # after zarr's own handler is registered, so it runs before zarr stops its loop
+
+
 def zarr_store(url: str, read_only: bool = False) -> Store:
     """A zarr v3 store rooted at ``url``: LocalStore for local paths, :class:`RetryingFsspecStore` otherwise.
 
@@ -74,7 +116,11 @@ def zarr_store(url: str, read_only: bool = False) -> Store:
         _, path = resolve(url)
         return LocalStore(path, read_only=read_only)
     opts = {"skip_instance_cache": True, **storage_options(protocol_of(url))}
-    return RetryingFsspecStore.from_url(str(url), storage_options=opts, read_only=read_only)
+    store = RetryingFsspecStore.from_url(str(url), storage_options=opts, read_only=read_only)
+    _STORES[id(store)] = store
+    # Closed when collected; at exit close_sessions does it, before zarr stops its loop.
+    weakref.finalize(store, _close_session, store.fs).atexit = False
+    return store
 
 
 def ray_storage(url: str) -> tuple[str, Any]:

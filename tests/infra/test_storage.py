@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -63,6 +65,31 @@ def test_zarr_store_kinds(tmp_path: Path, s3_url: str) -> None:
     assert isinstance(store, FsspecStore)
     zarr.create_array(store, name="a", shape=(4,), dtype="int32")[:] = [1, 2, 3, 4]
     assert zarr.open_array(storage.zarr_store(s3_url, read_only=True), path="a")[:].tolist() == [1, 2, 3, 4]
+
+
+_READ_AND_EXIT = """
+import gc, sys
+import zarr
+from infra import storage, zarr_store
+url = sys.argv[1]
+dropped = storage.zarr_store(url, read_only=True)  # closed when collected
+assert zarr.open_array(dropped, path="a")[:].tolist() == [1, 2, 3, 4]
+del dropped
+gc.collect()
+kept = storage.zarr_store(url, read_only=True)  # still open at exit
+assert zarr.open_array(kept, path="a")[:].tolist() == [1, 2, 3, 4]
+zarr_store.close_sessions()  # a closed store opens a new session on its next request
+assert zarr.open_array(kept, path="a")[1:3].tolist() == [2, 3]
+print("read", flush=True)
+"""
+
+
+def test_a_process_that_read_from_s3_exits_with_its_sessions_closed(s3_url: str) -> None:
+    zarr.create_array(storage.zarr_store(s3_url), name="a", shape=(4,), dtype="int32")[:] = [1, 2, 3, 4]
+    done = subprocess.run([sys.executable, "-c", _READ_AND_EXIT, s3_url], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0 and done.stdout.strip() == "read", done.stderr
+    assert "Unclosed" not in done.stderr, done.stderr
 
 
 def test_filesystems_are_per_process() -> None:
