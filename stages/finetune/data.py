@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.images import ImageSource
 from stages.manifest import expected_sizes
@@ -59,30 +59,47 @@ def centre_box(height: int, width: int, crop: float) -> np.ndarray:
 
 
 class TrainBatches(IterableDataset):
-    """One rank's training batches of one epoch from step ``start`` on.
+    """One rank's training batches from step ``start`` of epoch ``epoch`` to the end of epoch ``until - 1``.
 
-    Yields dicts: ``step`` (int), ``pixels`` float32 (b, C, S, S), ``labels`` int64 (b,), ``indices`` int64 (b,),
-    with b = ``batch_size / world``.
+    One dataset spans the epochs, so a loader's worker processes start once per run, not once per epoch. Loader
+    worker k of n yields the run's batches k, k + n, …, which a DataLoader hands out round-robin: in step order.
+    Yields dicts: ``epoch`` and ``step`` (ints, the step within its epoch), ``pixels`` float32 (b, C, S, S),
+    ``labels`` int64 (b,), ``indices`` int64 (b,), with b = ``batch_size / world``.
     """
 
     def __init__(self, split: Split, preprocess: Preprocess, *, in_chans: int, batch_size: int, world: int,
                  rank: int, epoch: int, start: int, seed: int, crop_scale: tuple[float, float],
-                 crop_ratio: tuple[float, float]) -> None:
+                 crop_ratio: tuple[float, float], until: int | None = None) -> None:
+        per_epoch = steps_per_epoch(len(split), batch_size)
+        until = epoch + 1 if until is None else until
+        if not 0 <= start <= per_epoch or not 0 <= epoch <= until:
+            raise ValueError(f"fine-tune batches: step {start} of epoch {epoch} until epoch {until} is out of range "
+                             f"({per_epoch} steps an epoch)")
         self.split, self.preprocess, self.in_chans = split, preprocess, in_chans
         self.batch, self.per_rank, self.rank = batch_size, batch_size // world, rank
-        self.epoch, self.start = epoch, start
+        self.per_epoch, self.first, self.stop = per_epoch, epoch * per_epoch + start, until * per_epoch
         self.seed, self.crop_scale, self.crop_ratio = seed, crop_scale, crop_ratio
 
+    def __len__(self) -> int:
+        """Batches this dataset yields over all DataLoader workers."""
+        return max(0, self.stop - self.first)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        source = ImageSource(self.in_chans)
-        order = epoch_order(self.seed, self.epoch, len(self.split))
-        for step in range(self.start, steps_per_epoch(len(self.split), self.batch)):
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)
+        source, orders = ImageSource(self.in_chans), {}
+        for g in range(self.first + worker, self.stop, n_workers):
+            epoch, step = divmod(g, self.per_epoch)
+            if epoch not in orders:
+                orders = {epoch: epoch_order(self.seed, epoch, len(self.split))}
             lo = step * self.batch + self.rank * self.per_rank
-            indices = order[lo:lo + self.per_rank]
+            indices = orders[epoch][lo:lo + self.per_rank]
             images = [source.read(self.split.uris[i], self.split.sizes[i]) for i in indices]
-            boxes = np.stack([plan_view(self.seed, int(i), self.epoch, img.shape[0], img.shape[1], self.crop_scale,
+            boxes = np.stack([plan_view(self.seed, int(i), epoch, img.shape[0], img.shape[1], self.crop_scale,
                                         self.crop_ratio) for i, img in zip(indices, images, strict=True)])
-            yield {"step": step, "pixels": self.preprocess.build_batch(images, boxes),
+            yield {"epoch": epoch, "step": step, "pixels": self.preprocess.build_batch(images, boxes),
                    "labels": torch.from_numpy(self.split.labels[indices]), "indices": torch.from_numpy(indices)}
 
 

@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,9 +128,10 @@ def finetune_worker(job: FinetuneJob, session: TrainSession) -> None:
     criterion = (SoftTargetCrossEntropy() if mixup else
                  LabelSmoothingCrossEntropy(job.smoothing) if job.smoothing > 0 else nn.CrossEntropyLoss())
     stop = min(job.epochs, job.stop_after_epochs or job.epochs)
+    loader = _loader(job, session, train, run.epoch, stop)
     while run.epoch < stop:
         started = time.perf_counter()
-        loss = _train_epoch(job, run, session, train, lrs, per_epoch, mixup, criterion)
+        loss = _train_epoch(job, run, session, loader, lrs, per_epoch, mixup, criterion)
         scored = (run.epoch + 1) % job.eval_every == 0 or run.epoch + 1 == stop
         top1 = evaluate_top1(job, run.core, test, session) if scored else None
         row = {"epoch": run.epoch + 1, "train_loss": loss, "test_top1": top1,
@@ -144,21 +146,34 @@ def finetune_worker(job: FinetuneJob, session: TrainSession) -> None:
         write_results(job, run, session, len(train), len(test))
 
 
-def _train_epoch(job: FinetuneJob, run: _Run, session: TrainSession, train: Split, lrs: np.ndarray,
-                 per_epoch: int, mixup: Mixup | None, criterion: nn.Module) -> float:
-    """One epoch of optimiser steps; returns the mean training loss over its steps and ranks."""
-    run.model.train()
+def _loader(job: FinetuneJob, session: TrainSession, train: Split, epoch: int,
+            stop: int) -> Iterator[dict[str, Any]]:
+    """This rank's batches from the start of ``epoch`` to the end of epoch ``stop - 1``: one loader, and one set of
+    reader processes, for all the epochs a start trains."""
     batches = TrainBatches(train, job.preprocess_obj(), in_chans=job.timm_kwargs.get("in_chans", 3),
-                           batch_size=job.batch_size, world=session.world_size, rank=session.rank, epoch=run.epoch,
-                           start=0, seed=job.seed, crop_scale=job.crop_scale, crop_ratio=job.crop_ratio)
+                           batch_size=job.batch_size, world=session.world_size, rank=session.rank, epoch=epoch,
+                           start=0, until=stop, seed=job.seed, crop_scale=job.crop_scale, crop_ratio=job.crop_ratio)
+    return iter(make_loader(batches, num_workers=job.loader_workers, pin_memory=D.pin_memory_for(session.device)))
+
+
+def _train_epoch(job: FinetuneJob, run: _Run, session: TrainSession, loader: Iterator[dict[str, Any]],
+                 lrs: np.ndarray, per_epoch: int, mixup: Mixup | None, criterion: nn.Module) -> float:
+    """Epoch ``run.epoch``'s optimiser steps, the next ``per_epoch`` batches of ``loader``; returns the mean
+    training loss over its steps and ranks."""
+    run.model.train()
     total, window = torch.zeros(2, dtype=torch.float64), time.perf_counter()
-    for batch in make_loader(batches, num_workers=job.loader_workers, pin_memory=D.pin_memory_for(session.device)):
-        step = run.epoch * per_epoch + batch["step"]
+    for expected in range(per_epoch):
+        batch = next(loader, None)
+        if batch is None or (batch["epoch"], batch["step"]) != (run.epoch, expected):
+            served = "nothing" if batch is None else f"step {batch['step']} of epoch {batch['epoch']}"
+            raise RuntimeError(f"fine-tune loader served {served}, the trainer is at step {expected} of epoch "
+                               f"{run.epoch}")
+        step = run.epoch * per_epoch + expected
         loss = _step(job, run, session, batch, float(lrs[step]), step, mixup, criterion)
         total += torch.tensor([loss, 1.0], dtype=torch.float64)
-        if session.rank == 0 and (batch["step"] + 1) % job.log_every == 0:
+        if session.rank == 0 and (expected + 1) % job.log_every == 0:
             rate = job.log_every * job.batch_size / (time.perf_counter() - window)
-            log.info("epoch %d step %d/%d: loss %.4f, lr %.3g, %.1f images/s", run.epoch + 1, batch["step"] + 1,
+            log.info("epoch %d step %d/%d: loss %.4f, lr %.3g, %.1f images/s", run.epoch + 1, expected + 1,
                      per_epoch, loss, lrs[step], rate)
             window = time.perf_counter()
     if session.world_size > 1:

@@ -307,12 +307,13 @@ class _Reader:
         return {name: a[src] for name, a in record.arrays.items()}
 
 
-def make_loader(dataset: TrainBatches, num_workers: int = 1, prefetch: int = 2,
+def make_loader(dataset: IterableDataset, num_workers: int = 1, prefetch: int = 2,
                 pin_memory: bool = False) -> DataLoader:
     """A DataLoader over ``dataset``'s ready-made batches; workers use ``spawn`` and read ahead.
 
     Args:
-        dataset: the epoch's batches.
+        dataset: ready-made batches whose worker k of n yields batches k, k + n, … (this module's and
+            :mod:`stages.finetune.data`'s ``TrainBatches``), so the loader serves them in order.
         num_workers: reader processes (0: read in this process, for tests and debugging).
         prefetch: batches each worker reads ahead (``prefetch_factor``), so reading overlaps compute.
         pin_memory: pin batches in page-locked memory (when feeding a CUDA device, so ``non_blocking`` copies

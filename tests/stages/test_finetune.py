@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from stages.finetune import FinetuneInputError, FinetuneJob, run_finetune
+from stages.finetune.data import Split, TrainBatches
+from stages.finetune.job import check_labelled
 from stages.manifest import manifest_from_image_folder
+from stages.train.data import make_loader
 from stages.train.job import TrainJob
 from stages.train.loop import latest_checkpoint_state, write_export
 from stages.train.rundir import RunConfigChangedError
@@ -111,6 +114,35 @@ def test_a_stopped_run_resumes_at_its_next_epoch_with_the_uninterrupted_weights(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert second["history"] == [dict(r, seconds=s["seconds"]) for r, s in zip(whole["history"], second["history"],
                                                                                  strict=True)]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return latest_checkpoint_state(str(run_dir))["model"]
+
+
+def test_one_dataset_spans_the_epochs_with_each_step_once_in_order(toy):
+    """Loader worker k of n yields the run's batches k, k + n, …: the per-epoch datasets' batches, once each."""
+    split = Split.of(toy[0], check_labelled(toy[0], 3, "train"))
+    kwargs = {"in_chans": 3, "batch_size": 16, "world": 1, "rank": 0, "seed": 3, "crop_scale": (0.2, 1.0),
+              "crop_ratio": (0.75, 4 / 3)}
+    preprocess = _job(Path("unused"), Path("unused"), "x").preprocess_obj()
+    spanning = TrainBatches(split, preprocess, epoch=1, start=2, until=3, **kwargs)
+    assert len(spanning) == 4  # 48 images / batch 16: step 2 of epoch 1, then epoch 2's three steps
+    per_epoch = [b for e, s in ((1, 2), (2, 0)) for b in TrainBatches(split, preprocess, epoch=e, start=s, **kwargs)]
+    served = list(make_loader(spanning, num_workers=2))
+    assert [(b["epoch"], b["step"]) for b in served] == [(1, 2), (2, 0), (2, 1), (2, 2)]
+    assert [(b["epoch"], b["step"]) for b in per_epoch] == [(b["epoch"], b["step"]) for b in served]
+    for a, b in zip(per_epoch, served, strict=True):
+        assert torch.equal(a["indices"], b["indices"]) and torch.equal(a["pixels"], b["pixels"])
+
+
+def test_loader_workers_change_neither_the_steps_nor_the_weights(tmp_path, export_dir, toy):
+    """Two spawned loader workers serve each step once, in order: the run equals the in-process one."""
+    inline = run_finetune(_job(tmp_path, export_dir, "inline", loader_workers=0), *toy)
+    spawned = run_finetune(_job(tmp_path, export_dir, "spawned", loader_workers=2), *toy)
+    assert [r["train_loss"] for r in spawned["history"]] == [r["train_loss"] for r in inline["history"]]
+    a, b = _weights(tmp_path / "inline"), _weights(tmp_path / "spawned")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_scoring_fewer_epochs_changes_neither_the_weights_nor_the_final_score(tmp_path, export_dir, toy):
