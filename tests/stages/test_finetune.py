@@ -189,3 +189,21 @@ def test_a_run_started_again_with_another_recipe_or_over_a_foreign_checkpoint_is
     torch.save({"model": {}, "progress": {"step": 4}}, foreign / "state.pt")
     with pytest.raises(RuntimeError, match="not of this fine-tuning job"):
         run_finetune(_job(tmp_path, export_dir, "foreign", epochs=1), *toy)
+
+
+def test_a_run_begun_in_process_is_finished_by_two_ray_workers_as_one_worker_would(tmp_path, export_dir, toy,
+                                                                                  ray_cluster):
+    """Two Ray Train ranks, each with a loader process, train half of every batch each with DDP averaging their
+    gradients: the same steps as one in-process worker, up to the order of float sums. No mixing and no drop path,
+    whose draws are per rank."""
+    recipe = {"epochs": 2, "blr": 2e-3, "mixup": 0.0, "cutmix": 0.0, "drop_path": 0.0}
+    whole = run_finetune(_job(tmp_path, export_dir, "whole", **recipe), *toy)
+    run_finetune(_job(tmp_path, export_dir, "split", stop_after_epochs=1, **recipe), *toy)
+    split = run_finetune(_job(tmp_path, export_dir, "split", num_workers=2, loader_workers=1, **recipe), *toy)
+    assert split["complete"] and [(s["start_step"], s["world_size"]) for s in split["starts"]] == [(0, 1), (3, 2)]
+    assert split["history"][0] == dict(whole["history"][0], seconds=split["history"][0]["seconds"])
+    assert split["history"][1]["train_loss"] == pytest.approx(whole["history"][1]["train_loss"], rel=1e-5)
+    assert split["test_top1"] == whole["test_top1"]
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    drift = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert drift < 1e-5, f"the two ranks trained other weights (largest difference {drift:.2e})"
