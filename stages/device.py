@@ -108,3 +108,21 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
     return "cpu"
+
+
+def sum_over_ranks(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``values`` summed over the process group's ranks, returned on the CPU.
+
+    The all-reduce runs on ``device``, the one the ranks train on: NCCL, the backend Ray Train and ``torchrun``
+    pick for GPU workers, reduces CUDA tensors only, and gloo reduces CPU ones. Every rank must call it with the
+    same shape and dtype at the same point.
+
+    Args:
+        values: any shape; a CPU tensor (float64 or int64 sums keep their precision on both backends).
+        device: the rank's training device.
+    """
+    import torch.distributed as dist
+
+    on = values.to(device)
+    dist.all_reduce(on)
+    return on.cpu()

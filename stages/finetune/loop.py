@@ -177,9 +177,7 @@ def _train_epoch(job: FinetuneJob, run: _Run, session: TrainSession, loader: Ite
                      per_epoch, loss, lrs[step], rate)
             window = time.perf_counter()
     if session.world_size > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(total)
+        total = D.sum_over_ranks(total, session.device)
     return float(total[0] / total[1].clamp_min(1))
 
 
@@ -225,9 +223,7 @@ def evaluate_top1(job: FinetuneJob, core: nn.Module, test: Split, session: Train
             logits = core(pixels.to(session.device))
         counts += torch.tensor([float((logits.argmax(1).cpu() == labels).sum()), len(labels)], dtype=torch.float64)
     if session.world_size > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(counts)
+        counts = D.sum_over_ranks(counts, session.device)
     return float(counts[0] / counts[1].clamp_min(1))
 
 

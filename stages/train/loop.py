@@ -222,7 +222,7 @@ def train_worker(job: TrainJob, session: TrainSession) -> None:
         step = t.progress.step
         do_ckpt = step % job.checkpoint_every == 0 or step % s.per_epoch == 0 or step == s.stop
         if step % job.log_every == 0 or do_ckpt:
-            row = _metrics_row(job, t, s, parts, window, session.world_size)
+            row = _metrics_row(job, t, s, parts, window, session)
             if job.log_indices:
                 _write_indices(job, session.rank, step - len(window.seen), window.seen)
             _report(job, t, row, session, do_ckpt)
@@ -248,14 +248,14 @@ def _train_step(job: TrainJob, t: _Trainer, s: _Schedule, source: TargetProvider
 
 
 def _metrics_row(job: TrainJob, t: _Trainer, s: _Schedule, parts: dict[str, float], window: _Window,
-                 world: int) -> dict[str, Any]:
+                 session: TrainSession) -> dict[str, Any]:
     """The metrics of a report (appended to ``t.history``); every rank builds it at the same steps."""
     # forward + backward ≈ 3 forwards; the encoder on the visible tokens only (the decoder is counted by the ledger)
     encoder_macs = 3 * vit_forward_macs(job.timm_kwargs,
                                         tokens=1 + num_visible(num_patches(job.timm_kwargs), job.mask_ratio))
     step, elapsed = t.progress.step, time.perf_counter() - window.started
     p = t.progress
-    read, store, local = _sum_over_ranks([p.bytes_read, p.object_store_bytes, p.local_cache_bytes], world)
+    read, store, local = _sum_over_ranks([p.bytes_read, p.object_store_bytes, p.local_cache_bytes], session)
     row = {"step": step, "epoch": step / s.per_epoch, "lr": float(s.lrs[step - 1]), **parts,
            "samples_per_s": window.samples / elapsed if elapsed else 0.0,
            "views_served": t.progress.samples, "bytes_read": read, "object_store_bytes": store,
@@ -265,15 +265,11 @@ def _metrics_row(job: TrainJob, t: _Trainer, s: _Schedule, parts: dict[str, floa
     return row
 
 
-def _sum_over_ranks(values: list[int], world: int) -> list[int]:
+def _sum_over_ranks(values: list[int], session: TrainSession) -> list[int]:
     """Sum integers over all ranks in one all-reduce (every rank calls this at the same steps)."""
-    if world == 1:
+    if session.world_size == 1:
         return list(values)
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.int64)
-    dist.all_reduce(t)
-    return [int(v) for v in t.tolist()]
+    return [int(v) for v in D.sum_over_ranks(torch.tensor(values, dtype=torch.int64), session.device).tolist()]
 
 
 def _report(job: TrainJob, t: _Trainer, row: dict, session: TrainSession, checkpoint: bool) -> None:

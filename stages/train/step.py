@@ -89,8 +89,6 @@ def optimizer_step(job: TrainJob, model: nn.Module, opt: torch.optim.Optimizer, 
 def _accumulate(job: TrainJob, model: nn.Module, scaler: Any, source: TargetProvider, batch: dict[str, Any],
                 device: torch.device, precision: str, step: int, rank: int, world: int) -> torch.Tensor:
     """Forward and backward every micro-batch; returns the rank-averaged (loss, loss_fea, loss_att), float64 (3,)."""
-    import torch.distributed as dist
-
     pixels_all = batch["pixels"].to(device, non_blocking=True)
     targets = source.targets(batch, pixels_all)
     micro = len(pixels_all) // job.accum_steps
@@ -108,7 +106,7 @@ def _accumulate(job: TrainJob, model: nn.Module, scaler: Any, source: TargetProv
         sums += torch.tensor([loss.item(), parts["loss_fea"].item(), parts.get("loss_att", torch.tensor(0.)).item()],
                              dtype=torch.float64)
     if world > 1:
-        dist.all_reduce(sums)
+        sums = D.sum_over_ranks(sums, device)
     return sums / (job.accum_steps * world)
 
 

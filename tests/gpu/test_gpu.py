@@ -195,3 +195,31 @@ def test_export_after_device_training_loads_on_the_cpu_and_agrees(device, gpu_ca
     rel = float((a - b).norm() / a.norm())
     report(cpu_vs_device_forward_rel=rel)
     assert rel <= 1e-2  # TF32 matmuls on the device
+
+
+def test_rank_sums_reduce_where_the_backend_of_gpu_workers_can(device, gpu_cache, tmp_path):
+    """Ray Train and torchrun give GPU workers NCCL, which reduces CUDA tensors only: the step's loss sums, the
+    byte counters and the fine-tune counts all go through ``sum_over_ranks`` on the training device. A one-rank NCCL
+    group (gloo on the CPU) runs the step as rank 0 of 2, so the step's own reduction is exercised."""
+    import torch.distributed as dist
+
+    from stages.device import sum_over_ranks
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{tmp_path}/pg",
+                            rank=0, world_size=1)
+    try:
+        sums = sum_over_ranks(torch.tensor([1.5, 2.0], dtype=torch.float64), device)
+        counts = sum_over_ranks(torch.tensor([3, 2**40], dtype=torch.int64), device)
+        assert sums.device.type == "cpu" and sums.tolist() == [1.5, 2.0] and counts.tolist() == [3, 2**40]
+        job = train_job(gpu_cache, str(tmp_path), "ranks", use_gpu=device.type == "cuda")
+        torch.manual_seed(0)
+        model = job.build_model().to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        cache = open_cache(gpu_cache).read_samples(np.arange(16), views=np.zeros(16, np.int64))
+        batch = {"pixels": torch.rand(16, 1, 32, 32), "features": torch.from_numpy(cache.features),
+                 "attn_logits": torch.from_numpy(cache.attn_logits), "topk_index": torch.from_numpy(cache.topk_index)}
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        parts = optimizer_step(job, model, opt, scaler, TargetProvider(job, device), batch, device, "float32", 0, 0, 2)
+        assert np.isfinite(parts["loss"])
+    finally:
+        dist.destroy_process_group()
