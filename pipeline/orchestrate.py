@@ -169,7 +169,7 @@ def resolve_cache(cfg: C.PipelineConfig, cache_url: str | None = None) -> Resolv
     job = C.to_extract_job(cfg, cache_url="", manifest_url=storage.absolute(manifest_url),
                            checkpoint_url=storage.absolute(checkpoint_url))
     spec = build_spec(job, manifest_sha, n_images, checkpoint_sha,
-                      extraction_precision(job.precision, torch.device("cpu")))
+                      extraction_precision(job.precision, None))  # the workers' own replaces it
     url = storage.absolute(cache_url or cache_url_for(cfg.output_root, spec.key))
     return ResolvedCache(dataclasses.replace(job, cache_url=url), spec)
 

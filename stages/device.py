@@ -54,14 +54,20 @@ def resolve_device(use_gpu: bool | str, what: str = "train.use_gpu") -> torch.de
     return torch.device("cpu")
 
 
-def extraction_precision(setting: str, device: torch.device) -> str:
+def extraction_precision(setting: str, device: torch.device | None) -> str:
     """The dtype name the base model's forward runs in for ``extract.precision`` on ``device``.
+
+    ``device`` None: the workers' device is not known yet (a cache spec resolved on the driver, before the workers
+    start); the setting is checked by name and ``auto`` reads as ``float32``, a placeholder that the extract driver
+    replaces with its workers' own precision (it is recorded in the cache, not part of its key).
 
     Raises:
         ValueError: an unknown setting, or float16 on the CPU (CPU autocast is bfloat16 only here).
     """
     if setting not in PRECISIONS:
         raise ValueError(f"extract.precision must be one of {PRECISIONS}, got {setting!r}")
+    if device is None:
+        return "float32" if setting == "auto" else setting
     if setting == "auto":
         return "bfloat16" if device.type == "cuda" else "float32"
     if setting == "float16" and device.type != "cuda":

@@ -122,9 +122,10 @@ def prepare(job: ExtractJob, device: torch.device | None = None,
             spec: CacheSpec | None = None) -> tuple[CacheSpec, TargetCache]:
     """Resolve the job's identity (unless ``spec`` is given) and create (or check) the cache.
 
-    Refuses an existing cache of another key or of another precision (:class:`CacheMismatchError`).
+    Refuses an existing cache of another key or of another precision (:class:`CacheMismatchError`). ``device``:
+    the workers' (default: the CPU).
     """
-    spec = spec or resolve_spec(job, device)
+    spec = spec or resolve_spec(job, device or torch.device("cpu"))
     with no_space_guard(job.cache_url, "creating it"):
         cache = create_or_open(job.cache_url, spec, compressor=job.compressor)
     return spec, cache

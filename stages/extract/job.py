@@ -152,11 +152,11 @@ def build_spec(job: ExtractJob, manifest_sha: str, n_images: int, checkpoint_sha
 
 
 def resolve_spec(job: ExtractJob, device: torch.device | None = None) -> CacheSpec:
-    """The job's cache spec (reads the manifest and hashes the checkpoint), for workers on ``device``
-    (default: the CPU)."""
+    """The job's cache spec (reads the manifest and hashes the checkpoint), for workers on ``device`` (None: not
+    known yet, the precision a placeholder: :func:`stages.device.extraction_precision`)."""
     table, manifest_sha = read_manifest(job.manifest_url)
     checkpoint_sha = sha256_hex(storage.read_bytes(job.checkpoint_url))
-    precision = extraction_precision(job.precision, device or torch.device("cpu"))
+    precision = extraction_precision(job.precision, device)
     return build_spec(job, manifest_sha, table.num_rows, checkpoint_sha, precision)
 
 

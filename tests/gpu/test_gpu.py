@@ -223,3 +223,13 @@ def test_rank_sums_reduce_where_the_backend_of_gpu_workers_can(device, gpu_cache
         assert np.isfinite(parts["loss"])
     finally:
         dist.destroy_process_group()
+
+
+def test_float16_extraction_records_float16(device, fmnist_manifest, base_checkpoint, tmp_path):
+    """``extract.precision: float16`` on CUDA workers: the driver's spec, resolved before the workers start, does
+    not refuse it; the cache records the workers' precision (float32 under ``TEC_GPU_TESTS_ON_CPU``: the CPU
+    refuses float16, checked in tests/stages/test_extract.py)."""
+    precision = "float16" if device.type == "cuda" else "float32"
+    url = str(tmp_path / "cache16")
+    run_extract(make_job(url, fmnist_manifest(16), base_checkpoint, precision=precision), num_actors=0)
+    assert open_cache(url).spec.precision == precision and len(open_cache(url).complete_units()) == 1

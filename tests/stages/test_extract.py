@@ -90,6 +90,18 @@ def test_rerun_skips_complete_units_and_other_config_is_refused(extracted):
         prepare(make_job(url, job.manifest_url, job.checkpoint_url, view_seed=8))
 
 
+def test_the_key_of_a_float16_job_resolves_before_the_workers_device_is_known(extracted, tmp_path):
+    """The driver resolves a spec before its workers start (the precision is recorded, not in the key): a float16
+    job gets the key of any other precision there, and is refused only once the workers turn out to be CPUs."""
+    _, job, _ = extracted
+    job = dataclasses.replace(job, cache_url=str(tmp_path / "cache16"), precision="float16")
+    spec = resolve_spec(job)
+    assert spec.precision == "float16" and spec.key == resolve_spec(dataclasses.replace(job, precision="auto")).key
+    with pytest.raises(ValueError, match=r"extract\.precision float16 needs a CUDA device"):
+        run_extract(job, num_actors=0)
+    assert not storage.exists(job.cache_url), "a cache was created for workers that cannot write it"
+
+
 def test_a_resolved_spec_is_trusted_not_resolved_again(extracted, tmp_path, monkeypatch):
     """Given the spec, the driver reads neither manifest nor checkpoint and the worker does not hash the checkpoint:
     the worker reads each once (URIs, weights), and a spec whose checkpoint hash nobody could match is used as is."""
