@@ -71,9 +71,14 @@ def run_train(job: TrainJob, address: str | None = None, run_files: dict[str, by
 
 
 # Failures an in-process run restarts from its latest checkpoint (as Ray's FailureConfig restarts workers): storage
-# that stayed unavailable past the retry budget, dropped connections, time-outs. A refusal (bad configuration,
-# non-finite loss, incompatible cache, missing file) is never retried.
+# that stayed unavailable past the retry budget (a transient StorageError), dropped connections, time-outs. A
+# refusal (bad configuration, non-finite loss, incompatible cache, missing file, a store's permanent error such as a
+# denied permission) is never retried.
 _RESTARTABLE = (storage.StorageError, ConnectionError, TimeoutError)
+
+
+def _restartable(err: BaseException) -> bool:
+    return isinstance(err, _RESTARTABLE) and not (isinstance(err, storage.StorageError) and not err.transient)
 
 
 def _fit_in_process(job: TrainJob, lease: RunLease) -> tuple[dict[str, Any], str | None]:
@@ -87,7 +92,7 @@ def _fit_in_process(job: TrainJob, lease: RunLease) -> tuple[dict[str, Any], str
             train_worker(job, session)
         except _RESTARTABLE as err:
             failures += 1
-            if 0 <= job.max_failures < failures:
+            if not _restartable(err) or 0 <= job.max_failures < failures:
                 raise
             log.warning("run %s failed (%s: %s); restarting from its latest checkpoint (failure %d of %s)",
                         job.run_name, type(err).__name__, err, failures,

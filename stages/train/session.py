@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
 import random
 import threading
 import time
@@ -72,23 +73,30 @@ def checkpoint_names(run_url: str) -> list[str]:
 
 def load_state(url: str) -> dict[str, Any]:
     """A checkpoint's ``state.pt`` (``weights_only`` load onto the CPU)."""
-    return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+    return _decode_state(storage.read_bytes(url))
+
+
+def _decode_state(data: bytes) -> dict[str, Any]:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def latest_state(run_url: str) -> tuple[str, dict[str, Any]] | None:
     """The newest readable checkpoint of a run: (its name, its state), or None when there is none.
 
-    A checkpoint that cannot be read (truncated upload, corrupt file) is skipped with a warning naming it.
+    A checkpoint whose file does not decode (truncated upload, corrupt file) or is gone since the listing is
+    skipped with a warning naming it. A store that fails to serve it (an outage, a refused permission:
+    :class:`infra.storage.StorageError`) stops the caller instead: falling back would restart the run from an older
+    step, or from step 0, and the next save would prune the checkpoints it could not read.
     """
     for name in reversed(checkpoint_names(run_url)):
         url = storage.join(run_url, name, STATE_FILE)
         try:
-            return name, load_state(url)
-        except (RuntimeError, EOFError, ValueError, OSError, KeyError) as err:
-            if isinstance(err, storage.StorageError) and err.transient:
-                raise
-            log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one", url,
-                        type(err).__name__, str(err)[:200])
+            return name, _decode_state(storage.read_bytes(url))
+        except FileNotFoundError as err:
+            reason = f"gone since the listing ({err})"
+        except (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
+            reason = f"{type(err).__name__}: {err}"
+        log.warning("checkpoint %s is unreadable (%s); falling back to the previous one", url, reason[:200])
     return None
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from infra import storage
 from stages.train import run_dir, run_train
 from stages.train.rundir import read_attempts
 from stages.train.session import RunBusyError, checkpoint_names
@@ -113,3 +114,31 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(reference,
     record_figures(kind="truncated newest checkpoint", faults=len(warned), survived=int(start > 0), steps=TOTAL,
                    first_resumed_step=start, recomputed=resumed.metrics["step"] - start,
                    lost=same["tensors_differing"], **same)
+
+
+@pytest.mark.faults
+def test_a_checkpoint_the_store_refuses_to_serve_stops_the_start_and_keeps_every_checkpoint(reference, tmp_path,
+                                                                                            monkeypatch):
+    """Access denied on the newest state.pt is the store's failure, not a corrupt checkpoint: falling back (to the
+    previous one, or to step 0 when every read is refused) would retrain and prune what could not be read. Nor is
+    a permanent error restarted, however many failures the run allows."""
+    ref_job, _, _ = reference
+    job = ref_job.replace(storage_path=str(tmp_path / "runs"), log_indices=False, max_failures=3)
+    run = Path(run_dir(job))
+    shutil.copytree(run_dir(ref_job), run)
+    names, attempts = checkpoint_names(str(run)), read_attempts(str(run))
+    files = sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file())
+    real_read, refused = storage.read_bytes, []
+
+    def refusing_read(url, *args, **kwargs):
+        if str(url).endswith("/state.pt"):
+            refused.append(url)
+            raise storage.StorageError(f"read {url}: AccessDenied (permanent)")
+        return real_read(url, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "read_bytes", refusing_read)
+    with pytest.raises(storage.StorageError, match=r"state\.pt: AccessDenied"):
+        run_train(job)
+    assert len(refused) == 1, f"{len(refused)} starts read the refused checkpoint (restarted a permanent error)"
+    assert checkpoint_names(str(run)) == names and read_attempts(str(run)) == attempts
+    assert sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file()) == files, "the refused start wrote"
