@@ -57,7 +57,7 @@ def cost_cli(args: Any) -> None:
                "decoder_heads": m.decoder_heads}
         p = project(n_images, C.base_timm_kwargs(cfg), views_per_image=cfg.extract.views_per_image,
                     epochs=args.epochs if args.epochs is not None else cfg.train.epochs, runs=args.runs,
-                    k_max=cfg.extract.k_max, new=C.model_timm_kwargs(cfg), tec=tec,
+                    k_max=cfg.extract.k_max, codec=cfg.extract.codec, new=C.model_timm_kwargs(cfg), tec=tec,
                     step_rate_views_per_s_per_worker=args.step_rate,
                     device_macs_per_s=args.device_tflops * 1e12 / 2, device_price_per_hour=args.price,
                     local_cache_max_bytes=cfg.train.local_cache.max_bytes)
@@ -109,7 +109,8 @@ def evaluate_cli(cfg: C.PipelineConfig, checkpoint: str, which: str = "model", n
         pre = C.preprocess(cfg)
         try:
             results = E.evaluate(checkpoint, kwargs, data, preprocess=pre, protocols=frozen,
-                                 source=ImageSource(pre.channels, policy=UriPolicy.of(cfg.data))).to_dict()
+                                 source=ImageSource(pre.channels, policy=UriPolicy.of(cfg.data)),
+                                 checkpoint_key=C.checkpoint_key_for(cfg, checkpoint, which)).to_dict()
         except CheckpointError as err:
             arch, other = (cfg.base.arch, "model") if which == "base" else (cfg.model.arch, "base")
             raise CheckpointError(f"{err}; --which {which} loads it as the config's {which}.arch {arch}: pass "

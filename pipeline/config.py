@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from infra import storage
 from infra.redaction import REDACTED, redact_text
 from pipeline.config_checks import NAME_MAX, cross_checks, name_problem
 from pipeline.config_load import ConfigError, apply_override, build, copy_tree, read_config_file, show
@@ -37,9 +38,9 @@ from tec_model.archs import vit_kwargs
 log = logging.getLogger(__name__)
 
 SECRET_KEY = re.compile(r"secret|password|token|credential|access_key|key_id|session|signature", re.IGNORECASE)
-__all__ = ["NAME_MAX", "ConfigError", "PipelineConfig", "base_timm_kwargs", "check_name", "default_run_name",
-           "dump_yaml", "from_dict", "load_config", "model_timm_kwargs", "name_problem", "preprocess", "redact",
-           "resolved_dict", "to_extract_job", "to_pretrain_job", "to_train_job"]
+__all__ = ["NAME_MAX", "ConfigError", "PipelineConfig", "base_timm_kwargs", "check_name", "checkpoint_key_for",
+           "default_run_name", "dump_yaml", "from_dict", "load_config", "model_timm_kwargs", "name_problem",
+           "preprocess", "redact", "resolved_dict", "to_extract_job", "to_pretrain_job", "to_train_job"]
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -102,6 +103,16 @@ def base_timm_kwargs(cfg: PipelineConfig) -> dict[str, Any]:
     return vit_kwargs(cfg.base.arch, **cfg.base.timm_overrides)
 
 
+def checkpoint_key_for(cfg: PipelineConfig, checkpoint: str, which: str) -> str | None:
+    """The checkpoint entry to load ``checkpoint`` from when it is read as ``which`` (``evaluate`` / fine-tuning):
+    ``base.checkpoint_key`` for the config's own base checkpoint read as the base, None (auto-detection) for any
+    other file or for ``which: model``."""
+    if which != "base" or cfg.base.checkpoint is None or cfg.base.checkpoint_key is None:
+        return None
+    same = storage.absolute(checkpoint) == storage.absolute(cfg.base.checkpoint)
+    return cfg.base.checkpoint_key if same else None
+
+
 def model_timm_kwargs(cfg: PipelineConfig) -> dict[str, Any]:
     """The new model's ``VisionTransformer`` kwargs."""
     return vit_kwargs(cfg.model.arch, **cfg.model.timm_overrides)
@@ -154,7 +165,8 @@ def to_train_job(cfg: PipelineConfig, cache_url: str | None, run_name: str, stor
         base_timm_kwargs=base_timm_kwargs(cfg), preprocess=preprocess(cfg).to_dict(), cache_url=cache_url,
         manifest_url=manifest_url, checkpoint_url=checkpoint_url, views_per_image=ex.views_per_image,
         view_seed=ex.seed, last_layers=ex.last_layers, k_max=ex.k_max, base_precision=ex.precision, codec=ex.codec,
-        uri_policy=dataclasses.asdict(UriPolicy.of(cfg.data)), **model_fields, **train_fields,
+        base_checkpoint_key=cfg.base.checkpoint_key, uri_policy=dataclasses.asdict(UriPolicy.of(cfg.data)),
+        **model_fields, **train_fields,
     )
 
 

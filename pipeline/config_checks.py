@@ -3,7 +3,8 @@
 Rules that belong to an object are that object's: the ViT sizes are :func:`tec_model.archs.check_vit_kwargs`'s,
 the new model's are :func:`tec_model.tec.check_args`'s; this module only maps their argument names onto config
 keys and adds the rules that tie sections together (base and new model see the same views, the cache holds
-``k_max`` rows of the base model, the batch splits over workers).
+``k_max`` rows of the base model, the batch splits over workers, the warm-up fits in the schedule; for
+``base.pretrain`` only when it will run).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def cross_checks(cfg: PipelineConfig, bad: set[str]) -> list[str]:
     out += _extract_checks(cfg, base, ok)
     out += _pretrain_checks(cfg, base, base_len, ok)
     out += _batch_checks(cfg, ok)
+    out += _schedule_checks(cfg, ok)
     return out
 
 
@@ -132,10 +134,16 @@ def _model_checks(cfg: PipelineConfig, new: dict[str, Any] | None, base: dict[st
 _TEC_SCALARS = ("adapters", "feature_norm", "topk", "att_tau", "mask_ratio", "decoder_dim", "decoder_heads")
 
 
+def _pretrain_runs(cfg: PipelineConfig) -> bool:
+    """Whether ``base.pretrain`` will train the base model: no ``base.checkpoint`` and ``base.pretrain.epochs`` > 0
+    (otherwise the base is loaded, or made at random, and none of ``base.pretrain``'s fields is used)."""
+    return cfg.base.checkpoint is None and cfg.base.pretrain.epochs > 0
+
+
 def _pretrain_checks(cfg: PipelineConfig, base: dict[str, Any] | None, base_len: int | None, ok: Ok) -> list[str]:
     """``base.pretrain``: the pixel-MAE's own rules (its encoder is the base architecture when it runs)."""
     p = cfg.base.pretrain
-    runs = cfg.base.checkpoint is None and p.epochs > 0
+    runs = _pretrain_runs(cfg)
     problems = check_args(base if runs else None, base_len, adapters="none", feature_norm="channel", topk=1,
                           mask_ratio=p.mask_ratio, decoder_dim=p.decoder_dim, decoder_heads=p.decoder_heads)
 
@@ -161,9 +169,13 @@ def _extract_checks(cfg: PipelineConfig, base: dict[str, Any] | None, ok: Ok) ->
 
 
 def _batch_checks(cfg: PipelineConfig, ok: Ok) -> list[str]:
-    """The global batch splits over workers (and accumulation steps); the base learning rate is positive."""
+    """The global batch splits over workers (and accumulation steps); the base learning rate is positive.
+
+    ``base.pretrain``'s rows are checked only when it runs (:func:`_pretrain_runs`).
+    """
     t, p, out = cfg.train, cfg.base.pretrain, []
-    for sec, obj, accum in (("train", t, t.accum_steps), ("base.pretrain", p, 1)):
+    sections = [("train", t, t.accum_steps)] + ([("base.pretrain", p, 1)] if _pretrain_runs(cfg) else [])
+    for sec, obj, accum in sections:
         if ok(f"{sec}.global_batch", "train.num_workers", "train.accum_steps") and \
                 obj.global_batch % (max(1, t.num_workers) * accum):
             out.append(f"{sec}.global_batch: {obj.global_batch} is not divisible by train.num_workers × "
@@ -173,6 +185,22 @@ def _batch_checks(cfg: PipelineConfig, ok: Ok) -> list[str]:
         if ok(f"{sec}.blr") and obj.blr <= 0:
             out.append(f"{sec}.blr: must be > 0, got {obj.blr}")
     return out
+
+
+def _schedule_checks(cfg: PipelineConfig, ok: Ok) -> list[str]:
+    """The warm-up fits in the schedule: ``warmup_epochs <= epochs``, the condition of
+    :func:`tec_model.optim.lr_schedule` (``warmup_steps <= total_steps``, both ``× steps per epoch``), for
+    ``train``, ``base.pretrain`` when it runs and ``finetune`` when it sets both fields (else its preset's values
+    are the job's, which :class:`stages.finetune.FinetuneJob` checks)."""
+    f = cfg.finetune
+    schedules: list[tuple[str, float | None, float | None]] = [
+        ("train", cfg.train.epochs, cfg.train.warmup_epochs), ("finetune", f.epochs, f.warmup_epochs)]
+    if _pretrain_runs(cfg):
+        schedules.append(("base.pretrain", cfg.base.pretrain.epochs, cfg.base.pretrain.warmup_epochs))
+    return [f"{sec}.warmup_epochs: {warmup:g} exceeds {sec}.epochs ({epochs}): the warm-up must fit in the schedule"
+            for sec, epochs, warmup in schedules
+            if epochs is not None and warmup is not None and ok(f"{sec}.epochs", f"{sec}.warmup_epochs")
+            and warmup > epochs]
 
 
 def _preprocess_checks(cfg: PipelineConfig, in_chans: int) -> list[str]:

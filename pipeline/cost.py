@@ -21,12 +21,12 @@ from infra import storage
 from pipeline.flops import UNIT, base_macs_per_view, format_macs, tec_step_macs
 from pipeline.ledger import read_ledger
 from stages.cache import raw_bytes_per_view
-from stages.cache.codecs import CODECS, stored_bytes_per_view
+from stages.cache.codecs import CODECS, LOSSLESS, check_codec, stored_bytes_per_view
 from tec_model.archs import num_patches, vit_kwargs
 
 log = logging.getLogger(__name__)
 
-STORED_OVER_RAW = 0.82  # measured stored/raw bytes of the default codec (docs/benchmarks.md#extraction)
+STORED_OVER_RAW = 0.82  # measured stored/raw bytes of the float16 codec only (docs/benchmarks.md#extraction)
 
 
 def cache_costs(cache_url: str) -> dict[str, Any]:
@@ -194,7 +194,8 @@ def project(
     step_rate_views_per_s_per_worker: float = 1000.0,
     device_macs_per_s: float = 150e12,
     device_price_per_hour: float = 2.0,
-    stored_over_raw: float = STORED_OVER_RAW,
+    codec: str = LOSSLESS,
+    blosc_ratio: float | None = None,
     local_cache_max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Project a cache and its runs on paper (MACs; FLOPs = 2×MACs).
@@ -209,43 +210,50 @@ def project(
         step_rate_views_per_s_per_worker: training views/s of one worker, for the bandwidth it needs.
         device_macs_per_s: sustained device throughput in MACs/s (= sustained FLOP/s ÷ 2).
         device_price_per_hour: price of one device-hour (any currency).
-        stored_over_raw: compression, stored/raw bytes (0.82 measured for the default codec).
+        codec: ``extract.codec``, the layout whose bytes are stored, read and sent (:mod:`stages.cache.codecs`).
+        blosc_ratio: Blosc's after/before bytes of that layout; None: :data:`STORED_OVER_RAW` (0.82, measured) for
+            float16, and none applied (1.0, an upper bound) for int8 / fp8, whose 0.82 was never measured
+            (docs/benchmarks.md#target-codecs has their ratios on test bases).
         local_cache_max_bytes: ``train.local_cache.max_bytes`` (None: unbounded), for the object-store bytes of a
             run with the node-local cache (:func:`object_store_bytes_with_local_cache`).
 
     Returns:
-        A dict of the numbers :func:`format_projection` prints: bytes per view (raw, stored), storage, extraction
+        A dict of the numbers :func:`format_projection` prints: bytes per view (raw float16, ``codec``'s before
+        Blosc, stored; ``stored_over_raw`` = stored / raw), storage, extraction
         MACs/device-hours/cost, bandwidth per worker, per-run views, base MACs avoided, device-hours and money
         saved, break-even (``break_even_run_epochs`` = V), net saving over ``runs`` and, with ``new``, training MACs.
     """
     kw = _arch(base)
     length = num_patches(kw)
     per_view_raw = bytes_per_view(length, kw["embed_dim"], kw["num_heads"], k_max)
+    per_view_codec, ratio, source = _codec_bytes(codec, blosc_ratio, length, kw, k_max)
+    per_view_stored = per_view_codec * ratio
     base_macs = base_macs_per_view(kw)
     views = n_images * views_per_image
     views_per_run = n_images * epochs
     hours = 1 / device_macs_per_s / 3600  # device-hours per MAC
     out: dict[str, Any] = {
         "unit": UNIT, "n_images": n_images, "views_per_image": views_per_image, "epochs": epochs, "runs": runs,
-        "bytes_per_view_raw": per_view_raw, "bytes_per_view_stored": per_view_raw * stored_over_raw,
+        "codec": codec, "bytes_per_view_raw": per_view_raw, "bytes_per_view_codec": per_view_codec,
+        "bytes_per_view_stored": per_view_stored, "blosc_ratio": ratio, "blosc_ratio_source": source,
         "storage_raw_bytes": n_images * (views_per_image * per_view_raw + 1),  # + the valid flag
         "base_macs_per_view": base_macs, "extraction_macs": views * base_macs,
         "extraction_device_hours": views * base_macs * hours,
-        "bandwidth_bytes_per_s_per_worker": per_view_raw * stored_over_raw * step_rate_views_per_s_per_worker,
+        "bandwidth_bytes_per_s_per_worker": per_view_stored * step_rate_views_per_s_per_worker,
         "views_per_run": views_per_run, "reuse_per_view_per_run": epochs / views_per_image,
-        "bytes_read_per_run": views_per_run * per_view_raw * stored_over_raw,
+        "bytes_read_per_run": views_per_run * per_view_stored,
         "base_macs_avoided_per_run": views_per_run * base_macs,
         "device_hours_saved_per_run": views_per_run * base_macs * hours,
         "break_even_run_epochs": views_per_image, "break_even_reached": runs * epochs >= views_per_image,
         "net_saving_macs": runs * views_per_run * base_macs - views * base_macs,
         "step_rate_views_per_s_per_worker": step_rate_views_per_s_per_worker,
         "device_macs_per_s": device_macs_per_s, "device_price_per_hour": device_price_per_hour,
-        "stored_over_raw": stored_over_raw,
+        "stored_over_raw": per_view_stored / per_view_raw,
     }
-    out["storage_stored_bytes"] = out["storage_raw_bytes"] * stored_over_raw
     out["storage_by_codec"] = {  # uncompressed stored bytes (before Blosc), docs/cache-format.md#10-target-codecs
-        codec: n_images * (views_per_image * stored_bytes_per_view(codec, length, kw["embed_dim"], kw["num_heads"],
-                                                                   k_max) + 1) for codec in CODECS}
+        c: n_images * (views_per_image * stored_bytes_per_view(c, length, kw["embed_dim"], kw["num_heads"], k_max) + 1)
+        for c in CODECS}
+    out["storage_stored_bytes"] = out["storage_by_codec"][codec] * ratio
     out["object_store_bytes_per_run_local_cache"] = object_store_bytes_with_local_cache(
         out["bytes_read_per_run"], out["storage_stored_bytes"], local_cache_max_bytes)
     out["local_cache_max_bytes"] = local_cache_max_bytes
@@ -262,6 +270,27 @@ def project(
     return out
 
 
+def _codec_bytes(codec: str, blosc_ratio: float | None, length: int, kw: dict[str, Any],
+                 k_max: int) -> tuple[int, float, str]:
+    """``(bytes of one view under codec before Blosc, Blosc's after/before ratio, where it comes from)``: the ratio
+    is ``blosc_ratio`` (``given``) or, by default, :data:`STORED_OVER_RAW` for float16 (``measured``) and 1.0 for
+    int8 / fp8 (``none``: no ratio applied, an upper bound).
+
+    Raises:
+        ValueError: an unknown ``codec`` (it names ``extract.codec``), or ``blosc_ratio`` outside (0, 1].
+    """
+    try:
+        check_codec(codec)
+    except ValueError as err:
+        raise ValueError(f"extract.codec: {err}") from None
+    if blosc_ratio is not None and not 0 < blosc_ratio <= 1:
+        raise ValueError(f"blosc_ratio: expected a stored/uncompressed ratio in (0, 1], got {blosc_ratio}")
+    per_view = stored_bytes_per_view(codec, length, kw["embed_dim"], kw["num_heads"], k_max)
+    if blosc_ratio is not None:
+        return per_view, blosc_ratio, "given"
+    return (per_view, STORED_OVER_RAW, "measured") if codec == LOSSLESS else (per_view, 1.0, "none")
+
+
 def object_store_bytes_with_local_cache(bytes_read: float, stored: float, max_bytes: int | None) -> float:
     """Object-store bytes of one run on one node with the node-local cache: the kept share k = min(1,
     max_bytes / stored) is fetched once, whole; the rest is read as without the cache; never more than without it
@@ -271,6 +300,17 @@ def object_store_bytes_with_local_cache(bytes_read: float, stored: float, max_by
     return min(bytes_read, k * stored + (1.0 - k) * bytes_read)
 
 
+def _stored_note(p: dict[str, Any]) -> str:
+    """How the stored bytes per view were reached: a measured Blosc ratio, a given one, or none (an upper bound)."""
+    note = f"stored/raw {p['stored_over_raw']:.3g}"
+    if p["blosc_ratio_source"] == "measured":
+        return note
+    if p["blosc_ratio_source"] == "none":
+        return (f"{note}: {p['codec']} before Blosc, an upper bound; the measured {STORED_OVER_RAW} Blosc ratio is "
+                f"{LOSSLESS}'s")
+    return f"{note}: {p['codec']} × a given Blosc ratio {p['blosc_ratio']:g}"
+
+
 def format_projection(p: dict[str, Any]) -> str:
     """The projection as text."""
     tb, gbs = 1e12, 1e9
@@ -278,7 +318,7 @@ def format_projection(p: dict[str, Any]) -> str:
         f"projection: N={p['n_images']:,} images, V={p['views_per_image']}, {p['epochs']:g} epochs × {p['runs']} "
         f"run(s); unit: {p['unit']}",
         f"  bytes per view     {p['bytes_per_view_raw']:,} B raw, {p['bytes_per_view_stored']:,.0f} B stored "
-        f"(stored/raw {p['stored_over_raw']})",
+        f"({_stored_note(p)})",
         f"  storage            {p['storage_raw_bytes'] / tb:.3f} TB raw, "
         f"{p['storage_stored_bytes'] / tb:.3f} TB stored",
         "  storage per codec  " + ", ".join(f"{codec} {size / tb:.3f} TB" for codec, size in

@@ -62,6 +62,8 @@ def finetune_job(cfg: C.PipelineConfig, checkpoint: str, which: str, protocol: s
     fields |= {"run_name": "pending", "storage_path": storage.absolute(finetune_root(cfg.output_root)),
                "checkpoint_url": storage.absolute(checkpoint), "timm_kwargs": kwargs, "num_classes": data.num_classes,
                "preprocess": C.preprocess(cfg).to_dict()}
+    if protocol == "finetune" and (key := C.checkpoint_key_for(cfg, checkpoint, which)) is not None:
+        fields["checkpoint_key"] = key
     recipe = {k: v for k, v in dataclasses.asdict(cfg.finetune).items() if v is not None}
     job = FinetuneJob.for_protocol(protocol, **(fields | recipe | overrides))
     if "run_name" in overrides:

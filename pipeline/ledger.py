@@ -56,7 +56,7 @@ EXTRACT_SCHEMA = pa.schema([
     ("views_per_image", pa.int64()),  # V of the cache
     ("base_macs_per_view", pa.int64()),
     ("base_macs_total", pa.int64()),  # views × base_macs_per_view
-    ("bytes_written", pa.int64()),  # stored bytes of the units this run wrote (pro rata by units)
+    ("bytes_written", pa.int64()),  # stored bytes of the units this run wrote (pro rata by complete units)
     ("cache_stored_bytes", pa.int64()),  # stored bytes of the whole cache after this run
     ("wall_seconds", pa.float64()),
     ("work_seconds", pa.float64()),
@@ -113,8 +113,10 @@ def record_extraction(cache_url: str, result: ExtractResult, spec: CacheSpec) ->
     """Write the ledger row of one extraction run (MACs; FLOPs = 2×MACs).
 
     ``base_macs_per_view`` is the cache's ``flops.base_forward_macs_per_view`` (or, when missing, the analytic
-    count of ``spec.timm_kwargs``). ``bytes_written`` is this run's share of the cache's stored bytes, pro rata by
-    the units it wrote (exact when it wrote every unit). A run that wrote no unit spent nothing and writes no
+    count of ``spec.timm_kwargs``). ``bytes_written`` is this run's share of the cache's stored bytes (those of its
+    complete units), pro rata by units: the units it wrote over every complete unit, those complete when it started
+    and those other jobs wrote meanwhile included, so concurrent extractors' rows add up to the cache's size (exact
+    when it wrote every unit). A run that wrote no unit spent nothing and writes no
     object (a re-run that found the cache complete is not an extraction).
 
     Args:
@@ -127,8 +129,9 @@ def record_extraction(cache_url: str, result: ExtractResult, spec: CacheSpec) ->
         written.
     """
     per_view = int(spec.base_forward_macs_per_view or base_macs_per_view(spec.timm_kwargs))
-    written, skipped = len(result.units_written), len(result.units_skipped)
-    share = written / (written + skipped) if written + skipped else 0.0
+    written = len(result.units_written)
+    complete = written + len(result.units_skipped) + len(result.units_by_others)  # the units stored_bytes covers
+    share = written / complete if complete else 0.0
     stamp = _now()
     row = {
         "cache_key": result.cache_key or spec.key, "timestamp": stamp,

@@ -4,7 +4,7 @@ The extract stage builds a :class:`CacheSpec` from its config and writes it into
 one from its own config and refuses a cache whose :func:`diff_specs` is not empty. The attribute layout:
 
     {format_version, key,
-     base_model: {checkpoint, checkpoint_sha256, timm_kwargs},
+     base_model: {checkpoint, checkpoint_sha256, timm_kwargs[, checkpoint_key]},
      targets: {last_layers, k_max, precision[, codec]},
      preprocess: {output_size, crop_scale, crop_ratio, interpolation, mean, std},
      views: {seed, per_image},
@@ -17,7 +17,8 @@ live (the checkpoint URL, the manifest URI: their SHA-256 stand for them), the F
 (``unit_size``: chunking changes the objects, not the values). A credential inside one of those URLs therefore
 never changes the key. The target codec (``targets.codec``, :mod:`stages.cache.codecs`) enters the key, and the
 attribute, only when it is not the lossless ``float16``: a float16 cache is format_version 1 with the key it always
-had; a quantised one is format_version 2.
+had; a quantised one is format_version 2. A forced checkpoint entry (``base_model.checkpoint_key``) likewise enters
+both only when it is set.
 
 The attribute stores the two URLs redacted (:func:`infra.redaction.redact_url`: no userinfo, no presigned
 signature or token): a spec built from a job keeps the working URLs in memory, a spec read back from a cache holds
@@ -66,6 +67,7 @@ _LAYOUT: tuple[tuple[str, str, bool], ...] = (
     ("base_model.checkpoint", "checkpoint", False),
     ("base_model.checkpoint_sha256", "checkpoint_sha256", True),
     ("base_model.timm_kwargs", "timm_kwargs", True),
+    ("base_model.checkpoint_key", "checkpoint_key", True),
     ("targets.last_layers", "last_layers", True),
     ("targets.k_max", "k_max", True),
     ("preprocess.output_size", "output_size", True),
@@ -90,9 +92,9 @@ _LAYOUT: tuple[tuple[str, str, bool], ...] = (
 _KEY_PATHS = tuple(path for path, _, in_key in _LAYOUT if in_key)
 _URL_FIELDS = frozenset({"checkpoint", "manifest_uri"})  # stored redacted
 # Fields that caches written before they existed lack, with the value those caches have.
-_DEFAULTS_WHEN_ABSENT = {"targets.precision": "float32", "targets.codec": LOSSLESS}
+_DEFAULTS_WHEN_ABSENT = {"targets.precision": "float32", "targets.codec": LOSSLESS, "base_model.checkpoint_key": None}
 # Fields written (and hashed) only when they differ from their default: the float16 layout predates them.
-_OMITTED_WHEN_DEFAULT = ("targets.codec",)
+_OMITTED_WHEN_DEFAULT = ("targets.codec", "base_model.checkpoint_key")
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,9 @@ class CacheSpec:
             a writer of another precision is refused (:func:`stages.cache.create_or_open`), so units never mix.
         codec: how ``features`` and ``attn_logits`` are stored (:data:`stages.cache.codecs.CODECS`); part of the key
             unless it is the lossless ``float16``.
+        checkpoint_key: the checkpoint entry the base was loaded from when one was forced (``teacher``,
+            ``student``, …; ``base.checkpoint_key``): part of the key, since two entries of one file are two bases;
+            left out of it when None (auto-detection), so the keys of caches older than it stay what they were.
     """
 
     checkpoint: str
@@ -155,6 +160,7 @@ class CacheSpec:
     unit_size: int = field(default=64)
     precision: str = "float32"
     codec: str = LOSSLESS
+    checkpoint_key: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("crop_scale", "crop_ratio", "mean", "std"):

@@ -53,6 +53,8 @@ class FinetuneJob:
             resumes it from its latest checkpoint.
         checkpoint_url: the encoder to fine-tune: any format :mod:`tec_model.checkpoint` reads (``finetune``), a
             kept-adapter export (``peft_*``: :func:`tec_model.export.export_with_adapters`).
+        checkpoint_key: the entry of a multi-model checkpoint to fine-tune (``teacher``, ``student``, …;
+            ``finetune`` only); None: auto-detection.
         timm_kwargs: the encoder's ViT kwargs (``num_classes`` / ``global_pool`` / ``drop_path_rate`` are set here).
         protocol: ``finetune`` (every weight), ``peft_prompt`` (input adapter + head on a frozen encoder) or
             ``peft_both`` (both adapters + head).
@@ -121,6 +123,7 @@ class FinetuneJob:
     stop_after_epochs: int | None = None
     checkpoint_sha256: str = ""
     data_sha256: str = ""
+    checkpoint_key: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("crop_scale", "crop_ratio"):
@@ -145,6 +148,9 @@ class FinetuneJob:
                 out.append(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.warmup_epochs > self.epochs:
             out.append(f"warmup_epochs: {self.warmup_epochs} exceeds epochs {self.epochs}")
+        if self.checkpoint_key is not None and self.protocol != "finetune":
+            out.append(f"checkpoint_key: {self.protocol} reads a kept-adapter export, not an entry of a multi-model "
+                       f"checkpoint (got {self.checkpoint_key!r}; only protocol finetune takes one)")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             out.append(f"layer_decay: must be in (0, 1] or null, got {self.layer_decay}")
         if not 0 <= self.smoothing < 1 or not 0 < self.eval_crop <= 1 or not 0 <= self.drop_path < 1:
@@ -200,7 +206,9 @@ class FinetuneJob:
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What must not change across a resume: every field but :data:`MUTABLE_FIELDS`."""
-        return {k: v for k, v in self.to_dict().items() if k not in MUTABLE_FIELDS}
+        # checkpoint_key came later: unset, it leaves the fingerprints of older runs what they were
+        return {k: v for k, v in self.to_dict().items()
+                if k not in MUTABLE_FIELDS and not (k == "checkpoint_key" and v is None)}
 
     def fingerprint(self) -> str:
         """SHA-256 of :meth:`fingerprint_fields`."""

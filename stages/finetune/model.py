@@ -55,7 +55,7 @@ def build_model(job: FinetuneJob) -> nn.Module:
 
 def _finetune_model(job: FinetuneJob, obj: object) -> nn.Module:
     """A classification ViT whose encoder weights come from ``obj`` (checked strictly on a plain ViT first)."""
-    state_dict, fmt = unwrap_state_dict(obj)
+    state_dict, fmt = unwrap_state_dict(obj, key=job.checkpoint_key)
     plain = build_vit({**job.timm_kwargs, "num_classes": 0, "global_pool": "token"})
     load_encoder_weights(plain, state_dict)
     model = build_vit({**job.timm_kwargs, "num_classes": job.num_classes, "global_pool": job.global_pool,

@@ -51,6 +51,8 @@ class TrainJob:
         amp_dtype: autocast dtype on GPU.
         base_precision: the online base model's precision (``extract.precision``: ``auto`` = bfloat16 on CUDA,
             float32 on the CPU), so online targets match a cache extracted on the same device.
+        base_checkpoint_key: the checkpoint entry the base is loaded from (``base.checkpoint_key``: ``teacher``,
+            ``student``, …; None: auto-detection); checked against the cache in cache mode.
         log_indices: each rank writes the sample indices it trained on to ``<run>/indices/`` at every report.
         uri_policy: the data section's input policy (:class:`stages.uri_policy.UriPolicy` fields; empty: defaults),
             so training reads exactly the images extraction was allowed to read.
@@ -102,6 +104,7 @@ class TrainJob:
     max_steps: int | None = None
     amp_dtype: str = "bfloat16"
     base_precision: str = "auto"
+    base_checkpoint_key: str | None = None
     log_indices: bool = False
     uri_policy: dict[str, Any] = field(default_factory=dict)
     local_cache: dict[str, Any] = field(default_factory=dict)
@@ -152,7 +155,9 @@ class TrainJob:
         mutable = {"num_workers", "use_gpu", "threads_per_worker", "loader_workers", "max_failures", "log_every",
                    "max_steps", "keep_checkpoints", "log_indices", "uri_policy", "storage_path", "cache_url",
                    "manifest_url", "checkpoint_url", "local_cache"}
-        fixed = {k: v for k, v in self.to_dict().items() if k not in mutable}
+        # base_checkpoint_key came later: unset, it leaves the fingerprints of older runs what they were
+        fixed = {k: v for k, v in self.to_dict().items()
+                 if k not in mutable and not (k == "base_checkpoint_key" and v is None)}
         return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
 
     def preprocess_obj(self) -> Preprocess:
@@ -191,7 +196,8 @@ def check_cache(job: TrainJob) -> CacheSpec:
     spec = open_cache(job.cache_url).spec
     problems = expected_differences(
         spec, timm_kwargs=job.base_timm_kwargs, last_layers=job.last_layers, view_seed=job.view_seed,
-        views_per_image=job.views_per_image, codec=job.codec, **job.preprocess_obj().to_dict())
+        views_per_image=job.views_per_image, codec=job.codec, checkpoint_key=job.base_checkpoint_key,
+        **job.preprocess_obj().to_dict())
     if job.topk > spec.k_max:
         problems.append(f"targets.k_max: cache has {spec.k_max}, config's topk {job.topk} needs at least that many")
     new = job.timm_kwargs

@@ -42,7 +42,8 @@ class TargetProvider:
         self.patch_size = job.timm_kwargs["patch_size"] if job.target_source == "pixel" else None
         if job.target_source == "online":
             self.base = BaseModel.from_checkpoint(storage.read_bytes(job.checkpoint_url), job.base_timm_kwargs,
-                                                  job.last_layers, job.k_max).to(device)
+                                                  job.last_layers, job.k_max,
+                                                  checkpoint_key=job.base_checkpoint_key).to(device)
             # the extraction's precision, so online targets equal cached ones up to the float16 storage
             self.base_precision = D.extraction_precision(job.base_precision, device)
 

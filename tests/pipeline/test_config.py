@@ -248,9 +248,11 @@ def test_to_train_job_maps_every_field() -> None:
     mapped = ({f.name for f in dataclasses.fields(ModelConfig)} | {f.name for f in dataclasses.fields(TrainConfig)}
               | {"run_name", "storage_path", "timm_kwargs", "base_timm_kwargs", "preprocess", "cache_url",
                  "manifest_url", "checkpoint_url", "views_per_image", "view_seed", "last_layers", "k_max",
-                 "base_precision", "uri_policy", "codec"})
+                 "base_precision", "uri_policy", "codec", "base_checkpoint_key"})
     assert {f.name for f in dataclasses.fields(TrainJob)} - mapped == {"log_indices", "extra"}
     assert job.base_precision == cfg.extract.precision == "auto" and job.codec == cfg.extract.codec == "float16"
+    assert job.base_checkpoint_key is None and to_train_job(load_config(TINY, ["base.checkpoint_key=student"]), "c",
+                                                            "r2", "/tmp/runs").base_checkpoint_key == "student"
     assert UriPolicy(**job.uri_policy) == UriPolicy.of(cfg.data)
 
 
@@ -261,7 +263,7 @@ def test_default_run_name() -> None:
 
 
 @pytest.mark.parametrize(("override", "key"), [
-    ("base.pretrain.global_batch=99", "base.pretrain.global_batch"),
+    ("base.pretrain.epochs=1 base.pretrain.global_batch=99", "base.pretrain.global_batch"),  # checked when it runs
     ("base.pretrain.decoder_dim=66", "base.pretrain.decoder_dim"),
     ("base.pretrain.mask_ratio=1.0", "base.pretrain.mask_ratio"),
     ("base.pretrain.epochs=-1", "base.pretrain.epochs"),
@@ -269,7 +271,7 @@ def test_default_run_name() -> None:
 ])
 def test_bad_pretrain_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, [override])
+        load_config(None, override.split())
 
 
 def test_pretrain_job_is_a_pixel_mae_of_the_base_architecture():

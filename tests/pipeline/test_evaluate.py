@@ -165,6 +165,27 @@ def test_protocols_flag(trees, monkeypatch):
     assert "peft_prompt  0.5000" in format_results(results)
 
 
+def test_the_configs_base_checkpoint_evaluated_as_the_base_is_read_at_its_forced_entry(trees, monkeypatch):
+    """base.checkpoint_key reaches ``evaluate --which base`` of that file (any other file, or ``--which model``:
+    auto-detection)."""
+    import pipeline.evaluate as E
+
+    tmp, _, _ = trees
+    ckpt = random_checkpoint(tmp / "base.pth", arch=BASE_ARCH)
+    cfg = folder_cfg(tmp, f"base.checkpoint={ckpt}", "base.checkpoint_key=student")
+    keys = []
+
+    def capture(*args, checkpoint_key=None, **kwargs):
+        keys.append(checkpoint_key)
+        raise StopIteration
+
+    monkeypatch.setattr(E, "evaluate", capture)
+    for checkpoint, which in ((ckpt, "base"), (str(tmp / "other.pth"), "base"), (ckpt, "model")):
+        with pytest.raises(StopIteration):
+            evaluate_cli(cfg, checkpoint, which, protocols="knn")
+    assert keys == ["student", None, None]
+
+
 def test_checkpoint_of_another_architecture_names_it_and_the_mismatch(trees):
     tmp, _, _ = trees
     ckpt = random_checkpoint(tmp / "nano.pth", arch=BASE_ARCH)  # 96 wide; the config's model is vit_pico (48)

@@ -36,3 +36,31 @@ def test_finetune_cli_trains_a_config_run_and_a_second_call_reuses_it(tmp_path):
     assert again["start_epoch"] == 1 and again["history"] == results["history"]  # the same run, nothing retrained
     with pytest.raises(ValueError, match="which: must be one of"):
         finetune_job(cfg, str(checkpoint), "teacher", "finetune", data)
+
+
+def test_the_configs_base_checkpoint_fine_tuned_as_the_base_is_read_at_its_forced_entry(tmp_path):
+    """base.checkpoint_key (a DINO-style file holding a teacher and a student) reaches fine-tuning ``--which base``
+    of that file; any other file, and ``--which model``, are auto-detected."""
+    from pipeline import config as C
+    from stages.finetune.model import build_model
+    from tec_model import build_vit
+
+    for split, n in (("train", 8), ("val", 4)):
+        image_tree(str(tmp_path / split), n, seed=n)
+    torch.manual_seed(0)
+    base_kw = C.base_timm_kwargs(folder_cfg(tmp_path))
+    teacher, student = (build_vit(base_kw).state_dict() for _ in range(2))
+    both = tmp_path / "dino.pth"
+    torch.save({"teacher": teacher, "student": student}, both)
+    cfg = folder_cfg(tmp_path, f"base.checkpoint={both}", "base.checkpoint_key=student")
+    data = labelled_splits(cfg, None, None)
+    job = finetune_job(cfg, str(both), "base", "finetune", data)
+    assert job.checkpoint_key == "student"
+    assert torch.equal(build_model(job).state_dict()["cls_token"], student["cls_token"])
+    assert not torch.equal(teacher["cls_token"], student["cls_token"])
+    other = tmp_path / "copy.pth"
+    other.write_bytes(both.read_bytes())
+    assert finetune_job(cfg, str(other), "base", "finetune", data).checkpoint_key is None  # auto: the teacher
+    assert finetune_job(folder_cfg(tmp_path), str(both), "base", "finetune", data).checkpoint_key is None
+    with pytest.raises(ValueError, match=r"checkpoint_key: peft_prompt reads a kept-adapter export"):
+        job.replace(protocol="peft_prompt")

@@ -104,6 +104,22 @@ def test_partial_extraction_share_and_noop(tmp_path: Any) -> None:
     assert ext.num_rows == 1
 
 
+def test_concurrent_extractors_share_the_cache_bytes_by_the_units_each_wrote(tmp_path: Any) -> None:
+    """Two jobs on an empty 10-unit cache, 3 and 7 units each: each ends seeing the whole cache's stored bytes, and
+    the other's units as ``units_by_others``; their rows add up to the cache's size, not twice it."""
+    url, spec, stored = str(tmp_path / "cache"), make_spec(), 1_000_000
+    units = list(range(10))
+    for mine in (units[:3], units[3:]):
+        others = [u for u in units if u not in mine]
+        result = ExtractResult(cache_url=url, cache_key=spec.key, units_total=10, units_written=mine,
+                               units_by_others=others, images_written=16 * len(mine),
+                               views_written=32 * len(mine), stored_bytes=stored)
+        ledger.record_extraction(url, result, spec)
+    ext, _ = ledger.read_ledger(url)
+    assert sorted(ext.column("bytes_written").to_pylist()) == [300_000, 700_000]
+    assert sum(ext.column("bytes_written").to_pylist()) == stored == ext.column("cache_stored_bytes")[0].as_py()
+
+
 def test_concurrent_writers_write_disjoint_objects(cache_url: str) -> None:
     spec, errors = make_spec(), []
 

@@ -17,7 +17,7 @@ import zarr
 
 from infra import storage
 from stages.cache import ARRAYS, open_cache
-from stages.cache.spec import CacheMismatchError
+from stages.cache.spec import CacheMismatchError, CacheSpec, diff_specs
 from stages.extract import prepare, resolve_spec, run_extract
 from stages.images import ImageSource
 from stages.manifest import manifest_from_uri_list, write_manifest
@@ -100,6 +100,19 @@ def test_the_key_of_a_float16_job_resolves_before_the_workers_device_is_known(ex
     with pytest.raises(ValueError, match=r"extract\.precision float16 needs a CUDA device"):
         run_extract(job, num_actors=0)
     assert not storage.exists(job.cache_url), "a cache was created for workers that cannot write it"
+
+
+def test_a_forced_checkpoint_entry_is_another_base_with_another_key(extracted):
+    """Two entries of one checkpoint file (a DINO teacher and student) share the file's hash: the forced entry
+    (base.checkpoint_key) keeps their caches apart; auto-detection keeps the key caches had before the field."""
+    _, job, _ = extracted
+    auto, student = resolve_spec(job), resolve_spec(dataclasses.replace(job, checkpoint_key="student"))
+    assert student.checkpoint_key == "student" and student.checkpoint_sha256 == auto.checkpoint_sha256
+    assert student.key != auto.key != resolve_spec(dataclasses.replace(job, checkpoint_key="teacher")).key
+    assert "checkpoint_key" not in auto.to_attrs()["base_model"]
+    assert student.to_attrs()["base_model"]["checkpoint_key"] == "student"
+    assert CacheSpec.from_attrs(student.to_attrs()) == student
+    assert diff_specs(auto, student) == ['base_model.checkpoint_key: cache has null, config asks "student"']
 
 
 def test_a_resolved_spec_is_trusted_not_resolved_again(extracted, tmp_path, monkeypatch):

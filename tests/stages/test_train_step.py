@@ -66,3 +66,20 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_images):
         run_step(model, tiny_job(), batch)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), f"{key} was updated by a non-finite step"
+
+
+def test_online_targets_come_from_the_forced_checkpoint_entry(tmp_path):
+    """base.checkpoint_key reaches the online base: a file holding a teacher and a student gives the student's
+    targets when the job forces it, the teacher's when it auto-detects."""
+    from tec_model import build_vit
+
+    kw = vit_kwargs("vit_nano_patch4_32")
+    torch.manual_seed(0)
+    teacher, student = (build_vit(kw).state_dict() for _ in range(2))
+    path = tmp_path / "dino.pth"
+    torch.save({"teacher": teacher, "student": student}, path)
+    common = {"target_source": "online", "checkpoint_url": str(path), "manifest_url": "/tmp/unused.parquet"}
+    forced = TargetProvider(tiny_job(**common, base_checkpoint_key="student"), torch.device("cpu")).base
+    auto = TargetProvider(tiny_job(**common), torch.device("cpu")).base
+    assert torch.equal(forced.vit.cls_token, student["cls_token"]) and torch.equal(auto.vit.cls_token,
+                                                                                   teacher["cls_token"])
