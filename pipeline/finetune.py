@@ -2,11 +2,11 @@
 (docs/finetune.md).
 
 :func:`finetune_cli` turns a :class:`~pipeline.config.PipelineConfig` into a :class:`stages.finetune.FinetuneJob`:
-the architecture of the ``model`` (new model) or the ``base``, the config's preprocessing (mean/std, output size),
-the ``train`` section's resources (workers, GPU, threads, loader processes, precision, seed), the protocol's preset
-recipe (:data:`stages.finetune.PRESETS`) under the ``finetune`` section's non-null fields, under the caller's
-overrides. Runs live in ``<output_root>/finetune/``
-(beside the training runs of ``<output_root>/runs/``), named ``<which>-<protocol>-<digest>`` where the digest
+the architecture of the ``model`` (new model) or the ``base``, the config's preprocessing (mean/std, output size)
+and input policy, the ``train`` section's resources (workers, GPU, threads, loader processes, precision, seed), the
+protocol's preset recipe (:data:`stages.finetune.PRESETS`) under the ``finetune`` section's non-null fields, under
+the caller's overrides. Runs live in ``<output_root>/finetune/`` (beside the training runs of
+``<output_root>/runs/``), named ``<which>-<protocol>-<digest>`` where the digest
 covers the job's recipe, the checkpoint's URL and the data: calling it again with the same arguments resumes (or
 re-reads) the same run.
 """
@@ -23,6 +23,7 @@ from infra import storage
 from pipeline import config as C
 from pipeline.labelled import LabelledData
 from stages.finetune import PROTOCOLS, FinetuneJob, run_finetune
+from stages.uri_policy import UriPolicy
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def finetune_job(cfg: C.PipelineConfig, checkpoint: str, which: str, protocol: s
     fields: dict[str, Any] = {k: getattr(cfg.train, k) for k in RESOURCES}
     fields |= {"run_name": "pending", "storage_path": storage.absolute(finetune_root(cfg.output_root)),
                "checkpoint_url": storage.absolute(checkpoint), "timm_kwargs": kwargs, "num_classes": data.num_classes,
-               "preprocess": C.preprocess(cfg).to_dict()}
+               "preprocess": C.preprocess(cfg).to_dict(), "uri_policy": dataclasses.asdict(UriPolicy.of(cfg.data))}
     if protocol == "finetune" and (key := C.checkpoint_key_for(cfg, checkpoint, which)) is not None:
         fields["checkpoint_key"] = key
     recipe = {k: v for k, v in dataclasses.asdict(cfg.finetune).items() if v is not None}

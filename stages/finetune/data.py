@@ -22,6 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.images import ImageSource
 from stages.manifest import expected_sizes
+from stages.uri_policy import UriPolicy
 from stages.views import Preprocess, plan_view
 
 
@@ -61,7 +62,8 @@ def centre_box(height: int, width: int, crop: float) -> np.ndarray:
 class TrainBatches(IterableDataset):
     """One rank's training batches from step ``start`` of epoch ``epoch`` to the end of epoch ``until - 1``.
 
-    One dataset spans the epochs, so a loader's worker processes start once per run, not once per epoch. Loader
+    One dataset spans the epochs, so a loader's worker processes start once per run, not once per epoch. Images
+    are read under ``policy`` (default: the default input policy). Loader
     worker k of n yields the run's batches k, k + n, …, which a DataLoader hands out round-robin: in step order.
     Yields dicts: ``epoch`` and ``step`` (ints, the step within its epoch), ``pixels`` float32 (b, C, S, S),
     ``labels`` int64 (b,), ``indices`` int64 (b,), with b = ``batch_size / world``.
@@ -69,7 +71,7 @@ class TrainBatches(IterableDataset):
 
     def __init__(self, split: Split, preprocess: Preprocess, *, in_chans: int, batch_size: int, world: int,
                  rank: int, epoch: int, start: int, seed: int, crop_scale: tuple[float, float],
-                 crop_ratio: tuple[float, float], until: int | None = None) -> None:
+                 crop_ratio: tuple[float, float], until: int | None = None, policy: UriPolicy | None = None) -> None:
         per_epoch = steps_per_epoch(len(split), batch_size)
         until = epoch + 1 if until is None else until
         if not 0 <= start <= per_epoch or not 0 <= epoch <= until:
@@ -78,7 +80,7 @@ class TrainBatches(IterableDataset):
         self.split, self.preprocess, self.in_chans = split, preprocess, in_chans
         self.batch, self.per_rank, self.rank = batch_size, batch_size // world, rank
         self.per_epoch, self.first, self.stop = per_epoch, epoch * per_epoch + start, until * per_epoch
-        self.seed, self.crop_scale, self.crop_ratio = seed, crop_scale, crop_ratio
+        self.seed, self.crop_scale, self.crop_ratio, self.policy = seed, crop_scale, crop_ratio, policy
 
     def __len__(self) -> int:
         """Batches this dataset yields over all DataLoader workers."""
@@ -89,7 +91,7 @@ class TrainBatches(IterableDataset):
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             torch.set_num_threads(1)
-        source, orders = ImageSource(self.in_chans), {}
+        source, orders = ImageSource(self.in_chans, policy=self.policy), {}
         for g in range(self.first + worker, self.stop, n_workers):
             epoch, step = divmod(g, self.per_epoch)
             if epoch not in orders:
@@ -104,9 +106,10 @@ class TrainBatches(IterableDataset):
 
 
 def eval_batches(split: Split, preprocess: Preprocess, *, in_chans: int, crop: float, batch_size: int, rank: int,
-                 world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's contiguous share of the test split as (pixels (b, C, S, S), labels (b,)) centre views."""
-    source = ImageSource(in_chans)
+                 world: int, policy: UriPolicy | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's contiguous share of the test split as (pixels (b, C, S, S), labels (b,)) centre views, read
+    under ``policy`` (default: the default input policy)."""
+    source = ImageSource(in_chans, policy=policy)
     share = np.array_split(np.arange(len(split)), world)[rank]
     for lo in range(0, len(share), batch_size):
         indices = share[lo:lo + batch_size]

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from infra import storage
+from stages.uri_policy import UriPolicy
 from stages.views import Preprocess
 
 PROTOCOLS = ("finetune", "peft_prompt", "peft_both")
@@ -37,6 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 MUTABLE_FIELDS = frozenset({
     "run_name", "storage_path", "checkpoint_url", "num_workers", "use_gpu", "threads_per_worker", "loader_workers",
     "stop_after_epochs", "keep_checkpoints", "max_failures", "log_every", "eval_batch_size", "eval_every",
+    "uri_policy",
 })
 
 
@@ -55,6 +57,8 @@ class FinetuneJob:
             kept-adapter export (``peft_*``: :func:`tec_model.export.export_with_adapters`).
         checkpoint_key: the entry of a multi-model checkpoint to fine-tune (``teacher``, ``student``, …;
             ``finetune`` only); None: auto-detection.
+        uri_policy: the data section's input policy (:class:`stages.uri_policy.UriPolicy` fields; empty: the
+            defaults) under which both splits' images are read, as every other stage reads them.
         timm_kwargs: the encoder's ViT kwargs (``num_classes`` / ``global_pool`` / ``drop_path_rate`` are set here).
         protocol: ``finetune`` (every weight), ``peft_prompt`` (input adapter + head on a frozen encoder) or
             ``peft_both`` (both adapters + head).
@@ -124,6 +128,7 @@ class FinetuneJob:
     checkpoint_sha256: str = ""
     data_sha256: str = ""
     checkpoint_key: str | None = None
+    uri_policy: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("crop_scale", "crop_ratio"):
@@ -196,6 +201,10 @@ class FinetuneJob:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def policy(self) -> UriPolicy:
+        """The input policy the images are read under."""
+        return UriPolicy(**self.uri_policy)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneJob:

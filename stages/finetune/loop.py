@@ -152,7 +152,8 @@ def _loader(job: FinetuneJob, session: TrainSession, train: Split, epoch: int,
     reader processes, for all the epochs a start trains."""
     batches = TrainBatches(train, job.preprocess_obj(), in_chans=job.timm_kwargs.get("in_chans", 3),
                            batch_size=job.batch_size, world=session.world_size, rank=session.rank, epoch=epoch,
-                           start=0, until=stop, seed=job.seed, crop_scale=job.crop_scale, crop_ratio=job.crop_ratio)
+                           start=0, until=stop, seed=job.seed, crop_scale=job.crop_scale, crop_ratio=job.crop_ratio,
+                           policy=job.policy())
     return iter(make_loader(batches, num_workers=job.loader_workers, pin_memory=D.pin_memory_for(session.device)))
 
 
@@ -218,7 +219,7 @@ def evaluate_top1(job: FinetuneJob, core: nn.Module, test: Split, session: Train
     counts = torch.zeros(2, dtype=torch.float64)
     for pixels, labels in eval_batches(test, job.preprocess_obj(), in_chans=job.timm_kwargs.get("in_chans", 3),
                                        crop=job.eval_crop, batch_size=job.eval_batch_size, rank=session.rank,
-                                       world=session.world_size):
+                                       world=session.world_size, policy=job.policy()):
         with D.autocast(session.device, run_precision(session.device, job)):
             logits = core(pixels.to(session.device))
         counts += torch.tensor([float((logits.argmax(1).cpu() == labels).sum()), len(labels)], dtype=torch.float64)

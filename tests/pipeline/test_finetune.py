@@ -7,6 +7,7 @@ import torch
 
 from pipeline.finetune import finetune_cli, finetune_job
 from pipeline.labelled import labelled_splits
+from stages.uri_policy import UriPolicy
 from tec_model import TECModel, export_with_adapters, vit_kwargs
 from tests.pipeline.test_labelled import folder_cfg, image_tree
 
@@ -27,6 +28,9 @@ def test_finetune_cli_trains_a_config_run_and_a_second_call_reuses_it(tmp_path):
     assert job.num_workers == 0 and job.mixup == 0 and job.layer_decay is None  # resources, the preset
     assert (job.epochs, job.blr) == (1, 2.0e-3)  # the call's override over the config's finetune section
     assert job.crop_scale == (0.3, 1.0)  # the config's finetune section over the preset
+    limited = folder_cfg(tmp_path, "data.max_image_pixels=4096", "data.allowed_schemes=[file, s3]")
+    policy = finetune_job(limited, str(checkpoint), "model", "peft_prompt", data).policy()
+    assert policy == UriPolicy.of(limited.data) != UriPolicy()  # read under the data section's input policy
     assert job.run_url == str(tmp_path / "out" / "finetune" / job.run_name) and job.run_name.startswith(
         "model-peft_prompt-")
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from stages.finetune import FinetuneInputError, FinetuneJob, run_finetune
-from stages.finetune.data import Split, TrainBatches
+from stages.finetune.data import Split, TrainBatches, eval_batches
 from stages.finetune.job import check_labelled
+from stages.images import BadImageError
 from stages.manifest import manifest_from_image_folder
 from stages.train.data import make_loader
 from stages.train.job import TrainJob
@@ -178,6 +179,20 @@ def test_bad_input_names_the_field(tmp_path, export_dir, toy):
     with pytest.raises(ValueError, match=r"crop_scale / crop_ratio: expected \[min, max\].*\[0\.0, 0\.5\]"):
         _job(tmp_path, export_dir, "bad", crop_scale=(0.0, 0.5))
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_images_are_read_under_the_jobs_input_policy(tmp_path, export_dir, toy):
+    """The data section's limits hold for fine-tuning as for every other stage: a 16×16 image over a 100-pixel
+    bound stops the run, naming the file and the setting."""
+    job = _job(tmp_path, export_dir, "limited", epochs=1, uri_policy={"max_image_pixels": 100})
+    with pytest.raises(BadImageError, match=r"bright/\d+\.png: too_large .*data\.max_image_pixels = 100"):
+        run_finetune(job, *toy)
+    split, pre = Split.of(toy[0], check_labelled(toy[0], 3, "train")), job.preprocess_obj()
+    with pytest.raises(BadImageError, match="max_image_pixels"):  # the training views
+        next(iter(TrainBatches(split, pre, in_chans=3, batch_size=16, world=1, rank=0, epoch=0, start=0, seed=0,
+                               crop_scale=(0.2, 1.0), crop_ratio=(0.75, 4 / 3), policy=job.policy())))
+    with pytest.raises(BadImageError, match="max_image_pixels"):  # the test views
+        next(eval_batches(split, pre, in_chans=3, crop=0.875, batch_size=8, rank=0, world=1, policy=job.policy()))
 
 
 def test_a_run_started_again_with_another_recipe_or_over_a_foreign_checkpoint_is_refused(tmp_path, export_dir, toy):
