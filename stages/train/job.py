@@ -184,11 +184,26 @@ def run_dir(job: TrainJob) -> str:
     return storage.join(job.storage_path, job.run_name)
 
 
+def _manifest_problems(job: TrainJob, spec: CacheSpec) -> list[str]:
+    """A manifest given besides the cache's own must be that manifest's bytes (its row i is the cache's image i):
+    another list, or the same rows re-sorted, would pair images with other images' targets."""
+    if job.manifest_url is None or storage.redact_url(job.manifest_url) == spec.manifest_uri:
+        return []
+    from stages.manifest import read_manifest
+
+    _, sha = read_manifest(job.manifest_url, storage.storage_options(storage.protocol_of(job.manifest_url)))
+    if sha == spec.manifest_sha256:
+        return []
+    return [f"manifest_url: {storage.redact_url(job.manifest_url)} has SHA-256 {sha[:12]}…, the cache was extracted "
+            f"from {spec.manifest_uri} ({spec.manifest_sha256[:12]}…): its rows would meet other images' targets"]
+
+
 def check_cache(job: TrainJob) -> CacheSpec:
     """Refuse a cache that does not fit the job, naming every field that differs.
 
     Checks the base architecture (hence L, C_base, H_base), target settings, preprocessing and view plan against
-    the cache's ``tec_cache`` attribute, ``topk <= k_max``, and that the new model takes the cache's views.
+    the cache's ``tec_cache`` attribute, ``topk <= k_max``, that the new model takes the cache's views, and that a
+    ``manifest_url`` other than the cache's own has the cache's manifest bytes.
 
     Returns:
         The cache's spec.
@@ -210,6 +225,7 @@ def check_cache(job: TrainJob) -> CacheSpec:
     if num_patches(new) != spec.num_patches:
         problems.append(f"model.num_patches: the new model has L={num_patches(new)}, cache targets have "
                         f"L={spec.num_patches}")
+    problems += _manifest_problems(job, spec)
     if problems:
         raise CacheIncompatibleError(f"target cache {job.cache_url} does not fit this run:\n  " +
                                      "\n  ".join(problems))

@@ -11,12 +11,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
 
 from infra import storage
-from stages.cache import UnitIncompleteError
+from stages.cache import UnitIncompleteError, open_cache
 from stages.train import run_dir, run_train
 from stages.train.job import CacheIncompatibleError, TrainJob, check_cache
 from stages.train.rundir import RunConfigChangedError, read_attempts
@@ -188,6 +189,16 @@ def test_incompatible_cache_is_refused_naming_the_field(cache_url, tmp_path):
         check_cache(job.replace(topk=7, k_max=7))
     with pytest.raises(CacheIncompatibleError, match=r"model\.num_patches"):
         check_cache(job.replace(timm_kwargs=vit_kwargs("vit_pico_patch4_32", in_chans=1, patch_size=8)))
+    # a manifest of its own: the cache's bytes copied elsewhere fit; the same rows re-sorted do not
+    own = open_cache(cache_url).spec.manifest_uri
+    table = pq.read_table(own)
+    copy, resorted = str(tmp_path / "copy.parquet"), str(tmp_path / "resorted.parquet")
+    shutil.copyfile(own, copy)
+    flipped = table.take(list(range(table.num_rows))[::-1])
+    pq.write_table(flipped.set_column(flipped.column_names.index("index"), "index", table.column("index")), resorted)
+    check_cache(job.replace(manifest_url=copy))
+    with pytest.raises(CacheIncompatibleError, match=r"manifest_url: .*resorted\.parquet has SHA-256 .*other images"):
+        check_cache(job.replace(manifest_url=resorted))
 
 
 
