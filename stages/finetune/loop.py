@@ -37,7 +37,7 @@ from stages.manifest import read_manifest
 from stages.train.data import make_loader
 from stages.train.loop import LEASE_TOKEN_KEY  # the key stages.train.run.fit_job_on_ray passes the lease in
 from stages.train.rundir import read_attempts, record_start
-from stages.train.session import STATE_FILE, RaySession, TrainSession
+from stages.train.session import STATE_FILE, RaySession, TrainSession, mark_order
 from stages.train.step import NonFiniteLossError
 from tec_model.optim import lr_schedule, scaled_lr
 
@@ -241,6 +241,7 @@ def _checkpoint(job: FinetuneJob, run: _Run, session: TrainSession, row: dict[st
                      "scaler": run.scaler.state_dict(), "epoch": run.epoch, "fingerprint": job.fingerprint(),
                      "history": json.dumps(run.history)}
             torch.save(state, os.path.join(d, STATE_FILE))
+            mark_order(d, run.epoch)
         session.report(row, d if session.rank == 0 else None)
     if session.rank == 0:
         lines = "".join(json.dumps(r) + "\n" for r in run.history).encode()

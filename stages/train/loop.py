@@ -34,7 +34,7 @@ from stages.train.data import TrainBatches, make_loader
 from stages.train.job import TrainJob, run_dir
 from stages.train.plan import SamplePlan
 from stages.train.rundir import record_start
-from stages.train.session import STATE_FILE, RaySession, TrainSession, latest_state
+from stages.train.session import STATE_FILE, RaySession, TrainSession, latest_state, mark_order
 from stages.train.step import TargetProvider, optimizer_step
 from stages.uri_policy import UriPolicy
 from tec_model import export_encoder, export_mae, export_with_adapters, num_patches
@@ -82,6 +82,7 @@ def _save_checkpoint(job: TrainJob, model: nn.Module, opt: torch.optim.Optimizer
         "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
     }
     torch.save(state, os.path.join(directory, STATE_FILE))
+    mark_order(directory, progress.step)
     with open(os.path.join(directory, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in history)
 

@@ -26,6 +26,7 @@ so a run killed by SIGKILL is resumed at once on the same host, or after the TTL
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
@@ -45,6 +46,7 @@ from stages.extract import LeaseConfig
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
+ORDER_FILE = "order.json"  # {"position": the step (train) or epoch (fine-tuning) the checkpoint was saved at}
 CHECKPOINT_PREFIX = "checkpoint_"
 LEASE_FILE = "lease.json"
 
@@ -64,11 +66,38 @@ class TrainSession(Protocol):
 
 
 def checkpoint_names(run_url: str) -> list[str]:
-    """Checkpoint directory names of a run that hold a state file, oldest first (names sort by time)."""
+    """Checkpoint directory names of a run that hold a state file, oldest first.
+
+    Oldest by the position each records in its ``order.json`` (:func:`mark_order`), then by name. The names are
+    local wall-clock times (Ray Train's and this module's alike), which do not order checkpoints across a DST
+    fall-back hour or a resume on a machine in another time zone; checkpoints without the file (written before it
+    existed) come first, in name order.
+    """
     if not storage.exists(run_url):
         return []
-    return sorted({k.split("/")[0] for k in storage.list_objects(run_url)
-                   if k.startswith(CHECKPOINT_PREFIX) and k.endswith("/" + STATE_FILE)})
+    keys = set(storage.list_objects(run_url))
+    names = {k.split("/")[0] for k in keys if k.startswith(CHECKPOINT_PREFIX) and k.endswith("/" + STATE_FILE)}
+    return sorted(names, key=lambda name: (_position(run_url, name, keys), name))
+
+
+def _position(run_url: str, name: str, keys: set[str]) -> int:
+    """The position a checkpoint's ``order.json`` records; -1 without a readable one."""
+    if f"{name}/{ORDER_FILE}" not in keys:
+        return -1
+    try:
+        return int(json.loads(storage.read_bytes(storage.join(run_url, name, ORDER_FILE)))["position"])
+    except FileNotFoundError:  # pruned since the listing
+        return -1
+    except (ValueError, KeyError, TypeError) as err:
+        log.warning("checkpoint %s: unreadable %s (%s); ordered by its name", name, ORDER_FILE, err)
+        return -1
+
+
+def mark_order(checkpoint_dir: str, position: int) -> None:
+    """Record in a checkpoint directory being written the position it is saved at (a step, or an epoch), by
+    which :func:`checkpoint_names` orders checkpoints."""
+    with open(os.path.join(checkpoint_dir, ORDER_FILE), "w") as f:
+        json.dump({"position": int(position)}, f)
 
 
 def load_state(url: str) -> dict[str, Any]:
