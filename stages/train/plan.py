@@ -114,7 +114,10 @@ class SamplePlan:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if epoch not in self._orders:
-            self._orders.clear()  # one epoch at a time: the order can be large
+            # two epochs at a time (the order can be large): the one served and the next, which the local cache's
+            # read-ahead asks for over an epoch's last steps, so neither is rebuilt at every one of them
+            while len(self._orders) >= 2:
+                del self._orders[max(self._orders, key=lambda e: abs(e - epoch))]
             self._orders[epoch] = self._build_order(epoch)
         return self._orders[epoch]
 

@@ -90,15 +90,17 @@ def worker_pods(spec: dict) -> list[dict]:
 
 
 def train_problems(cfg: PipelineConfig, pods: list[dict], what: str) -> list[str]:
-    """Ray Train asks for ``num_workers`` × {GPU: 1, CPU: threads_per_worker} (``use_gpu``)."""
+    """Ray Train asks for ``num_workers`` × {GPU: 1, CPU: threads_per_worker} (``use_gpu``); each worker's
+    ``loader_workers`` reader processes run beside it on CPUs Ray does not reserve, so a pod needs both."""
     t = cfg.train
     gpus = sum(p["replicas"] * p["gpus"] for p in pods)
     out = [] if t.use_gpu else [f"{what}: train.use_gpu is false on a GPU cluster"]
     if t.num_workers != gpus:
         out.append(f"{what}: train.num_workers {t.num_workers} != {gpus} worker GPUs")
-    out += [f"{what}: group {p['group']} has {p['cpus']} CPUs for {p['gpus']} workers × "
-            f"train.threads_per_worker {t.threads_per_worker}"
-            for p in pods if p["gpus"] and p["cpus"] < p["gpus"] * t.threads_per_worker]
+    per_gpu = t.threads_per_worker + t.loader_workers
+    out += [f"{what}: group {p['group']} has {p['cpus']} CPUs for {p['gpus']} workers × (train.threads_per_worker "
+            f"{t.threads_per_worker} + train.loader_workers {t.loader_workers})"
+            for p in pods if p["gpus"] and p["cpus"] < p["gpus"] * per_gpu]
     return out
 
 
@@ -236,6 +238,7 @@ def test_extract_and_train_jobs_share_config_output_root_and_image():
     (lambda s: s.update(entrypoint=s["entrypoint"].replace("GPU=2", "GPU=4")), "--wait GPU=4"),
     (lambda s: s.update(entrypoint=s["entrypoint"].replace(" -- ", " && ")), "without shell operators"),
     (lambda s: s.update(entrypoint=s["entrypoint"] + " train.threads_per_worker=9"), "threads_per_worker 9"),
+    (lambda s: s.update(entrypoint=s["entrypoint"] + " train.loader_workers=5"), "train.loader_workers 5"),
     (lambda s: s.update(entrypoint=s["entrypoint"] + " train.use_gpu=false"), "use_gpu is false"),
     (lambda s: s.update(entrypoint=s["entrypoint"].replace("s3://", "/mnt/")), "must be on s3://"),
     (lambda s: s["rayClusterSpec"].update(rayVersion="2.9.0"), "rayVersion 2.9.0"),
@@ -267,7 +270,8 @@ def test_launcher_yaml_fits_the_config_and_the_image():
         cfg = parse_entrypoint(job["spec"]["entrypoint"]).cfg
         assert max_gpus >= max(cfg.extract.num_actors, cfg.train.num_workers)
         for t in gpu_types:
-            assert t["resources"]["CPU"] >= t["resources"]["GPU"] * cfg.train.threads_per_worker
+            assert t["resources"]["CPU"] >= t["resources"]["GPU"] * (cfg.train.threads_per_worker
+                                                                      + cfg.train.loader_workers)
 
 
 def test_dockerfile_holds_what_the_manifests_run():

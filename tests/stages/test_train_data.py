@@ -107,6 +107,19 @@ def test_blocks_stay_together_within_their_shuffle_window():
     assert not np.array_equal(order, np.sort(order))
 
 
+def test_an_epochs_order_is_built_once_while_the_next_one_is_read_ahead(monkeypatch):
+    """Over an epoch's last steps the local cache's read-ahead asks for the next epoch's batches between the
+    current epoch's: both orders stay built (two at a time), each built once, and equal to a fresh plan's."""
+    plan = SamplePlan(np.ones(64, bool), block_size=4, views_per_image=1, seed=5, global_batch=16, world_size=1)
+    built, real = [], SamplePlan._build_order
+    monkeypatch.setattr(SamplePlan, "_build_order", lambda self, epoch: built.append(epoch) or real(self, epoch))
+    for epoch, step in [(0, 2), (1, 0), (0, 3), (1, 1), (1, 2), (2, 0), (1, 3), (2, 1)]:
+        plan.rank_batch(epoch, step, 0)
+    assert built == [0, 1, 2] and sorted(plan._orders) == [1, 2]
+    fresh = SamplePlan(np.ones(64, bool), block_size=4, views_per_image=1, seed=5, global_batch=16, world_size=1)
+    assert np.array_equal(plan.epoch_order(2), fresh.epoch_order(2))
+
+
 def test_invalid_configurations_are_refused_clearly():
     valid = np.ones(30, bool)
     with pytest.raises(ValueError, match=r"n_valid = 30 .*global_batch = 32"):
