@@ -20,8 +20,11 @@ from urllib.parse import unquote
 
 REDACTED = "<redacted>"
 
-# scheme://userinfo@ — greedy up to the last '@' before the path, query or fragment (a raw '@' in a password too)
-_USERINFO = re.compile(r"(?<![A-Za-z0-9+.-])([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s'\"<>]*@")
+# scheme://userinfo@ — greedy up to the last '@' before the path, query or fragment (a raw '@' in a password too);
+# or user:password@ whose password holds a raw '/' (half of AWS secret keys do), up to the last '@' before the
+# query or fragment: a path '@' after a "host:port/" is then taken too, which only over-redacts
+_USERINFO = re.compile(r"(?<![A-Za-z0-9+.-])([A-Za-z][A-Za-z0-9+.-]*://)"
+                       r"(?:[^/?#\s'\"<>]*@|[^/?#\s'\"<>:@]*:[^?#\s'\"<>]*@)")
 # ?name=value, &name=value, #name=value (a fragment: OAuth's #access_token=…)
 _PARAM = re.compile(r"([?&#])([^=&#?\s'\"<>]+)=([^&#\s'\"]*)")
 # parameter names (lower case, '-' and '_' removed) that hold a secret, by substring or exactly

@@ -267,10 +267,13 @@ REDACTED_CASES = [
     (f"https://acct.blob.core.windows.net/c/b?sv=2022-11-02&sp=r&sig={SECRET}",
      "https://acct.blob.core.windows.net/c/b?sv=2022-11-02&sp=r&sig=<redacted>"),
     (f"https://h/x?token={SECRET}&part=2#access_token={SECRET}", "https://h/x?token=<redacted>&part=2#access_token=<redacted>"),
+    (f"s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMI/K7MDENG/bPx{SECRET}@bucket/x.pth", "s3://bucket/x.pth"),  # raw '/'
+    (f"s3://AKIAEXAMPLE:a/b{SECRET}@bucket/x.pth?versionId=3", "s3://bucket/x.pth?versionId=3"),
     (f"/data/train.gz?X-Amz-Signature={SECRET}", "/data/train.gz?X-Amz-Signature=<redacted>"),
 ]
 CLEAN = ["s3://bucket/caches/ab12", "/tmp/outputs/runs/tiny-1", "idx:///data/train.gz#17", "memory://x/y?part=1",
-         "https://example.com/a/b.pth", "gs://bucket/o?generation=3"]
+         "https://example.com/a/b.pth", "gs://bucket/o?generation=3", "s3://bucket/models/vit@v2/x.pth",
+         "https://example.com/u/@alice/x.png"]
 
 
 @pytest.mark.parametrize(("url", "expected"), REDACTED_CASES)
