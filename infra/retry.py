@@ -40,6 +40,9 @@ _TRANSIENT_NAMES = frozenset(
      "ClientConnectionError", "ServerDisconnectedError", "ClientPayloadError", "ServerTimeoutError"}
 )
 _MISSING_CONTAINER_CODES = frozenset({"NoSuchBucket"})
+# object-store error codes of throttling and time-outs (S3 and S3-compatible stores)
+_TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests", "RequestTimeout",
+                              "RequestLimitExceeded", "ServiceUnavailable", "InternalError"})
 
 
 class StorageError(OSError):
@@ -113,11 +116,18 @@ def _is_transient_one(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
     response = getattr(exc, "response", None)
-    if isinstance(response, dict):
+    if isinstance(response, dict):  # botocore's ClientError
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         code = response.get("Error", {}).get("Code")
-        return (isinstance(status, int) and status >= 500) or code in ("SlowDown", "Throttling")
-    return False
+        return _transient_status(status) or code in _TRANSIENT_CODES
+    # aiohttp's ClientResponseError (fsspec's HTTP filesystem: https checkpoints, manifests and images) carries the
+    # status itself
+    return _transient_status(getattr(exc, "status", None))
+
+
+def _transient_status(status: object) -> bool:
+    """HTTP 5xx, 408 (request timeout) and 429 (too many requests): worth another attempt."""
+    return isinstance(status, int) and not isinstance(status, bool) and (status >= 500 or status in (408, 429))
 
 
 def error_code(exc: BaseException) -> str | None:
@@ -176,7 +186,7 @@ def _raise_or_delay(op: str, url: str, exc: Exception, attempt: int, policy: Ret
 
     A missing object is re-raised as :class:`FileNotFoundError` (redacted when ``url`` carries a secret); a failure
     that is permanent or outlived every attempt is raised as :class:`StorageError`, without its cause chain when
-    ``url`` carries a secret.
+    ``url`` or a message in that chain carries a secret.
     """
     if isinstance(exc, FileNotFoundError):
         missing = _not_found(url, exc)
@@ -185,8 +195,21 @@ def _raise_or_delay(op: str, url: str, exc: Exception, attempt: int, policy: Ret
         raise missing from None
     err = _give_up(op, url, exc, attempt, policy)
     if err is not None:
-        raise err from (None if has_secret(url) else exc)
+        raise err from (None if has_secret(url) or _chain_has_secret(exc) else exc)
     return policy.delay(attempt)
+
+
+def _chain_has_secret(exc: BaseException) -> bool:
+    """Whether the text of ``exc`` or of an exception in its cause chain holds a URL secret (an HTTP client's
+    message naming the presigned URL a redirect led to, say): such a chain is not kept on the error raised."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if has_secret(str(cur)) or any(has_secret(str(a)) for a in getattr(cur, "args", ())):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def with_retries(

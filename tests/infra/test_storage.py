@@ -104,9 +104,21 @@ def _client_error(status: int, code: str) -> ClientError:
                        "PutObject")
 
 
+def _http_error(status: int) -> Exception:
+    """What fsspec's HTTP filesystem raises for an HTTP error status: aiohttp's ClientResponseError."""
+    import aiohttp
+    from multidict import CIMultiDict, CIMultiDictProxy
+    from yarl import URL
+
+    url = URL("https://models.example.com/w.pth")
+    info = aiohttp.RequestInfo(url, "GET", CIMultiDictProxy(CIMultiDict()), url)
+    return aiohttp.ClientResponseError(info, (), status=status, message="boom")
+
+
 @pytest.mark.parametrize(
     "exc",
-    [OSError(errno.EBUSY, "SlowDown"), ConnectionResetError("reset"), TimeoutError("slow"), _client_error(503, "X")],
+    [OSError(errno.EBUSY, "SlowDown"), ConnectionResetError("reset"), TimeoutError("slow"), _client_error(503, "X"),
+     _client_error(429, "TooManyRequests"), _client_error(400, "RequestTimeout"), _http_error(503), _http_error(429)],
 )
 def test_retry_recovers_from_transient_errors(exc: Exception) -> None:
     calls = []
@@ -133,7 +145,8 @@ def test_retry_gives_up_with_clear_error() -> None:
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("exc", [PermissionError("denied"), ValueError("bad"), _client_error(400, "Invalid")])
+@pytest.mark.parametrize("exc", [PermissionError("denied"), ValueError("bad"), _client_error(400, "Invalid"),
+                                 _http_error(403), _http_error(404)])
 def test_permanent_errors_are_not_retried(exc: Exception) -> None:
     calls = []
 
@@ -323,3 +336,14 @@ def test_storage_errors_never_show_a_url_secret(tmp_path: Path, caplog: pytest.L
         assert SECRET not in _shown(info.value), _shown(info.value)
     assert "X-Amz-Signature=<redacted>" in str(permanent.value) and "s3://bucket/x" in str(transient.value)
     assert isinstance(missing.value, FileNotFoundError) and "absent.bin" in str(missing.value)
+
+
+def test_a_cause_whose_message_holds_a_secret_is_not_chained() -> None:
+    """An HTTP client's message can name the presigned URL a redirect led to, though the URL we read has none."""
+    def refused() -> None:
+        raise PermissionError(f"403 Forbidden, url=https://cdn.example.com/w.pth?X-Amz-Signature={SECRET}")
+
+    with pytest.raises(storage.StorageError) as info:
+        storage.with_retries("read", "https://models.example.com/w.pth", refused, NO_WAIT)
+    assert info.value.__cause__ is None and SECRET not in _shown(info.value)
+    assert "X-Amz-Signature=<redacted>" in str(info.value)
