@@ -25,6 +25,7 @@ from typing import Any
 import ray
 
 from infra import ray_logs
+from infra.redaction import install_log_redaction
 
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
@@ -90,6 +91,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # polls; without it every poll fails with a warning and orphaned placement groups are never cleaned.
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
                  **kwargs)
+    install_log_redaction()  # Ray's own handlers exist only now
     if ray_logs.route_worker_output():
         where = ray_logs.session_logs_dir() or "the Ray session logs of each node (/tmp/ray/session_latest/logs)"
         log.info("Ray's own output (Ray Train reports, actor warnings) goes to %s; --log-level DEBUG shows it here",

@@ -27,6 +27,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from infra.redaction import RedactingFilter
+
 log = logging.getLogger(__name__)
 
 PROJECT_LOGGERS = ("stages", "pipeline", "infra", "tec_model", "run_pipeline")
@@ -56,6 +58,7 @@ def setup_worker_logging() -> None:
         level = "INFO"
     handler = _StderrAtEmit()
     handler.setFormatter(logging.Formatter(WORKER_FORMAT))
+    handler.addFilter(RedactingFilter())  # the lines land in Ray's session logs before the driver sees them
     for name in PROJECT_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers = [h for h in logger.handlers if not isinstance(h, _StderrAtEmit)] + [handler]

@@ -99,8 +99,12 @@ class RedactingFilter(logging.Filter):
 
 def install_log_redaction(loggers: tuple[str, ...] = ("", "ray")) -> None:
     """Attach one :class:`RedactingFilter` to every handler of ``loggers`` (the root logger by default, and Ray's,
-    which does not propagate); a handler that has one already is left alone."""
-    for name in loggers:
+    which does not propagate) and of their existing child loggers; a handler that has one already is left alone.
+
+    Ray adds its handlers when it is imported, so :func:`infra.ray_cluster.ensure_ray` calls this again."""
+    known = list(logging.root.manager.loggerDict)
+    names = {n for n in loggers} | {k for k in known for n in loggers if n and k.startswith(n + ".")}
+    for name in names:
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):
                 handler.addFilter(RedactingFilter())

@@ -50,9 +50,24 @@ def test_worker_logging_writes_marked_lines_that_the_driver_reads_back(capsys, m
         ray_logs.setup_worker_logging()  # idempotent: one handler
         logging.getLogger("pipeline.demo").info("evaluating %s", "model")
         line = capsys.readouterr().err.strip()
+        # a worker's line reaches Ray's session logs before the driver's filter: it is redacted where it is written
+        logging.getLogger("stages.extract").warning("image 3 skipped: https://h/x.png?X-Amz-Signature=s3cr3t")
+        skipped = capsys.readouterr().err.strip()
     finally:
         for name, (handlers, level, propagate) in saved.items():
             loggers[name].handlers, loggers[name].propagate = handlers, propagate
             loggers[name].setLevel(level)
     assert line == "[tec INFO pipeline.demo] evaluating model"
+    assert skipped == "[tec WARNING stages.extract] image 3 skipped: https://h/x.png?X-Amz-Signature=<redacted>"
     assert ray_logs.worker_record(BATCH, line).getMessage() == "(RayTrainWorker pid=4711) evaluating model"
+
+
+def test_rays_own_handlers_redact_once_ray_is_started(ray_cluster) -> None:
+    """Ray adds its handlers (on ``ray`` and below, not propagating) when it is imported, after the CLI installed
+    the redaction: ensure_ray installs it on them too."""
+    from infra.redaction import RedactingFilter
+
+    handlers = [h for name in ["ray", *logging.root.manager.loggerDict] if name == "ray" or name.startswith("ray.")
+                for h in logging.getLogger(name).handlers]
+    assert handlers, "Ray has no handler of its own to check"
+    assert all(any(isinstance(f, RedactingFilter) for f in h.filters) for h in handlers)
