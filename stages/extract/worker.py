@@ -19,7 +19,7 @@ from infra import storage
 from stages.cache import CacheMismatchError, CacheSpec, FailureRecord, TargetCache, check_failure_rate, open_cache
 from stages.device import autocast, configure_matmul, extraction_precision, resolve_device
 from stages.extract.diagnostics import run_diagnostics
-from stages.extract.job import ExtractJob
+from stages.extract.job import ExtractJob, sha256_hex
 from stages.images import BadImageError, ImageSource
 from stages.manifest import read_manifest
 from tec_model import BaseModel
@@ -27,12 +27,29 @@ from tec_model import BaseModel
 log = logging.getLogger(__name__)
 
 
+def _check_inputs(job: ExtractJob, spec: CacheSpec, checkpoint_sha: str, manifest_sha: str) -> None:
+    """Refuse a checkpoint or manifest whose bytes are not the ones the cache is keyed by.
+
+    Raises:
+        CacheMismatchError: naming the field, the URL and both hashes.
+    """
+    problems = [f"{field}: {storage.redact_url(url)} now hashes to {now[:12]}…, the cache is keyed by {then[:12]}… "
+                f"(changed since the extraction was planned?); restore it, or extract into another cache"
+                for field, url, now, then in (
+                    ("base_model.checkpoint_sha256", job.checkpoint_url, checkpoint_sha, spec.checkpoint_sha256),
+                    ("manifest.sha256", job.manifest_url, manifest_sha, spec.manifest_sha256)) if now != then]
+    if problems:
+        raise CacheMismatchError(job.cache_url, problems)
+
+
 class UnitExtractor:
     """Loads the base model once and extracts whole units. Used in-process or as a Ray actor.
 
     Args:
         job: the extraction job.
-        spec: the cache spec the driver resolved; the worker trusts it (the checkpoint is not hashed again).
+        spec: the cache spec the driver resolved; the worker checks the checkpoint and manifest bytes it reads
+            against the spec's hashes (an overwritten file would otherwise put another base's targets, or other
+            images, under the cache's key).
         device: ``cpu``, ``cuda`` or ``auto``.
         threads: torch intra-op threads (default: leave torch's setting).
     """
@@ -50,11 +67,12 @@ class UnitExtractor:
                 "extract.precision explicitly when the driver and the workers see different devices"])
         if self.device.type == "cuda" and self.precision == "float32":
             configure_matmul(allow_tf32=False)  # float32 asked for: no TF32, so the bytes match a CPU forward
-        checkpoint = storage.read_bytes(job.checkpoint_url)  # hashed once, by whoever resolved ``spec``
+        checkpoint = storage.read_bytes(job.checkpoint_url)
+        table, manifest_sha = read_manifest(job.manifest_url)
+        _check_inputs(job, spec, sha256_hex(checkpoint), manifest_sha)
         self.model = BaseModel.from_checkpoint(checkpoint, job.timm_kwargs, job.last_layers, job.k_max,
                                                checkpoint_key=job.checkpoint_key,
                                                name=job.checkpoint_url).to(self.device)
-        table, _ = read_manifest(job.manifest_url)
         self.uris: list[str] = table.column("uri").to_pylist()
         self.source = ImageSource(in_chans=job.timm_kwargs.get("in_chans", 3))
         self.cache: TargetCache = open_cache(job.cache_url, expected=spec, read_only=False)

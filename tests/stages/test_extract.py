@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -115,12 +116,12 @@ def test_a_forced_checkpoint_entry_is_another_base_with_another_key(extracted):
     assert diff_specs(auto, student) == ['base_model.checkpoint_key: cache has null, config asks "student"']
 
 
-def test_a_resolved_spec_is_trusted_not_resolved_again(extracted, tmp_path, monkeypatch):
-    """Given the spec, the driver reads neither manifest nor checkpoint and the worker does not hash the checkpoint:
-    the worker reads each once (URIs, weights), and a spec whose checkpoint hash nobody could match is used as is."""
+def test_a_resolved_spec_is_not_resolved_again(extracted, tmp_path, monkeypatch):
+    """Given the spec, the driver reads neither manifest nor checkpoint: the worker reads each once (URIs, weights)
+    and checks those bytes against the spec's hashes."""
     url, job, _ = extracted
     job = dataclasses.replace(job, cache_url=str(tmp_path / "cache"))
-    spec = resolve_spec(job).replace(checkpoint_sha256="0" * 64)
+    spec = resolve_spec(job)
     reads: collections.Counter[str] = collections.Counter()
     real_read = storage.read_bytes
 
@@ -135,6 +136,20 @@ def test_a_resolved_spec_is_trusted_not_resolved_again(extracted, tmp_path, monk
     assert_identical(job.cache_url, url)
     with pytest.raises(ValueError, match="k_max"):  # a spec of another job is refused, naming the field
         run_extract(dataclasses.replace(job, k_max=job.k_max - 1), num_actors=0, spec=spec)
+
+
+def test_a_checkpoint_or_manifest_changed_since_the_plan_is_refused_by_the_worker(extracted, tmp_path):
+    """The driver keyed the cache by the bytes it hashed; a worker that loads other bytes (the file was overwritten
+    meanwhile) would put another base's targets, or other images, under that key."""
+    _, job, _ = extracted
+    planned = resolve_spec(job)
+    for field, actual, stale in (
+            ("base_model.checkpoint_sha256", planned.checkpoint_sha256, planned.replace(checkpoint_sha256="0" * 64)),
+            ("manifest.sha256", planned.manifest_sha256, planned.replace(manifest_sha256="1" * 64))):
+        job = dataclasses.replace(job, cache_url=str(tmp_path / field))
+        with pytest.raises(CacheMismatchError, match=rf"{re.escape(field)}: .* now hashes to {actual[:12]}"):
+            run_extract(job, num_actors=0, spec=stale)
+        assert not open_cache(job.cache_url).complete_units()
 
 
 def test_whole_extraction_on_s3_read_back_with_plain_zarr(s3_url, extracted):
