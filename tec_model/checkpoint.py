@@ -13,7 +13,8 @@ Supported (detected from the object's keys):
   row of the position embedding is folded into ``cls_token``); a position embedding of another grid is resampled
   (logged), a patch size other than the architecture's is refused;
 - a plain timm ``VisionTransformer`` state dict (what :func:`tec_model.export.export_encoder` writes);
-- a TEC training state dict (``encoder.*`` keys plus adapters and decoder): folded on the fly exactly as export does.
+- a TEC training state dict (``encoder.*`` keys plus adapters and decoder), bare or saved from a DDP-wrapped
+  (``module.``) or torch.compile'd (``_orig_mod.``) model: folded on the fly exactly as export does.
 
 Every file is read with ``torch.load(..., weights_only=True)``: a checkpoint that needs arbitrary unpickling
 (a pickled callable, a custom class) is refused with :class:`CheckpointError` before anything in it runs.
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("teacher", "state_dict", "student", "model", "module")
 STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.", "encoder.")
+# Prefixes of the training wrappers (DDP's ``module.``, torch.compile's ``_orig_mod.``): stripped before the layout is
+# detected, so a wrapped model's state dict is read exactly as the bare model's would be.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Weights of the pre-training machinery around an encoder: present in real checkpoints, never needed here.
 IGNORED_PREFIXES = (
     "decoder", "mask_token", "head", "fc_norm", "masked_embed", "predictor", "projector", "dino_head",
@@ -93,6 +97,13 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
 
 
+def _strip_wrappers(key: str) -> str:
+    """``key`` without its leading training-wrapper prefixes (:data:`WRAPPER_PREFIXES`, in any order and number)."""
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def _strip(key: str) -> str:
     changed = True
     while changed:
@@ -111,7 +122,9 @@ def unwrap_state_dict(obj: Any, key: str | None = None) -> tuple[dict[str, torch
         key: force a wrapper key (e.g. ``"student"``) instead of auto-detection.
 
     Returns:
-        (state_dict with ``module.``/``backbone.``/``encoder.`` prefixes stripped, detected format name).
+        (state_dict with ``module.``/``backbone.``/``encoder.`` prefixes stripped, detected format name). The
+        training wrappers' prefixes (DDP's ``module.``, torch.compile's ``_orig_mod.``) are stripped before the
+        layout is detected: a wrapped TEC model's state dict is folded as the bare one's is.
     """
     fmt = "timm"
     if key is not None:
@@ -129,6 +142,7 @@ def unwrap_state_dict(obj: Any, key: str | None = None) -> tuple[dict[str, torch
             f"no state dict found in checkpoint (top-level keys: {_keys(obj)}); expected MAE {{'model': ...}}, "
             "DINO/iBOT {'teacher'|'student'|'state_dict': ...}, or a plain timm state dict"
         )
+    obj = {_strip_wrappers(k): v for k, v in obj.items()}
     if any(k.startswith("encoder.") for k in obj) and any(k.startswith("input_adapter.") for k in obj):
         from tec_model.export import fold_tec_state_dict  # local import: export imports this module
 

@@ -15,12 +15,16 @@ model's forward gives after its float16 cast. The quantised codecs (format_versi
           attn_logits_offset  (n, V, R, H)    float16  o = (max_l a + min_l a) / 2, rounded to nearest
 
 Dequantisation: features ``x ≈ q · s`` (fp8: ``q`` is the e4m3 value of the stored bits), attention
-``a ≈ q · s + o``, computed in float32 and returned as float16. The offset keeps dequantised logits close to the
-logits themselves (the softmax target is shift-invariant, other uses of the logits need not be). Codes are computed
-against the STORED (float16) scale and offset, and the scale is rounded up, so no value is clipped and the scales'
-float16 precision adds no error beyond a step at most 2^-11 larger than float32's; a float32 scale would cost 2
-bytes more per token or row for that. An all-zero token (an unreadable image's row) gets the smallest float16 scale
-and decodes to exact zeros. Inputs must be finite.
+``a ≈ q · s + o``, computed in float32, clamped to ±65504 (float16's largest finite value) and returned as float16.
+The clamp matters only next to float16's maximum: the rounded-up scale can put ``qmax · s`` beyond 65504 (a token whose
+largest ``|x|`` is 65504 gets ``s = 516``, and ``127 · 516 = 65532`` would round to inf). Every finite input lies
+within ±65504, so the clamp only moves a decoded value towards it (no error bound grows), and a value that decoded
+finite without it is unchanged: the bytes already stored decode as before. The offset keeps dequantised logits close
+to the logits themselves (the softmax target is shift-invariant, other uses of the logits need not be). Codes are
+computed against the STORED (float16) scale and offset, and the scale is rounded up, so no value is clipped and the
+scales' float16 precision adds no error beyond a step at most 2^-11 larger than float32's; a float32 scale would
+cost 2 bytes more per token or row for that. An all-zero token (an unreadable image's row) gets the smallest float16
+scale and decodes to exact zeros. Inputs must be finite.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ LOSSLESS = "float16"
 TARGET_ARRAYS = ("features", "attn_logits")
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 _TINY_F16 = 2.0**-24  # smallest positive float16
+F16_MAX = 65504.0  # largest finite float16: decoded values are clamped to ±F16_MAX (never inf)
 
 
 def format_version(codec: str) -> int:
@@ -166,23 +171,26 @@ def encode_fp8_tokens(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _dequantise(values: Any, scale: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
-    """float16 of float32 ``values · scale [+ offset]`` (side arrays broadcast over the last axis).
+    """float16 of float32 ``values · scale [+ offset]`` clamped to ±:data:`F16_MAX` (side arrays broadcast over the
+    last axis): never inf, see the module docstring.
 
     Without an offset the product is computed in float16 directly: ``values`` (int8 codes, 7 significant bits, or
     e4m3 values, 4) times a float16 scale (11) is exact in float32, so float16's one correctly rounded multiply
-    gives the same bits as the float32 product rounded to float16, with a third of the memory traffic.
+    gives the same bits as the float32 product rounded to float16, with a third of the memory traffic; a product
+    that overflows to ±inf there is one whose float32 value lies beyond ±65504, so clamping the float16 result
+    afterwards equals clamping the float32 product before the cast.
     """
     torch = _torch()
     if offset is None:
-        return (values.to(torch.float16) * _tensor(scale)[..., None]).numpy()
+        return (values.to(torch.float16) * _tensor(scale)[..., None]).clamp_(-F16_MAX, F16_MAX).numpy()
     out = values.to(torch.float32).mul_(_tensor(scale).to(torch.float32)[..., None])
-    if offset is not None:
-        out.add_(_tensor(offset).to(torch.float32)[..., None])
-    return out.to(torch.float16).numpy()
+    out.add_(_tensor(offset).to(torch.float32)[..., None])
+    return out.clamp_(-F16_MAX, F16_MAX).to(torch.float16).numpy()
 
 
 def decode_int8_tokens(q: np.ndarray, scale: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
-    """(..., D) int8 codes, (...) float16 scale [and offset] -> (..., D) float16 ``q · scale [+ offset]``."""
+    """(..., D) int8 codes, (...) float16 scale [and offset] -> (..., D) float16 ``q · scale [+ offset]``, clamped
+    to ±65504 (finite)."""
     return _dequantise(_tensor(q), scale, offset)
 
 
@@ -202,7 +210,8 @@ E4M3_VALUES_F16 = E4M3_VALUES.astype(np.float16)  # exact: e4m3 values have 4 si
 
 
 def decode_fp8_tokens(bits: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """(..., D) uint8 e4m3fn bits and (...) float16 scale -> (..., D) float16 ``e4m3(bits) · scale``."""
+    """(..., D) uint8 e4m3fn bits and (...) float16 scale -> (..., D) float16 ``e4m3(bits) · scale``, clamped to
+    ±65504 (finite)."""
     return _dequantise(_torch().from_numpy(np.take(E4M3_VALUES_F16, bits)), scale)
 
 

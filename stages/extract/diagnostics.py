@@ -17,12 +17,17 @@ as the cache stores them, into a :class:`BaseDiagnostics`:
   (near 1: all patches ask for the same thing), raw and after patch norm;
 * the base's k-NN top-1, which needs labels and :mod:`pipeline.evaluate`: the CLI fills
   :attr:`BaseDiagnostics.knn_top1` (stages do not import the pipeline).
+
+Targets holding NaN/inf (a base overflowing float16) have no such summary: :func:`compute_diagnostics` refuses them
+with the extraction's ``NonFiniteTargetsError`` naming the base and the images, before anything is summarised (so
+the extraction stores no ``base_diagnostics`` and stops before its first unit, which would be refused the same way).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -178,6 +183,16 @@ def _round(value: Any) -> Any:
     return value
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``n/a`` for None (a non-finite value of a stored summary)."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def _ratio(value: float | None, total: float | None) -> float | None:
+    """``value / total``, None when either is None (or ``total`` is 0)."""
+    return None if value is None or not total else value / total
+
+
 @dataclass
 class BaseDiagnostics:
     """What the base model's targets look like on a sample of planned views (see the module docstring).
@@ -194,6 +209,9 @@ class BaseDiagnostics:
         margin: the warning's margin (:meth:`warnings`). images_failed: sampled images that could not be read.
         device / precision: where and how the base ran. knn_top1 / knn: the base's k-NN top-1 and its settings,
             when the caller had labels (None / empty otherwise).
+
+    :func:`compute_diagnostics` refuses non-finite targets, so its floats are finite; a summary read back from a
+    cache written before that check may hold None where a value was NaN/inf: the methods below show it as ``n/a``.
     """
 
     n_images: int
@@ -220,15 +238,15 @@ class BaseDiagnostics:
     knn: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def entropy_fraction(self) -> list[float]:
-        """Per τ, the attention target's mean entropy over ``log L`` (1.0: uniform)."""
-        return [h / self.uniform_entropy for h in self.attn_entropy]
+    def entropy_fraction(self) -> list[float | None]:
+        """Per τ, the attention target's mean entropy over ``log L`` (1.0: uniform; None where it is unknown)."""
+        return [_ratio(h, self.uniform_entropy) for h in self.attn_entropy]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (floats to 6 significant digits), with ``entropy_fraction`` added (of the rounded
         entropies, so ``from_dict(d).to_dict() == d``)."""
         out = _round(asdict(self))
-        return {**out, "entropy_fraction": _round([h / out["uniform_entropy"] for h in out["attn_entropy"]])}
+        return {**out, "entropy_fraction": _round([_ratio(h, out["uniform_entropy"]) for h in out["attn_entropy"]])}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseDiagnostics:
@@ -239,20 +257,21 @@ class BaseDiagnostics:
     def summary_lines(self) -> list[str]:
         """The summary, one finding per line, for a log or a terminal."""
         stability = ("n/a (one view per image)" if self.topk_iou is None else
-                     f"{self.topk_iou:.3f} (random patches: {self.topk_iou_chance:.3f})")
-        p10, p50, p90 = self.channel_std
+                     f"{self.topk_iou:.3f} (random patches: {_fmt(self.topk_iou_chance, '.3f')})")
+        p10, p50, p90 = (_fmt(q, ".3g") for q in self.channel_std)
         lines = [
             f"base diagnostics on {self.n_images} images x {self.views_per_image} views ({self.device}, "
             f"{self.precision}; L={self.num_patches}, H={self.num_heads}, rows cls + top {self.topk})"
             + (f", {self.images_failed} unreadable" if self.images_failed else ""),
-            *(f"attention target at τ={t:g}: entropy {h:.4f} of log L = {self.uniform_entropy:.4f} nats ({f:.3%} of "
-              f"uniform), class row {c:.4f}; mean top probability {p:.4f} (uniform {1 / self.num_patches:.4f})"
+            *(f"attention target at τ={t:g}: entropy {_fmt(h, '.4f')} of log L = {_fmt(self.uniform_entropy, '.4f')} "
+              f"nats ({_fmt(f, '.3%')} of uniform), class row {_fmt(c, '.4f')}; mean top probability "
+              f"{_fmt(p, '.4f')} (uniform {1 / self.num_patches:.4f})"
               for t, h, f, c, p in zip(self.taus, self.attn_entropy, self.entropy_fraction, self.attn_entropy_cls,
                                        self.attn_top_prob, strict=True)),
             f"top-{self.topk} stability across views (IoU in source pixels): {stability}",
-            f"features: raw channel std p10/p50/p90 {p10:.3g}/{p50:.3g}/{p90:.3g}; after patch norm "
-            f"{self.dead_channel_fraction:.1%} dead channels, mean |cos| between tokens {self.token_abs_cos_norm:.3f} "
-            f"(raw {self.token_abs_cos:.3f})",
+            f"features: raw channel std p10/p50/p90 {p10}/{p50}/{p90}; after patch norm "
+            f"{_fmt(self.dead_channel_fraction, '.1%')} dead channels, mean |cos| between tokens "
+            f"{_fmt(self.token_abs_cos_norm, '.3f')} (raw {_fmt(self.token_abs_cos, '.3f')})",
         ]
         if self.knn_top1 is not None:
             lines.append(f"base k-NN top-1 {self.knn_top1:.4f} ({', '.join(f'{k}={v}' for k, v in self.knn.items())})")
@@ -263,7 +282,7 @@ class BaseDiagnostics:
         τ, with the numbers; empty otherwise."""
         margin = self.margin if margin is None else margin
         near = [(t, h, f) for t, h, f in zip(self.taus, self.attn_entropy, self.entropy_fraction, strict=True)
-                if f >= 1.0 - margin]
+                if f is not None and f >= 1.0 - margin]
         if not near:
             return []
         numbers = "; ".join(f"τ={t:g}: entropy {h:.4f} of {self.uniform_entropy:.4f} nats, {f:.3%} of uniform"
@@ -273,9 +292,40 @@ class BaseDiagnostics:
                 "peaked target; a random or collapsed base does not"]
 
 
+def check_finite_targets(features: torch.Tensor, attn_logits: torch.Tensor, views_per_image: int,
+                         base: str | None = None, images: Sequence[int] | None = None) -> None:
+    """Refuse diagnostic targets holding NaN/inf, which no summary of them could describe.
+
+    Args:
+        features: (n·V, L, C). attn_logits: (n·V, K+1, H, L), rows image-major. views_per_image: V.
+        base: how to name the base model (its checkpoint) in the error.
+        images: the n images' manifest indices (default 0..n-1).
+
+    Raises:
+        NonFiniteTargetsError: naming the base, which targets are affected and the first affected images.
+    """
+    bad_features = ~torch.isfinite(features).flatten(1).all(1)
+    bad_attn = ~torch.isfinite(attn_logits).flatten(1).all(1)
+    bad = (bad_features | bad_attn).reshape(-1, views_per_image).any(1)
+    if not bool(bad.any()):
+        return
+    from stages.extract.worker import NonFiniteTargetsError  # local import: the worker module imports this one
+
+    images = list(range(len(bad))) if images is None else list(images)
+    first = [images[i] for i in bad.nonzero().flatten().tolist()[:5]]
+    which = " and ".join(name for name, rows in (("features", bad_features), ("attention logits", bad_attn))
+                         if bool(rows.any()))
+    named = f"the base model {base}" if base else "the base model"
+    raise NonFiniteTargetsError(
+        f"base diagnostics: {named} gave NaN/inf targets (float16; {which}) for {int(bad.sum())} of {len(bad)} "
+        f"sampled image(s), first {first}; no diagnostics computed or stored. Check the base checkpoint and "
+        "preprocessing (float16 overflows above 65504): the extraction would refuse these targets too")
+
+
 def compute_diagnostics(features: torch.Tensor, attn_logits: torch.Tensor, topk_index: torch.Tensor,
                         boxes: np.ndarray, sizes: np.ndarray, taus: tuple[float, ...] = DEFAULT_TAUS,
                         topk: int | None = None, margin: float = UNIFORM_MARGIN, seed: int = 0,
+                        base: str | None = None, images: Sequence[int] | None = None,
                         **extra: Any) -> BaseDiagnostics:
     """The diagnostics of the base's targets on n images × V views.
 
@@ -284,9 +334,15 @@ def compute_diagnostics(features: torch.Tensor, attn_logits: torch.Tensor, topk_
         boxes: (n, V, 5) the views. sizes: (n, 2) source (height, width).
         taus: temperatures of the attention target. topk: rows scored besides cls (default K_max).
         margin: see :meth:`BaseDiagnostics.warnings`. seed: the chance baseline's random patches.
+        base / images: how errors name the base model and the n images (see :func:`check_finite_targets`).
         extra: further :class:`BaseDiagnostics` fields (images_failed, device, precision).
+
+    Raises:
+        NonFiniteTargetsError: the features or attention logits hold NaN/inf (checked before anything is summarised).
+        ValueError: ``topk`` out of range, or L not a square.
     """
     n, v = boxes.shape[:2]
+    check_finite_targets(features, attn_logits, v, base, images)
     length, k_max = attn_logits.shape[-1], topk_index.shape[-1]
     topk = k_max if topk is None else topk
     if not 1 <= topk <= k_max:
@@ -358,9 +414,10 @@ def run_diagnostics(model: BaseModel, job: ExtractJob, uris: list[str], source: 
 
     Raises:
         NoReadableImagesError: none of the sampled images could be read.
+        NonFiniteTargetsError: the base gave NaN/inf targets on the sample (see :func:`check_finite_targets`).
     """
     source = source.with_policy(job.uri_policy)
-    pixels, boxes, sizes, failed = [], [], [], 0
+    pixels, boxes, sizes, read, failed = [], [], [], [], 0
     for index in sample_indices(len(uris), n_images, seed):
         try:
             image = source.read(uris[index])
@@ -372,6 +429,7 @@ def run_diagnostics(model: BaseModel, job: ExtractJob, uris: list[str], source: 
         pixels.extend(job.preprocess.build(image, box) for box in views)
         boxes.append(views)
         sizes.append(image.shape[:2])
+        read.append(index)
     if not boxes:
         raise NoReadableImagesError(f"base diagnostics: none of the {failed} sampled images of "
                                     f"{storage.redact_url(job.manifest_url)} is readable")
@@ -383,5 +441,5 @@ def run_diagnostics(model: BaseModel, job: ExtractJob, uris: list[str], source: 
         outs.append([t.features.half().float().cpu(), t.attn_logits.half().float().cpu(), t.topk_index.cpu()])
     features, attn, topk_index = (torch.cat(parts) for parts in zip(*outs, strict=True))
     return compute_diagnostics(features, attn, topk_index, np.asarray(boxes, np.int64), np.asarray(sizes),
-                               taus=taus, topk=topk, margin=margin, images_failed=failed, device=on.type,
-                               precision=precision)
+                               taus=taus, topk=topk, margin=margin, base=storage.redact_url(job.checkpoint_url),
+                               images=read, images_failed=failed, device=on.type, precision=precision)

@@ -87,6 +87,37 @@ def test_codes_use_the_stored_scale_without_clipping() -> None:
     assert np.isfinite(codecs.E4M3_VALUES[bits]).all()
 
 
+@pytest.mark.parametrize("codec", QUANTISED)
+def test_values_at_the_float16_maximum_decode_finite_within_the_bounds(codec: str) -> None:
+    """A token or attention row whose largest |value| is 65504 or 65472 gets a rounded-up scale with
+    qmax · s > 65504 (int8: 127 · 516 = 65532; fp8: 448 · 146.25 = 65520): decoding must clamp, not give inf."""
+    rng = np.random.default_rng(0)
+    normal = rng.standard_normal(8).astype(np.float32)
+    rows = np.stack([
+        np.r_[65504.0, -65504.0, 1.0, 0.5, -3.0, 0.0, 7.0, -0.25],
+        np.r_[-65472.0, 65472.0, 2.0, -1.0, 0.0, 0.125, 5.0, -9.0],
+        np.r_[65504.0, 65472.0, 60000.0, 1.0, -1.0, 0.0, 3.0, 2.0],  # one-signed: the offset is far from 0
+        normal,
+    ]).astype(np.float16)
+    x = rows[None, None]  # (1, 1, 4, 8): features (n, V, L, C); attention rows (n, V, R=1, H=4, L=8) below
+    a = rows[None, None, None]
+    got_f, stored_f = _dequantised(codec, "features", x)
+    got_a, stored_a = _dequantised(codec, "attn_logits", a)
+    assert np.isfinite(got_f).all() and np.isfinite(got_a).all(), (got_f, got_a)
+    ref_f, ref_a = x.astype(np.float32), a.astype(np.float32)
+    scale = stored_f["features_scale"].astype(np.float32)[..., None]
+    # features: int8 half a step; fp8 e4m3's relative half ulp (2^-4) or half its smallest subnormal step (2^-10 · s)
+    tolerance = scale / 2 if codec == "int8" else np.maximum(np.abs(ref_f) * 2**-4, scale * 2**-10)
+    assert (np.abs(got_f.astype(np.float32) - ref_f) <= tolerance + np.abs(ref_f) * 2**-11 + 1e-6).all()
+    step = stored_a["attn_logits_scale"].astype(np.float32)[..., None]
+    assert (np.abs(got_a.astype(np.float32) - ref_a) <= step / 2 + np.abs(ref_a) * 2**-10 + 1e-6).all()
+    # 65504 itself comes back exactly (its code decodes beyond the maximum and is clamped onto it)
+    assert got_f[0, 0, 0, 0] == got_a[0, 0, 0, 0, 0] == 65504 and got_f[0, 0, 0, 1] == got_a[0, 0, 0, 0, 1] == -65504
+    # the normal token / row beside them decodes as it does alone
+    np.testing.assert_array_equal(got_f[0, 0, 3], _dequantised(codec, "features", rows[3:])[0][0])
+    np.testing.assert_array_equal(got_a[0, 0, 0, 3], _dequantised(codec, "attn_logits", rows[3:])[0][0])
+
+
 def test_float16_keeps_its_key_its_attribute_and_its_bytes() -> None:
     spec = make_spec()
     assert spec.codec == "float16" and spec.format_version == 1 and spec.key == FLOAT16_KEY

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from stages.cache import DIAGNOSTICS_ATTR, open_cache, read_diagnostics_attr
-from stages.extract import resolve_spec, run_extract
+from stages.extract import NonFiniteTargetsError, resolve_spec, run_extract
 from stages.extract.diagnostics import (
     BaseDiagnostics,
     compute_diagnostics,
@@ -19,7 +21,8 @@ from stages.extract.diagnostics import (
     entropy_summary,
     topk_iou,
 )
-from tests.fixtures.extract import make_job
+from tec_model import build_vit
+from tests.fixtures.extract import base_kwargs, make_job
 
 L, H, K, C = 16, 2, 3, 8  # 4×4 patch grid
 
@@ -95,3 +98,57 @@ def test_extract_stores_the_summary_in_the_cache_attributes(fmnist_manifest, bas
     run_extract(make_job(bare, fmnist_manifest(16), base_checkpoint, diagnostic_images=0), num_actors=0)
     assert read_diagnostics_attr(bare) is None
     assert DIAGNOSTICS_ATTR not in json.loads((tmp_path / "bare" / "zarr.json").read_text())["attributes"]
+
+
+@pytest.mark.parametrize("bad, named", [("features", "features"), ("attn_logits", "attention logits")])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_targets_are_refused_naming_them(bad: str, named: str, value: float):
+    gen = torch.Generator().manual_seed(0)
+    n, v = 3, 2
+    features, attn = torch.randn(n * v, L, C, generator=gen), torch.randn(n * v, K + 1, H, L, generator=gen)
+    {"features": features, "attn_logits": attn}[bad][3, 0, 1] = value  # image 1 (rows image-major), view 1
+    boxes = np.tile(np.array([0, 0, 8, 8, 0]), (n, v, 1))
+    with pytest.raises(NonFiniteTargetsError, match=rf"base diagnostics: the base model base\.pth gave NaN/inf "
+                       rf"targets \(float16; {named}\) for 1 of 3 sampled image\(s\), first \[12\]"):
+        compute_diagnostics(features, attn, torch.arange(K).repeat(n * v, 1), boxes, np.full((n, 2), 8),
+                            base="base.pth", images=[4, 12, 20])
+
+
+def overflowing_checkpoint(path: Path, layer: str, factor: float) -> Path:
+    """A tiny base with finite weights whose ``layer`` weights, scaled by ``factor``, overflow float16."""
+    torch.manual_seed(11)
+    sd = build_vit(base_kwargs()).state_dict()
+    torch.save({"model": {k: v * factor if layer in k else v for k, v in sd.items()}}, path)
+    return path
+
+
+# fc2 of block 0 ×1e7: features reach ~8e5 (inf in float16), attention finite (the old code stored a None-filled
+# summary, then failed formatting it); every qkv ×1e3: attention logits ~7e4 (inf), entropies NaN (the old code
+# failed computing the summary's entropy fraction)
+@pytest.mark.parametrize("layer, factor, named", [("blocks.0.mlp.fc2.", 1e7, "features"),
+                                                  (".attn.qkv.", 1e3, "attention logits")])
+def test_extract_refuses_a_non_finite_base_and_stores_no_diagnostics(layer: str, factor: float, named: str,
+                                                                     fmnist_manifest, tmp_path):
+    checkpoint = overflowing_checkpoint(tmp_path / "overflowing.pth", layer, factor)
+    url = str(tmp_path / "cache")
+    job = make_job(url, fmnist_manifest(16), checkpoint, diagnostic_images=4)
+    pattern = (rf"base diagnostics: the base model {re.escape(str(checkpoint))} gave NaN/inf targets "
+               rf"\(float16; {named}\) for [1-4] of 4 sampled image\(s\), first \[[0-3]")
+    for _ in range(2):  # a rerun fails the same way, not on a stored summary
+        with pytest.raises(NonFiniteTargetsError, match=pattern):
+            run_extract(job, num_actors=0)
+        assert read_diagnostics_attr(url) is None
+    assert not (tmp_path / "cache" / "units").exists()
+
+
+def test_a_stored_summary_with_missing_values_still_prints():
+    """A summary stored before non-finite targets were refused holds None for NaN/inf values: shown as n/a."""
+    stored = crafted(torch.full((4, K + 1, H, L), 2.5)).to_dict()
+    stored.update(attn_entropy=[None, 1.0], attn_top_prob=[None, 0.1], channel_std=[None, None, 1.0],
+                  token_abs_cos=None, topk_iou_chance=None)
+    diag = BaseDiagnostics.from_dict(stored)
+    lines = diag.summary_lines()
+    assert "entropy n/a of log L" in lines[1] and "p10/p50/p90 n/a/n/a/1" in lines[-1] and "(raw n/a)" in lines[-1]
+    assert "random patches: n/a" in lines[-2]
+    assert diag.entropy_fraction[0] is None and diag.warnings() == []  # 1.0 / log 16 is far from uniform
+    assert diag.to_dict()["entropy_fraction"][0] is None

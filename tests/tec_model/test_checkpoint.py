@@ -58,6 +58,28 @@ def test_tec_export_and_training_state_dict_load_as_base(tiny_base, tiny_images)
     assert torch.equal(from_export(tiny_images).features, from_training(tiny_images).features)
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_orig_mod.module."])
+def test_wrapped_tec_training_state_dict_unwraps_as_the_bare_one(prefix, tiny_base, tiny_images):
+    """A TEC model saved from DDP (``module.``), torch.compile (``_orig_mod.``) or both is folded like the bare
+    model: the input adapter goes into the class token, nothing is silently dropped."""
+    from tec_model.checkpoint import unwrap_state_dict
+
+    tec = make_tec(make_base(seed=1), arch=BASE_ARCH)
+    with torch.no_grad():
+        tec.input_adapter.fc2.bias.add_(0.5)  # a non-trivial adapter: folding it changes the class token
+    bare = tec.state_dict()
+    expected, fmt = unwrap_state_dict({"model": bare})
+    assert fmt == "tec"
+    got, got_fmt = unwrap_state_dict({"model": {f"{prefix}{k}": v for k, v in bare.items()}})
+    assert got_fmt == "tec" and got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not torch.equal(got["cls_token"], bare["encoder.cls_token"])  # folded, not the trained token
+    wrapped = BaseModel.from_checkpoint(saved({"model": {f"{prefix}{k}": v for k, v in bare.items()}}),
+                                        tiny_base.timm_kwargs, k_max=8)
+    from_export = BaseModel.from_checkpoint(saved(export_encoder(tec)), tiny_base.timm_kwargs, k_max=8)
+    assert torch.equal(wrapped(tiny_images).features, from_export(tiny_images).features)
+
+
 def test_pickled_callable_is_refused(tiny_base):
     evil = saved({"model": tiny_base.vit.state_dict(), "hook": os.system})
     with pytest.raises(CheckpointError, match=r"refused to load .*pickled Python objects"):
