@@ -10,7 +10,8 @@ one from its own config and refuses a cache whose :func:`diff_specs` is not empt
      views: {seed, per_image},
      manifest: {uri, sha256},
      flops: {base_forward_macs_per_view},
-     shapes: {n_images, views_per_image, num_patches, embed_dim, num_heads, unit_size}}
+     shapes: {n_images, views_per_image, num_patches, embed_dim, num_heads, unit_size}[,
+     data: {max_image_bytes, max_image_pixels}]}
 
 The key is the SHA-256 of a canonical JSON of every field that changes the stored bytes. It leaves out where things
 live (the checkpoint URL, the manifest URI: their SHA-256 stand for them), the FLOPs bookkeeping and the layout
@@ -18,7 +19,8 @@ live (the checkpoint URL, the manifest URI: their SHA-256 stand for them), the F
 never changes the key. The target codec (``targets.codec``, :mod:`stages.cache.codecs`) enters the key, and the
 attribute, only when it is not the lossless ``float16``: a float16 cache is format_version 1 with the key it always
 had; a quantised one is format_version 2. A forced checkpoint entry (``base_model.checkpoint_key``) likewise enters
-both only when it is set.
+both only when it is set, and the input policy's image limits (``data.max_image_bytes`` / ``max_image_pixels``,
+which decide the ``too_large`` skips) only when they are not the defaults.
 
 The attribute stores the two URLs redacted (:func:`infra.redaction.redact_url`: no userinfo, no presigned
 signature or token): a spec built from a job keeps the working URLs in memory, a spec read back from a cache holds
@@ -37,6 +39,7 @@ from typing import Any
 
 from infra.redaction import redact_url
 from stages.cache.codecs import CODECS, LOSSLESS, check_codec, format_version
+from stages.uri_policy import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +91,17 @@ _LAYOUT: tuple[tuple[str, str, bool], ...] = (
     ("shapes.unit_size", "unit_size", False),
     ("targets.precision", "precision", False),
     ("targets.codec", "codec", True),
+    ("data.max_image_bytes", "max_image_bytes", True),
+    ("data.max_image_pixels", "max_image_pixels", True),
 )
 _KEY_PATHS = tuple(path for path, _, in_key in _LAYOUT if in_key)
 _URL_FIELDS = frozenset({"checkpoint", "manifest_uri"})  # stored redacted
 # Fields that caches written before they existed lack, with the value those caches have.
-_DEFAULTS_WHEN_ABSENT = {"targets.precision": "float32", "targets.codec": LOSSLESS, "base_model.checkpoint_key": None}
+_DEFAULTS_WHEN_ABSENT = {"targets.precision": "float32", "targets.codec": LOSSLESS, "base_model.checkpoint_key": None,
+                         "data.max_image_bytes": DEFAULT_MAX_IMAGE_BYTES,
+                         "data.max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS}
 # Fields written (and hashed) only when they differ from their default: the float16 layout predates them.
-_OMITTED_WHEN_DEFAULT = ("targets.codec", "base_model.checkpoint_key")
+_OMITTED_WHEN_DEFAULT = ("targets.codec", "base_model.checkpoint_key", "data.max_image_bytes", "data.max_image_pixels")
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,9 @@ class CacheSpec:
         checkpoint_key: the checkpoint entry the base was loaded from when one was forced (``teacher``,
             ``student``, …; ``base.checkpoint_key``): part of the key, since two entries of one file are two bases;
             left out of it when None (auto-detection), so the keys of caches older than it stay what they were.
+        max_image_bytes / max_image_pixels: the input policy's limits (``data.max_image_*``): they decide which
+            images are skipped as ``too_large``, hence the ``valid`` rows; part of the key, left out of it (and of
+            the attribute) at their defaults, so the keys of caches older than them stay what they were.
     """
 
     checkpoint: str
@@ -161,6 +171,8 @@ class CacheSpec:
     precision: str = "float32"
     codec: str = LOSSLESS
     checkpoint_key: str | None = None
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         for name in ("crop_scale", "crop_ratio", "mean", "std"):
@@ -223,7 +235,7 @@ class CacheSpec:
 
 def _validate(spec: CacheSpec) -> None:
     positive = ("k_max", "output_size", "views_per_image", "n_images", "num_patches", "embed_dim", "num_heads",
-                "last_layers", "unit_size")
+                "last_layers", "unit_size", "max_image_bytes", "max_image_pixels")
     for name in positive:
         value = getattr(spec, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -146,7 +146,8 @@ def build_spec(job: ExtractJob, manifest_sha: str, n_images: int, checkpoint_sha
         views_per_image=job.views_per_image, manifest_uri=job.manifest_url, manifest_sha256=manifest_sha,
         n_images=n_images, num_patches=num_patches(kw), embed_dim=kw["embed_dim"], num_heads=kw["num_heads"],
         base_forward_macs_per_view=vit_forward_macs(kw), unit_size=job.unit_size, precision=precision,
-        codec=job.codec, checkpoint_key=job.checkpoint_key,
+        codec=job.codec, checkpoint_key=job.checkpoint_key, max_image_bytes=job.uri_policy.max_image_bytes,
+        max_image_pixels=job.uri_policy.max_image_pixels,
     )
 
 

@@ -206,7 +206,7 @@ BYTE_CHANGES = {
     "k_max": 4, "output_size": 24, "mean": (0.5,), "std": (0.25,), "view_seed": 8, "views_per_image": 3,
     "manifest_sha256": "d" * 64, "n_images": 11, "num_patches": 25, "embed_dim": 16, "num_heads": 4,
     "last_layers": 1, "crop_scale": (0.3, 1.0), "crop_ratio": (0.5, 2.0), "interpolation": "bilinear",
-    "codec": "int8", "checkpoint_key": "student",
+    "codec": "int8", "checkpoint_key": "student", "max_image_bytes": 1000, "max_image_pixels": 4096,
 }
 NEUTRAL_CHANGES = {"checkpoint": "file:///elsewhere.pth", "manifest_uri": "s3://b/m.parquet",
                    "base_forward_macs_per_view": 1, "unit_size": 2, "precision": "bfloat16"}

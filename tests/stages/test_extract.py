@@ -22,6 +22,7 @@ from stages.cache.spec import CacheMismatchError, CacheSpec, diff_specs
 from stages.extract import prepare, resolve_spec, run_extract
 from stages.images import ImageSource
 from stages.manifest import manifest_from_uri_list, write_manifest
+from stages.uri_policy import UriPolicy
 from tec_model import BaseModel
 from tests.fixtures.extract import EXTRACT_DEFAULTS, base_kwargs, make_job
 
@@ -114,6 +115,19 @@ def test_a_forced_checkpoint_entry_is_another_base_with_another_key(extracted):
     assert student.to_attrs()["base_model"]["checkpoint_key"] == "student"
     assert CacheSpec.from_attrs(student.to_attrs()) == student
     assert diff_specs(auto, student) == ['base_model.checkpoint_key: cache has null, config asks "student"']
+
+
+def test_the_image_limits_decide_the_valid_rows_and_so_the_key(extracted):
+    """data.max_image_bytes / max_image_pixels decide which images are skipped as too large: a cache extracted
+    under other limits holds other valid rows. At their defaults they leave the key what it was."""
+    _, job, _ = extracted
+    default = resolve_spec(job)
+    tight = resolve_spec(dataclasses.replace(job, uri_policy=UriPolicy(max_image_pixels=100)))
+    assert tight.max_image_pixels == 100 and tight.key != default.key
+    assert "data" not in default.to_attrs() and tight.to_attrs()["data"] == {"max_image_pixels": 100}
+    assert CacheSpec.from_attrs(tight.to_attrs()) == tight
+    assert diff_specs(default, tight) == [
+        f"data.max_image_pixels: cache has {default.max_image_pixels}, config asks 100"]
 
 
 def test_a_resolved_spec_is_not_resolved_again(extracted, tmp_path, monkeypatch):
