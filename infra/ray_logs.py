@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from infra.redaction import RedactingFilter
+from infra.redaction import RedactingFilter, install_log_redaction
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def setup_worker_logging() -> None:
     handler = _StderrAtEmit()
     handler.setFormatter(logging.Formatter(WORKER_FORMAT))
     handler.addFilter(RedactingFilter())  # the lines land in Ray's session logs before the driver sees them
+    install_log_redaction(("ray",))  # and every record of the worker, Ray's own included, as it is made
     for name in PROJECT_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers = [h for h in logger.handlers if not isinstance(h, _StderrAtEmit)] + [handler]

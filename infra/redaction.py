@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 from urllib.parse import unquote
 
 REDACTED = "<redacted>"
@@ -98,13 +99,31 @@ class RedactingFilter(logging.Filter):
 
 
 def install_log_redaction(loggers: tuple[str, ...] = ("", "ray")) -> None:
-    """Attach one :class:`RedactingFilter` to every handler of ``loggers`` (the root logger by default, and Ray's,
-    which does not propagate) and of their existing child loggers; a handler that has one already is left alone.
+    """Redact every log record of this process when it is made, and attach one :class:`RedactingFilter` to every
+    handler of ``loggers`` (the root logger by default, and Ray's) and of their existing child loggers.
 
-    Ray adds its handlers when it is imported, so :func:`infra.ray_cluster.ensure_ray` calls this again."""
+    The record factory covers the handlers a library adds later (Ray configures some of its loggers, each with its
+    own non-propagating handler, only when a subsystem starts); the handler filters stay for records made by a
+    factory installed after this one. Idempotent."""
+    factory = logging.getLogRecordFactory()
+    if not getattr(factory, "tec_redacting", False):
+        logging.setLogRecordFactory(_redacting_factory(factory))
     known = list(logging.root.manager.loggerDict)
     names = {n for n in loggers} | {k for k in known for n in loggers if n and k.startswith(n + ".")}
     for name in names:
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):
                 handler.addFilter(RedactingFilter())
+
+
+def _redacting_factory(base: Any) -> Any:
+    """``base`` (a log record factory) whose records are redacted as :class:`RedactingFilter` redacts them."""
+    redact = RedactingFilter()
+
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = base(*args, **kwargs)
+        redact.filter(record)
+        return record
+
+    make.tec_redacting = True  # type: ignore[attr-defined]
+    return make

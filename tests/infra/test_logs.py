@@ -62,12 +62,26 @@ def test_worker_logging_writes_marked_lines_that_the_driver_reads_back(capsys, m
     assert ray_logs.worker_record(BATCH, line).getMessage() == "(RayTrainWorker pid=4711) evaluating model"
 
 
-def test_rays_own_handlers_redact_once_ray_is_started(ray_cluster) -> None:
-    """Ray adds its handlers (on ``ray`` and below, not propagating) when it is imported, after the CLI installed
-    the redaction: ensure_ray installs it on them too."""
-    from infra.redaction import RedactingFilter
+def test_every_record_is_redacted_once_ray_is_started_whatever_its_handler(ray_cluster) -> None:
+    """Ray gives some of its loggers their own non-propagating handlers, some only when a subsystem starts (after
+    the CLI and ensure_ray installed the redaction): records are redacted as they are made, so those handlers,
+    which carry no filter of ours, see the redacted text too."""
+    seen: list[logging.LogRecord] = []
 
-    handlers = [h for name in ["ray", *logging.root.manager.loggerDict] if name == "ray" or name.startswith("ray.")
-                for h in logging.getLogger(name).handlers]
-    assert handlers, "Ray has no handler of its own to check"
-    assert all(any(isinstance(f, RedactingFilter) for f in h.filters) for h in handlers)
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    late = logging.getLogger("ray.data.tec_late_subsystem")
+    late.addHandler(Keep())
+    late.propagate = False
+    try:
+        late.error("reading %s", "https://h/x.png?X-Amz-Signature=s3cr3t")  # at the level Ray lets through
+        try:
+            raise OSError("GET https://h/y?token=s3cr3t failed")
+        except OSError:
+            late.exception("download failed")
+    finally:
+        late.handlers.clear()
+    assert [r.getMessage() for r in seen] == ["reading https://h/x.png?X-Amz-Signature=<redacted>", "download failed"]
+    assert "s3cr3t" not in seen[1].exc_text and "token=<redacted>" in seen[1].exc_text
