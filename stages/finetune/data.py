@@ -62,9 +62,9 @@ def centre_box(height: int, width: int, crop: float) -> np.ndarray:
 class TrainBatches(IterableDataset):
     """One rank's training batches from step ``start`` of epoch ``epoch`` to the end of epoch ``until - 1``.
 
-    One dataset spans the epochs, so a loader's worker processes start once per run, not once per epoch. Images
-    are read under ``policy`` (default: the default input policy). Loader
+    One dataset spans the epochs, so a loader's worker processes start once per run, not once per epoch. Loader
     worker k of n yields the run's batches k, k + n, …, which a DataLoader hands out round-robin: in step order.
+    Images are read under ``policy`` (default: the default input policy).
     Yields dicts: ``epoch`` and ``step`` (ints, the step within its epoch), ``pixels`` float32 (b, C, S, S),
     ``labels`` int64 (b,), ``indices`` int64 (b,), with b = ``batch_size / world``.
     """

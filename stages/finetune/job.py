@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from infra import storage
+from stages.train.job import fingerprinted
 from stages.uri_policy import UriPolicy
 from stages.views import Preprocess
 
@@ -215,9 +216,7 @@ class FinetuneJob:
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What must not change across a resume: every field but :data:`MUTABLE_FIELDS`."""
-        # checkpoint_key came later: unset, it leaves the fingerprints of older runs what they were
-        return {k: v for k, v in self.to_dict().items()
-                if k not in MUTABLE_FIELDS and not (k == "checkpoint_key" and v is None)}
+        return fingerprinted(self.to_dict(), MUTABLE_FIELDS, omitted_when_none=("checkpoint_key",))
 
     def fingerprint(self) -> str:
         """SHA-256 of :meth:`fingerprint_fields`."""

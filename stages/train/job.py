@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -155,9 +156,7 @@ class TrainJob:
         mutable = {"num_workers", "use_gpu", "threads_per_worker", "loader_workers", "max_failures", "log_every",
                    "max_steps", "keep_checkpoints", "log_indices", "uri_policy", "storage_path", "cache_url",
                    "manifest_url", "checkpoint_url", "local_cache"}
-        # base_checkpoint_key came later: unset, it leaves the fingerprints of older runs what they were
-        fixed = {k: v for k, v in self.to_dict().items()
-                 if k not in mutable and not (k == "base_checkpoint_key" and v is None)}
+        fixed = fingerprinted(self.to_dict(), mutable, omitted_when_none=("base_checkpoint_key",))
         return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
 
     def preprocess_obj(self) -> Preprocess:
@@ -177,6 +176,13 @@ class TrainJob:
             att_tau=self.att_tau, mask_ratio=self.mask_ratio, decoder_dim=self.decoder_dim,
             decoder_depth=self.decoder_depth, decoder_heads=self.decoder_heads,
         )
+
+
+def fingerprinted(fields: dict[str, Any], mutable: Collection[str],
+                  omitted_when_none: Collection[str] = ()) -> dict[str, Any]:
+    """The fields a job's fingerprint hashes: all but ``mutable`` ones, and without those of ``omitted_when_none``
+    that are None (fields added after runs existed: unset, they leave those runs' fingerprints what they were)."""
+    return {k: v for k, v in fields.items() if k not in mutable and not (k in omitted_when_none and v is None)}
 
 
 def run_dir(job: TrainJob) -> str:
